@@ -1,0 +1,89 @@
+"""Resolve a model reference (`zoo:<name>`, a local folder, or a HF hub id) to a loaded model.
+
+HF models are used exactly as published: no weight conversion, `trust_remote_code`
+off. Hub ids need network access; offline, they load from the local HF cache.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from causal.errors import CausalError, Span, did_you_mean
+from causal.models.adapter import ModelAdapter, adapter_for
+from causal.zoo import zoo_names, zoo_path
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    ref: str
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CausalError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CausalError(f"device {name!r} was asked for but CUDA is not available here")
+    return device
+
+
+def resolve_reference(ref: str, span: Span | None = None, source: str | None = None) -> str:
+    """The folder or hub id that `from_pretrained` should receive."""
+    if ref.startswith("zoo:"):
+        name = ref[4:]
+        if name not in zoo_names():
+            raise CausalError(f"no toy model {name!r} in the zoo; available: {', '.join(zoo_names())}",
+                              span, source, hint=did_you_mean(name, zoo_names()))
+        return str(zoo_path(name))
+    return ref
+
+
+def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None,
+               source: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    if dtype not in DTYPES:
+        raise CausalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    target = resolve_reference(ref, span, source)
+    torch_device = pick_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CausalError(f"cannot load model {ref!r}: {first_line}", span, source,
+                          hint="use a local folder, a 'zoo:' model, or a hub id with network access "
+                               "or a filled HF cache") from None
+    model.eval().to(torch_device)
+    adapter = adapter_for(model)
+    return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device,
+                       DTYPES[dtype])
+
+
+def _revision(target: str, model: torch.nn.Module) -> str:
+    """A commit hash for hub models; a content hash of the weights for local folders."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = Path(target)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not weights:
+        return "unknown"
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]
