@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random GPT-2 saved as an ordinary HF folder, and prompt data for it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from causal import RunConfig
+from causal.zoo import word_tokenizer
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """3 layers, 4 heads, d_model 32; random weights (seeded) so every site carries signal."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    word_tokenizer(VOCAB).save_pretrained(folder)
+    return folder
+
+
+def make_rows(n: int = 6, seed: int = 1, ragged: bool = False) -> list[dict]:
+    """clean/corrupt prompts of equal length per example; `ragged` varies length across examples."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 5 + (i % 3 if ragged else 2)
+        clean = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
+        corrupt = list(clean)
+        corrupt[1] = (clean[1] + 7) % (VOCAB - 1) + 1
+        answers = torch.randint(1, VOCAB, (2,), generator=gen).tolist()
+        rows.append({"clean": " ".join(f"t{t}" for t in clean), "corrupt": " ".join(f"t{t}" for t in corrupt),
+                     "io": f"t{answers[0]}", "s": f"t{answers[1]}"})
+    return rows
+
+
+@pytest.fixture
+def write_experiment(tmp_path, tiny_gpt2):
+    """Write data + an experiment body (statements after model/data) and return the file path."""
+    def write(body: str, rows: list[dict] | None = None, model: str | None = None) -> Path:
+        data = tmp_path / "data.jsonl"
+        data.write_text("\n".join(json.dumps(r) for r in (rows or make_rows())) + "\n")
+        path = tmp_path / "exp.cx"
+        path.write_text(f'experiment test\nmodel "{model or tiny_gpt2}"\ndata "data.jsonl"\n{body}\n')
+        return path
+    return write
+
+
+@pytest.fixture
+def cpu_config() -> RunConfig:
+    return RunConfig(device="cpu", progress=False, batch_size=7)
