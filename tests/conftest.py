@@ -20,7 +20,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     word_tokenizer(VOCAB).save_pretrained(folder)
     return folder
