@@ -12,6 +12,7 @@ from causal.api import RunConfig, run
 from causal.errors import CausalError
 from causal.plot import plot_all
 from causal.results import save
+from causal.summary import effect
 
 _exit_code = 0
 
@@ -35,7 +36,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 def summary(dataset, results: Path, plots: list[Path]) -> str:
-    from causal.plot import effect
     lines = [f"results: {results}"]
     if plots:
         lines.append(f"plots:   {plots[0].parent}/ ({len(plots)} file(s))")

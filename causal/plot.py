@@ -11,11 +11,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
-
-def effect(dataset: xr.Dataset, name: str) -> xr.DataArray:
-    """Per-example change caused by the intervention, relative to the unpatched base prompts."""
-    variable = dataset[name]
-    return variable - dataset[variable.attrs["prompts"]]
+from causal.summary import effect  # noqa: E402
 
 
 def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:

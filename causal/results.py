@@ -127,11 +127,63 @@ def save(dataset: xr.Dataset, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> xr.Dataset:
-    """Open a run's results: a `results.nc` file or the run directory holding it."""
+    """Open finished results: a `results.nc`, a run directory, or a Hydra multirun directory.
+
+    A multirun directory (sub-directories each holding a run) comes back as one Dataset
+    with each swept parameter as a new dimension; see `merge_runs`.
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / "results.nc"
-    if not path.exists():
-        raise CausalError(f"no results at {str(path)!r}")
-    with xr.open_dataset(path) as dataset:
-        return dataset.load()
+    if path.is_file():
+        return _open(path)
+    if (path / "results.nc").exists():
+        return _open(path / "results.nc")
+    runs = sorted(path.glob("*/results.nc"), key=lambda p: (len(p.parent.name), p.parent.name))
+    if runs:
+        return merge_runs([_open(p) for p in runs])
+    raise CausalError(f"no results at {str(path)!r} (expected results.nc, a run directory or a multirun directory)")
+
+
+def _open(path: Path) -> xr.Dataset:
+    """Lazily (dask) when dask is installed, so a large sweep is not read into memory at once."""
+    try:
+        import dask  # noqa: F401
+        return xr.open_dataset(path, chunks={})
+    except ImportError:
+        with xr.open_dataset(path) as dataset:
+            return dataset.load()
+
+
+def swept_parameters(datasets: list[xr.Dataset]) -> dict[str, list[str]]:
+    """The command-line overrides whose values differ between runs: key -> value per run."""
+    per_run = [dict(o.split("=", 1) for o in json.loads(ds.attrs.get("overrides", "[]")) if "=" in o)
+               for ds in datasets]
+    keys = sorted({k for run in per_run for k in run})
+    return {k: [run.get(k, "") for run in per_run] for k in keys if len({run.get(k) for run in per_run}) > 1}
+
+
+def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:
+    """One Dataset from several runs, with a new dimension per swept parameter.
+
+    Runs that differ in what they swept (e.g. models with different layer counts) are
+    aligned by coordinate; what a run does not have is NaN.
+    """
+    swept = swept_parameters(datasets)
+    if not swept:
+        if len(datasets) == 1:
+            return datasets[0]
+        raise CausalError("these runs do not differ in any override, so there is nothing to merge along")
+    labelled = []
+    for i, ds in enumerate(datasets):
+        labelled.append(ds.expand_dims({key: [_parse_value(values[i])] for key, values in swept.items()}))
+    merged = xr.combine_by_coords(labelled, join="outer", combine_attrs="drop_conflicts")
+    merged.attrs["swept"] = json.dumps(sorted(swept))
+    return merged
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from causal.errors import CausalError, Span, did_you_mean
 from causal.models.adapter import ModelAdapter, adapter_for
@@ -59,6 +60,7 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
         raise CausalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     target = resolve_reference(ref, span, source)
     torch_device = pick_device(device)
+    hf_logging.disable_progress_bar()  # our own progress bar covers the run; theirs is noise per load
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

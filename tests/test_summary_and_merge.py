@@ -1,0 +1,85 @@
+"""Summaries over examples, and merging a Hydra multirun into one Dataset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import causal
+from causal.cli import main
+from causal.results import merge_runs
+from causal.summary import bootstrap_ci, effect, mean, normalized_effect, standard_error
+
+
+def toy_dataset() -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    patched = rng.normal(size=(3, 40))
+    patched[1, 5] = np.nan
+    return xr.Dataset(
+        {"patch_x": (("layer", "example"), patched, {"prompts": "corrupt", "source": "clean"}),
+         "clean": (("example",), np.full(40, 2.0)), "corrupt": (("example",), np.zeros(40))},
+        coords={"layer": [0, 1, 2], "example": np.arange(40)})
+
+
+def test_mean_sem_and_bootstrap_agree_with_numpy():
+    ds = toy_dataset()
+    values = ds["patch_x"]
+    row = values.values[1][~np.isnan(values.values[1])]
+    assert mean(values).sel(layer=1) == pytest.approx(row.mean())
+    assert standard_error(values).sel(layer=1) == pytest.approx(row.std(ddof=1) / np.sqrt(len(row)))
+    ci = bootstrap_ci(values, samples=4000)
+    for layer in range(3):
+        m, se = float(mean(values).sel(layer=layer)), float(standard_error(values).sel(layer=layer))
+        low, high = float(ci["low"].sel(layer=layer)), float(ci["high"].sel(layer=layer))
+        assert low < m < high
+        assert (high - low) == pytest.approx(2 * 1.96 * se, rel=0.15)  # normal approximation
+
+
+def test_effect_and_normalized_effect():
+    ds = toy_dataset()
+    np.testing.assert_allclose(effect(ds, "patch_x").values, ds["patch_x"].values)  # base (corrupt) is 0
+    expected = np.nanmean(ds["patch_x"].values, axis=1) / 2.0  # (patched - corrupt) / (clean - corrupt)
+    np.testing.assert_allclose(normalized_effect(ds, "patch_x").values, expected)
+
+
+def with_overrides(ds: xr.Dataset, *overrides: str) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs["overrides"] = json.dumps(list(overrides))
+    return ds
+
+
+def test_merge_adds_a_dimension_per_swept_parameter_and_aligns_sizes():
+    base = toy_dataset()
+    runs = [with_overrides(base * s, f"seed={s}", f"model={m}", "device=cpu")
+            for s in (1, 2) for m in ("a", "b")]
+    runs[3] = runs[3].isel(layer=slice(0, 2))  # a model with fewer layers
+    merged = merge_runs(runs)
+    assert set(merged["patch_x"].dims) == {"seed", "model", "layer", "example"}
+    assert list(merged["seed"].values) == [1, 2] and list(merged["model"].values) == ["a", "b"]
+    assert json.loads(merged.attrs["swept"]) == ["model", "seed"]
+    np.testing.assert_allclose(merged["patch_x"].sel(seed=2, model="a").values, (base * 2)["patch_x"].values)
+    assert np.isnan(merged["patch_x"].sel(seed=2, model="b", layer=2).values).all()
+
+
+def test_merge_of_identical_runs_is_refused():
+    with pytest.raises(causal.CausalError, match="do not differ"):
+        merge_runs([with_overrides(toy_dataset(), "seed=1")] * 2)
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_multirun_directory_loads_as_one_dataset(write_experiment, tmp_path, launcher):
+    path = write_experiment("metric logprob(io)\nablate mlp_out[layer=*] with zero")
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", str(path), f"hydra.sweep.dir={sweep}", "batch_size=1,64", "dtype=float32,bfloat16",
+            "progress=false", "plots=false", "device=cpu"]
+    if launcher == "joblib":
+        args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    assert main(args) == 0
+    merged = causal.load(sweep)
+    assert merged["ablate_mlp_out"].sizes == {"batch_size": 2, "dtype": 2, "layer": 3, "example": 6}
+    fp32 = merged["ablate_mlp_out"].sel(dtype="float32")
+    np.testing.assert_allclose(fp32.sel(batch_size=1), fp32.sel(batch_size=64), atol=1e-5)
+    bf16 = merged["ablate_mlp_out"].sel(dtype="bfloat16", batch_size=64)
+    assert float(abs(bf16 - fp32.sel(batch_size=64)).max()) < 0.5  # same experiment, coarser arithmetic
