@@ -51,6 +51,7 @@ def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Pat
         frame = change.to_dataframe(name="change").reset_index()
         sns.lineplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), marker="o")
         ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(change[dim].values)
         ax.set_ylabel("change (95% CI over examples)")
     else:
         sns.histplot(change.values, ax=ax)
@@ -68,8 +69,9 @@ def _labels(dataset: xr.Dataset, dim: str, values) -> list[str]:
     base = next((c for c in dataset.coords if c.startswith("token_")), None)
     if base is None:
         return [str(v) for v in values]
-    tokens = dataset[base].isel(example=0).sel(pos=values).values
-    return [f"{p} {t}" for p, t in zip(values, tokens)]
+    tokens = dataset[base].sel(pos=values).values  # (example, pos)
+    shared = (tokens == tokens[:1]).all(0)
+    return [f"{p} {t}" if same else f"{p} {t}…" for p, t, same in zip(values, tokens[0], shared)]
 
 
 def _size(mean: xr.DataArray) -> tuple[float, float]:

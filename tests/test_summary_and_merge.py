@@ -68,7 +68,7 @@ def test_merge_of_identical_runs_is_refused():
         merge_runs([with_overrides(toy_dataset(), "seed=1")] * 2)
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_multirun_directory_loads_as_one_dataset(write_experiment, tmp_path, launcher):
     path = write_experiment("metric logprob(io)\nablate mlp_out[layer=*] with zero")
     sweep = tmp_path / "sweep"
@@ -76,6 +76,8 @@ def test_multirun_directory_loads_as_one_dataset(write_experiment, tmp_path, lau
             "progress=false", "plots=false", "device=cpu"]
     if launcher == "joblib":
         args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    if launcher == "submitit_local":  # the Slurm launcher's code path, with local processes for jobs
+        args += ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
     assert main(args) == 0
     merged = causal.load(sweep)
     assert merged["ablate_mlp_out"].sizes == {"batch_size": 2, "dtype": 2, "layer": 3, "example": 6}
@@ -83,3 +85,13 @@ def test_multirun_directory_loads_as_one_dataset(write_experiment, tmp_path, lau
     np.testing.assert_allclose(fp32.sel(batch_size=1), fp32.sel(batch_size=64), atol=1e-5)
     bf16 = merged["ablate_mlp_out"].sel(dtype="bfloat16", batch_size=64)
     assert float(abs(bf16 - fp32.sel(batch_size=64)).max()) < 0.5  # same experiment, coarser arithmetic
+
+
+@pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher")])
+def test_shipped_cluster_launcher_config_composes(launcher, target):
+    from hydra import compose, initialize_config_module
+    with initialize_config_module(config_module="causal.conf", version_base="1.3"):
+        cfg = compose("run", overrides=["file=x.cx", f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.partition == "gpu"
