@@ -175,7 +175,7 @@ def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:
     labelled = []
     for i, ds in enumerate(datasets):
         labelled.append(ds.expand_dims({key: [_parse_value(values[i])] for key, values in swept.items()}))
-    merged = xr.combine_by_coords(labelled, join="outer", combine_attrs="drop_conflicts")
+    merged = xr.combine_by_coords(labelled, data_vars="all", join="outer", combine_attrs="drop_conflicts")
     merged.attrs["swept"] = json.dumps(sorted(swept))
     return merged
 

@@ -53,7 +53,19 @@ GPT2_SPEC = ArchSpec(
     },
 )
 
-ARCHITECTURES = {"gpt2": GPT2_SPEC, "attn-only-gpt2": GPT2_SPEC}
+GPT_NEOX_SPEC = ArchSpec(
+    name="gpt_neox",
+    blocks="gpt_neox.layers",
+    sites={
+        "resid_pre": HookPoint("", "input"),
+        "resid_post": HookPoint("", "output"),
+        "attn_out": HookPoint("attention", "output"),
+        "mlp_out": HookPoint("mlp", "output"),
+        "z": HookPoint("attention.dense", "input", per_head=True),
+    },
+)
+
+ARCHITECTURES = {"gpt2": GPT2_SPEC, "gpt_neox": GPT_NEOX_SPEC, "attn-only-neox": GPT_NEOX_SPEC}
 
 # Replaces an activation (canonical shape) with a new one, or returns None to leave it.
 ActivationFn = Callable[[torch.Tensor], torch.Tensor | None]
