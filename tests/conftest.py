@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from causal import RunConfig
 from causal.zoo import word_tokenizer
@@ -14,16 +14,32 @@ from causal.zoo import word_tokenizer
 VOCAB = 64
 
 
+TINY_CONFIGS = {
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=VOCAB, max_position_embeddings=64, hidden_size=32, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=64, rotary_pct=0.5, bos_token_id=0, eos_token_id=0)),
+}
+
+
 @pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    """3 layers, 4 heads, d_model 32; random weights (seeded) so every site carries signal."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    word_tokenizer(VOCAB).save_pretrained(folder)
-    return folder
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """3 layers, 4 heads, d_model 32 per architecture; seeded random weights so every site carries signal."""
+    folders = {}
+    for name, build in TINY_CONFIGS.items():
+        folder = tmp_path_factory.mktemp(f"tiny-{name}")
+        torch.manual_seed(0)
+        build().save_pretrained(folder)
+        word_tokenizer(VOCAB).save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_models) -> Path:
+    return tiny_models["gpt2"]
 
 
 def make_rows(n: int = 6, seed: int = 1, ragged: bool = False) -> list[dict]:
@@ -44,7 +60,7 @@ def make_rows(n: int = 6, seed: int = 1, ragged: bool = False) -> list[dict]:
 @pytest.fixture
 def write_experiment(tmp_path, tiny_gpt2):
     """Write data + an experiment body (statements after model/data) and return the file path."""
-    def write(body: str, rows: list[dict] | None = None, model: str | None = None) -> Path:
+    def write(body: str, rows: list[dict] | None = None, model: str | Path | None = None) -> Path:
         data = tmp_path / "data.jsonl"
         data.write_text("\n".join(json.dumps(r) for r in (rows or make_rows())) + "\n")
         path = tmp_path / "exp.cx"

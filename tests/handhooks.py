@@ -5,8 +5,11 @@ import torch
 
 
 def module_for(model, site: str, layer: int):
-    block = model.transformer.h[layer]
-    return {"resid_pre": block, "attn_out": block.attn, "mlp_out": block.mlp, "z": block.attn.c_proj}[site]
+    if model.config.model_type == "gpt2":
+        block = model.transformer.h[layer]
+        return {"resid_pre": block, "attn_out": block.attn, "mlp_out": block.mlp, "z": block.attn.c_proj}[site]
+    block = model.gpt_neox.layers[layer]
+    return {"resid_pre": block, "attn_out": block.attention, "mlp_out": block.mlp, "z": block.attention.dense}[site]
 
 
 def capture(model, ids: torch.Tensor, site: str, layer: int) -> torch.Tensor:

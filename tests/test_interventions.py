@@ -18,9 +18,15 @@ SITES = ["resid_pre", "attn_out", "mlp_out", "z"]
 D_HEAD = 8
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_gpt2):
-    return (AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval(), AutoTokenizer.from_pretrained(tiny_gpt2))
+ARCHS = ["gpt2", "gpt_neox"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request, tiny_models):
+    """(architecture name, folder, HF model, tokenizer) for each tiny architecture."""
+    folder = tiny_models[request.param]
+    return (request.param, folder, AutoModelForCausalLM.from_pretrained(folder).eval(),
+            AutoTokenizer.from_pretrained(folder))
 
 
 def ids_of(tokenizer, text: str) -> torch.Tensor:
@@ -41,11 +47,11 @@ def select(site: str, pos: int, head: int | None):
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_patch_matches_hand_hooks(site, hf, write_experiment, cpu_config):
-    model, tok = hf
+def test_patch_matches_hand_hooks(site, arch, write_experiment, cpu_config):
+    _, folder, model, tok = arch
     rows = make_rows()
     selector = "layer=1, pos=1, head=2" if site == "z" else "layer=1, pos=1"
-    path = write_experiment(f"metric logprob(io)\npatch {site}[{selector}] from corrupt into clean", rows)
+    path = write_experiment(f"metric logprob(io)\npatch {site}[{selector}] from corrupt into clean", rows, folder)
     ds = causal.run(path, cpu_config)
     got = ds[f"patch_{site}"].squeeze(["layer", "pos"] + (["head"] if site == "z" else [])).values
     slicer = select(site, 1, 2)
@@ -61,11 +67,11 @@ def test_patch_matches_hand_hooks(site, hf, write_experiment, cpu_config):
 
 @pytest.mark.parametrize("method", ["zero", "mean"])
 @pytest.mark.parametrize("site", ["attn_out", "z"])
-def test_ablation_matches_hand_hooks(site, method, hf, write_experiment, cpu_config):
-    model, tok = hf
+def test_ablation_matches_hand_hooks(site, method, arch, write_experiment, cpu_config):
+    _, folder, model, tok = arch
     rows = make_rows()  # equal lengths, so the positional mean is over every example
     selector = "layer=2, pos=-1, head=1" if site == "z" else "layer=2, pos=-1"
-    path = write_experiment(f"metric logprob(io)\nablate {site}[{selector}] with {method}", rows)
+    path = write_experiment(f"metric logprob(io)\nablate {site}[{selector}] with {method}", rows, folder)
     got = causal.run(path, cpu_config)[f"ablate_{site}"].values.reshape(-1)
     slicer = select(site, -1, 1)
     acts = torch.cat([capture(model, ids_of(tok, r["clean"]), site, 2) for r in rows])
@@ -77,10 +83,11 @@ def test_ablation_matches_hand_hooks(site, method, hf, write_experiment, cpu_con
         assert got[i] == pytest.approx(logprob_last(logits, tok.convert_tokens_to_ids(row["io"])), abs=ATOL)
 
 
-def test_logit_diff_and_baselines_match_plain_forward(hf, write_experiment, cpu_config):
-    model, tok = hf
+def test_logit_diff_and_baselines_match_plain_forward(arch, write_experiment, cpu_config):
+    _, folder, model, tok = arch
     rows = make_rows()
-    path = write_experiment("metric logit_diff(io, s)\nmetric prob(io) at -1\npatch mlp_out[layer=0] from corrupt into clean", rows)
+    path = write_experiment("metric logit_diff(io, s)\nmetric prob(io) at -1\n"
+                            "patch mlp_out[layer=0] from corrupt into clean", rows, folder)
     ds = causal.run(path, cpu_config)
     for i, row in enumerate(rows):
         with torch.no_grad():
@@ -91,20 +98,21 @@ def test_logit_diff_and_baselines_match_plain_forward(hf, write_experiment, cpu_
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_patch_clean_into_clean_changes_nothing(site, write_experiment, cpu_config):
+def test_patch_clean_into_clean_changes_nothing(site, arch, write_experiment, cpu_config):
     dims = "layer=*, pos=*, head=*" if site == "z" else "layer=*, pos=*"
-    path = write_experiment(f"metric logprob(io)\nmetric logit_diff(io, s)\npatch {site}[{dims}] from clean into clean")
+    path = write_experiment(f"metric logprob(io)\nmetric logit_diff(io, s)\npatch {site}[{dims}] from clean into clean",
+                            model=arch[1])
     ds = causal.run(path, cpu_config)
     patched = ds[f"patch_{site}"]
     baseline = ds["clean"].broadcast_like(patched)
     np.testing.assert_allclose(patched.values, baseline.values, atol=ATOL, rtol=0)
 
 
-def test_batched_plan_equals_one_row_per_forward(write_experiment):
+def test_batched_plan_equals_one_row_per_forward(arch, write_experiment):
     """Ragged prompts, a full layer x position sweep: NaN exactly where a prompt has no such position."""
     path = write_experiment("metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\n"
                             "ablate z[layer=0..1, head=[0, 3]] with mean",
-                            make_rows(n=7, ragged=True))
+                            make_rows(n=7, ragged=True), arch[1])
     one = causal.run(path, causal.RunConfig(device="cpu", progress=False, batch_size=1))
     packed = causal.run(path, causal.RunConfig(device="cpu", progress=False, batch_size=1000))
     for name in ("patch_resid_pre", "ablate_z", "clean", "corrupt"):
@@ -114,8 +122,8 @@ def test_batched_plan_equals_one_row_per_forward(write_experiment):
     np.testing.assert_array_equal(missing, np.arange(missing.shape[0])[:, None] >= lengths[None, :])
 
 
-def test_patching_every_position_of_resid_pre_at_layer0_recovers_source(write_experiment, cpu_config):
+def test_patching_every_position_of_resid_pre_at_layer0_recovers_source(arch, write_experiment, cpu_config):
     """Patching all positions of the first residual stream must reproduce the source run exactly."""
-    path = write_experiment("metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean")
+    path = write_experiment("metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean", model=arch[1])
     ds = causal.run(path, cpu_config)
     np.testing.assert_allclose(ds["patch_resid_pre"].squeeze("layer").values, ds["corrupt"].values, atol=ATOL)
