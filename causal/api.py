@@ -1,7 +1,7 @@
 """The whole pipeline as one call: file -> parse -> load -> resolve -> compile -> execute -> Dataset."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ class RunConfig:
     """Settings that belong to a run rather than to the experiment (Hydra overrides these)."""
 
     seed: int = 0
+    model: str | None = None  # replaces the experiment file's model reference when set
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 128
@@ -30,6 +31,8 @@ class RunConfig:
 def prepare(path: str | Path, config: RunConfig) -> Experiment:
     """Everything that can fail on user input, before any forward pass."""
     file = parse_file(path)
+    if config.model is not None:
+        file = replace(file, model=replace(file.model, ref=config.model))
     model = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text)
     return resolve(file, model)
 

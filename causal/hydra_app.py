@@ -22,7 +22,7 @@ def _task(cfg: DictConfig) -> None:
     global _exit_code
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
-    config = RunConfig(seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+    config = RunConfig(seed=cfg.seed, model=cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                        progress=cfg.progress, overrides=overrides)
     try:
         dataset = run(cfg.file, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import tempfile
 from datetime import datetime, timezone
@@ -155,10 +156,15 @@ def _open(path: Path) -> xr.Dataset:
 
 def swept_parameters(datasets: list[xr.Dataset]) -> dict[str, list[str]]:
     """The command-line overrides whose values differ between runs: key -> value per run."""
-    per_run = [dict(o.split("=", 1) for o in json.loads(ds.attrs.get("overrides", "[]")) if "=" in o)
+    per_run = [dict(_unescape(o).split("=", 1) for o in json.loads(ds.attrs.get("overrides", "[]")) if "=" in o)
                for ds in datasets]
     keys = sorted({k for run in per_run for k in run})
     return {k: [run.get(k, "") for run in per_run] for k in keys if len({run.get(k) for run in per_run}) > 1}
+
+
+def _unescape(override: str) -> str:
+    """Hydra's sweeper escapes characters such as ':' in the overrides it records."""
+    return re.sub(r"\\(.)", r"\1", override)
 
 
 def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:

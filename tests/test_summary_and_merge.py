@@ -95,3 +95,17 @@ def test_shipped_cluster_launcher_config_composes(launcher, target):
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.partition == "gpu"
+
+
+def test_model_sweep_merges_models_of_different_depth(write_experiment, tmp_path, tiny_gpt2):
+    """`model=a,b` replaces the file's model; a 2-layer and a 3-layer model align on `layer`."""
+    path = write_experiment("metric logprob(io)\nablate attn_out[layer=*] with zero", model="zoo:attn-only-2l")
+    sweep = tmp_path / "sweep"
+    assert main(["run", "-m", str(path), f"hydra.sweep.dir={sweep}", f"model=zoo:attn-only-2l,{tiny_gpt2}",
+                 "progress=false", "plots=false", "device=cpu"]) == 0
+    merged = causal.load(sweep)
+    assert sorted(merged["model"].values) == sorted(["zoo:attn-only-2l", str(tiny_gpt2)])
+    values = merged["ablate_attn_out"]
+    assert values.sizes["layer"] == 3
+    assert np.isnan(values.sel(model="zoo:attn-only-2l", layer=2)).all()
+    assert np.isfinite(values.sel(model=str(tiny_gpt2))).all()
