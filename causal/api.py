@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 import xarray as xr
 
+from causal.checkpoint import ChunkStore, fingerprint
 from causal.compile import compile_plan
 from causal.execute import execute
 from causal.lang.parser import parse_file
 from causal.models import load_model
 from causal.resolve import Experiment, resolve
-from causal.results import assemble
+from causal.results import assemble, package_versions
 
 
 @dataclass
@@ -25,6 +26,8 @@ class RunConfig:
     dtype: str = "float32"
     batch_size: int = 128
     progress: bool = True
+    checkpoints: str | None = None  # folder for resumable chunks; None: no checkpointing
+    trust_remote_code: bool = False
     overrides: list[str] = field(default_factory=list)
 
 
@@ -33,7 +36,8 @@ def prepare(path: str | Path, config: RunConfig) -> Experiment:
     file = parse_file(path)
     if config.model is not None:
         file = replace(file, model=replace(file.model, ref=config.model))
-    model = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text)
+    model = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text,
+                       trust_remote_code=config.trust_remote_code)
     return resolve(file, model)
 
 
@@ -42,6 +46,27 @@ def run(path: str | Path, config: RunConfig | None = None) -> xr.Dataset:
     torch.manual_seed(config.seed)
     experiment = prepare(path, config)
     plan = compile_plan(experiment, config.batch_size)
-    raw = execute(experiment, plan, progress=config.progress)
+    store = checkpoint_store(experiment, config) if config.checkpoints else None
+    raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
-    return assemble(experiment, raw, info)
+    dataset = assemble(experiment, raw, info)
+    if store:
+        store.clear()
+    return dataset
+
+
+def checkpoint_store(experiment: Experiment, config: RunConfig) -> ChunkStore:
+    """Keyed by everything that decides the numbers, so a changed input never reuses old chunks."""
+    parts = {
+        "experiment": experiment.file.text,
+        "model": experiment.model.ref,
+        "revision": experiment.model.revision,
+        "data": fingerprint(experiment.examples.columns),
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "device": experiment.model.device.type,
+        "batch_size": config.batch_size,
+        "causal": package_versions()["causal"],
+    }
+    return ChunkStore(config.checkpoints, f"{experiment.name}-{fingerprint(parts)}",
+                      {**parts, "experiment_file": experiment.file.path})

@@ -5,15 +5,21 @@ forward plus hooks that replace chosen activations: nothing is re-implemented.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from causal.checkpoint import ChunkStore
 from causal.compile import Plan, Run
 from causal.data import Prompts
+from causal.errors import CausalError
+from causal.health import NonFiniteWatch
 from causal.resolve import Experiment, Intervention, Metric
+
+log = logging.getLogger(__name__)
 
 CacheKey = tuple[str, str, int]  # (prompt column, site, layer)
 
@@ -26,17 +32,59 @@ class RawResults:
     effects: list[torch.Tensor]  # per intervention -> (points, examples, metrics), NaN where not defined
 
 
-def execute(experiment: Experiment, plan: Plan, progress: bool = True) -> RawResults:
+def execute(experiment: Experiment, plan: Plan, progress: bool = True,
+            store: ChunkStore | None = None) -> RawResults:
+    """Baselines, then every run of the plan; runs already in `store` are read back, not recomputed."""
     baselines, caches = record_baselines(experiment, plan)
     means = ablation_means(experiment, caches)
     n_examples, n_metrics = len(experiment.examples), len(experiment.metrics)
     effects = [torch.full((len(i.sweep.points), n_examples, n_metrics), float("nan"))
                for i in experiment.interventions]
-    for run in tqdm(plan.runs, desc=f"{experiment.name}: patched runs", unit="batch", disable=not progress):
-        intervention = experiment.interventions[run.intervention]
-        values = run_intervention(experiment, intervention, run, caches, means)
-        effects[run.intervention][run.points, run.examples] = values.cpu()
+    done = store.completed() if store else set()
+    if done:
+        log.warning("resuming: %d of %d batches already done (%s)", len(done), len(plan.runs), store.folder)
+    backoff = BatchBackoff(plan.batch_size)
+    for index, run in enumerate(tqdm(plan.runs, desc=f"{experiment.name}: patched runs", unit="batch",
+                                     disable=not progress)):
+        if index in done:
+            values = store.load(index)
+        else:
+            values = backoff.run(lambda r: run_intervention(experiment, r, caches, means), run)
+            if store:
+                store.save(index, values)
+        effects[run.intervention][run.points, run.examples] = values
     return RawResults(baselines, effects)
+
+
+class BatchBackoff:
+    """Splits runs that exhaust device memory in halves, and keeps the smaller size for later runs."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def run(self, compute: Callable[[Run], torch.Tensor], run: Run) -> torch.Tensor:
+        pieces = [_slice(run, start, start + self.rows) for start in range(0, len(run.examples), self.rows)]
+        return torch.cat([self._attempt(compute, piece) for piece in pieces])
+
+    def _attempt(self, compute: Callable[[Run], torch.Tensor], run: Run) -> torch.Tensor:
+        try:
+            return compute(run).float().cpu()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+        rows = len(run.examples)
+        if rows == 1:
+            raise CausalError("out of memory with a single row per forward pass; use a smaller dtype "
+                              "(dtype=bfloat16), shorter prompts, or a larger device")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.rows = min(self.rows, rows // 2)
+        log.warning("out of memory with %d rows per forward pass; retrying with %d", rows, self.rows)
+        return self.run(compute, run)
+
+
+def _slice(run: Run, start: int, stop: int) -> Run:
+    return replace(run, examples=run.examples[start:stop], points=run.points[start:stop])
 
 
 def forward_logits(experiment: Experiment, prompts: Prompts, examples: torch.Tensor) -> torch.Tensor:
@@ -59,9 +107,19 @@ def record_baselines(experiment: Experiment, plan: Plan):
             examples = torch.arange(start, min(start + plan.batch_size, n))
             recorders = {key: _recorder(caches, (column, *key), examples, n)
                          for key in sorted(plan.caches.get(column, ()))}
-            with adapter.hooks(recorders):
-                logits = forward_logits(experiment, prompts, examples)
-            values.append(metric_values(experiment.metrics, logits, column, prompts, examples))
+            watch = NonFiniteWatch(adapter)
+            try:
+                with adapter.hooks(recorders), watch.watching():
+                    logits = forward_logits(experiment, prompts, examples)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if "out of memory" not in str(exc).lower():
+                    raise
+                raise CausalError(f"out of memory running {len(examples)} unpatched '{column}' prompts at once; "
+                                  f"lower batch_size (now {plan.batch_size})") from None
+            batch_values = metric_values(experiment.metrics, logits, column, prompts, examples)
+            watch.check(batch_values, torch.ones(len(examples), dtype=torch.bool), [m.name for m in experiment.metrics],
+                        lambda row: f"example {int(examples[row])} of the unpatched '{column}' prompts")
+            values.append(batch_values)
         baselines[column] = torch.cat(values).cpu()
     return baselines, caches
 
@@ -89,8 +147,8 @@ def ablation_means(experiment: Experiment, caches: dict[CacheKey, torch.Tensor])
     return means
 
 
-def run_intervention(experiment: Experiment, intervention: Intervention, run: Run,
-                     caches: dict, means: dict) -> torch.Tensor:
+def run_intervention(experiment: Experiment, run: Run, caches: dict, means: dict) -> torch.Tensor:
+    intervention = experiment.interventions[run.intervention]
     prompts = experiment.prompts[intervention.base]
     device = experiment.model.device
     points = [intervention.sweep.points[int(p)] for p in run.points]
@@ -104,11 +162,26 @@ def run_intervention(experiment: Experiment, intervention: Intervention, run: Ru
             mask = mask[:, :, None] & _head_mask(points, experiment.model.adapter.n_heads).to(device)[:, None, :]
         value = _replacement(intervention, layer, run.examples, caches, means)
         hooks[(intervention.sweep.component, layer)] = _replace(mask, value)
-    with experiment.model.adapter.hooks(hooks):
+    watch = NonFiniteWatch(experiment.model.adapter)
+    with experiment.model.adapter.hooks(hooks), watch.watching():
         logits = forward_logits(experiment, prompts, run.examples)
     values = metric_values(experiment.metrics, logits, intervention.base, prompts, run.examples)
+    watch.check(values, valid_rows, [m.name for m in experiment.metrics],
+                lambda row: f"example {int(run.examples[row])} while running "
+                            f"'{intervention.statement}' at {describe_point(intervention, points[row])}")
     values[~valid_rows.to(values.device)] = float("nan")
     return values
+
+
+def describe_point(intervention: Intervention, point) -> str:
+    parts = []
+    if len(point.layers) == 1:
+        parts.append(f"layer={point.layers[0]}")
+    if point.pos is not None:
+        parts.append(f"pos={point.pos}")
+    if point.heads is not None and len(point.heads) == 1:
+        parts.append(f"head={point.heads[0]}")
+    return " ".join(parts) or "every site"
 
 
 def _position_mask(points, lengths: torch.Tensor, width: int):

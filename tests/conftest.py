@@ -72,3 +72,9 @@ def write_experiment(tmp_path, tiny_gpt2):
 @pytest.fixture
 def cpu_config() -> RunConfig:
     return RunConfig(device="cpu", progress=False, batch_size=7)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Keep Hydra run dirs and checkpoints that default to ./outputs out of the repository."""
+    monkeypatch.chdir(tmp_path)

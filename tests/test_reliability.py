@@ -1,0 +1,212 @@
+"""Resume after SIGKILL, out-of-memory back-off, determinism, numeric health, safety, file-system errors."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from safetensors.torch import load_file, save_file
+
+import causal
+from causal import CausalError, RunConfig
+from tests.conftest import make_rows
+
+SWEEP = "metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\nablate z[layer=*, head=*] with mean"
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "causal.cli", "run", *args]
+
+
+def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(write_experiment, tmp_path):
+    path = write_experiment(SWEEP, make_rows(n=40))
+    checkpoints = tmp_path / "ck"
+    command = cli(str(path), f"hydra.run.dir={tmp_path / 'run'}", f"checkpoints={checkpoints}", "batch_size=2",
+                  "device=cpu", "progress=false", "plots=false")
+    victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(checkpoints.glob("*/run-*.safetensors"))) < 5:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    folder, = checkpoints.iterdir()
+    done = len(list(folder.glob("run-*.safetensors")))
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    total = (3 * 7 * 40 + 3 * 4 * 40) // 2
+    assert re.search(rf"resuming: {done} of {total} batches already done", resumed.stderr + resumed.stdout)
+    assert not folder.exists(), "checkpoints are removed once the results are saved"
+    fresh = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=2))
+    back = causal.load(tmp_path / "run")
+    for name in ("patch_resid_pre", "ablate_z", "clean", "corrupt"):
+        np.testing.assert_array_equal(back[name].values, fresh[name].values)
+
+
+def test_changed_experiment_does_not_reuse_old_chunks(write_experiment, tmp_path):
+    path = write_experiment(SWEEP)
+    checkpoints = tmp_path / "ck"
+    config = RunConfig(device="cpu", progress=False, batch_size=4, checkpoints=str(checkpoints))
+    causal.prepare(path, config)
+    from causal.api import checkpoint_store
+    from causal.compile import compile_plan
+    experiment = causal.prepare(path, config)
+    old = checkpoint_store(experiment, config)
+    for index in range(len(compile_plan(experiment, 4).runs)):  # poison every chunk of the old file
+        old.save(index, torch.full((4, 1), 123.0))
+    path.write_text(path.read_text().replace("metric logprob(io)", "metric prob(io)"))
+    result = causal.run(path, config)
+    assert not (result["patch_resid_pre"] == 123.0).any()
+    assert old.folder.exists() and len(old.completed()) > 0  # left alone, not mixed in
+    # ... while the unchanged file would have picked them up:
+    other = RunConfig(device="cpu", progress=False, batch_size=4, checkpoints=str(checkpoints), seed=1)
+    assert checkpoint_store(causal.prepare(path, other), other).key != checkpoint_store(
+        causal.prepare(path, config), config).key
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(write_experiment, monkeypatch, caplog):
+    path = write_experiment(SWEEP)
+    expected = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=64))
+    from causal import execute
+    real = execute.forward_logits
+    seen = []
+
+    def small_device(experiment, prompts, examples):
+        seen.append(len(examples))
+        if len(examples) > 10 and len(examples) != 6:  # baselines (6 examples) fit; big patched batches do not
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(experiment, prompts, examples)
+    monkeypatch.setattr(execute, "forward_logits", small_device)
+    with caplog.at_level(logging.WARNING, logger="causal.execute"):
+        got = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=64))
+    assert "out of memory with 64 rows per forward pass; retrying with 32" in caplog.text
+    assert "retrying with 8" in caplog.text and max(n for n in seen if n != 6) == 64
+    assert all(n <= 8 for n in seen[-5:])  # later runs start at the size that fitted
+    for name in ("patch_resid_pre", "ablate_z"):
+        np.testing.assert_allclose(got[name].values, expected[name].values, atol=1e-5)
+
+
+def test_out_of_memory_on_one_row_is_an_error(write_experiment, monkeypatch):
+    from causal import execute
+    real = execute.forward_logits
+
+    def no_memory(experiment, prompts, examples):
+        if len(examples) != 6:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(experiment, prompts, examples)
+    monkeypatch.setattr(execute, "forward_logits", no_memory)
+    with pytest.raises(CausalError, match="out of memory with a single row per forward pass"):
+        causal.run(write_experiment(SWEEP), RunConfig(device="cpu", progress=False))
+
+
+def test_same_file_and_seed_give_identical_results(write_experiment):
+    path = write_experiment(SWEEP + "\nablate mlp_out[layer=*] with zero")
+    first = causal.run(path, RunConfig(device="cpu", progress=False, seed=7))
+    second = causal.run(path, RunConfig(device="cpu", progress=False, seed=7))
+    for name in first.data_vars:
+        np.testing.assert_array_equal(first[name].values, second[name].values)
+
+
+@pytest.fixture
+def model_with_nan_token(tiny_gpt2, tmp_path) -> Path:
+    """The tiny GPT-2 with token t63's embedding set to NaN."""
+    folder = tmp_path / "nan-model"
+    folder.mkdir()
+    for item in tiny_gpt2.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    weights = load_file(folder / "model.safetensors")
+    weights["transformer.wte.weight"][63] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_nan_is_reported_with_layer_and_example(write_experiment, model_with_nan_token):
+    rows = make_rows()
+    rows[4]["clean"] += " t63"
+    rows[4]["corrupt"] += " t63"
+    path = write_experiment("metric logprob(io)\nablate mlp_out[layer=1] with zero", rows, model_with_nan_token)
+    with pytest.raises(CausalError, match=r"NaN or inf first appears in resid_post of layer 0 for example 4 "
+                                          r"of the unpatched 'clean' prompts"):
+        causal.run(path, RunConfig(device="cpu", progress=False))
+
+
+def test_nan_introduced_by_an_intervention_names_the_site(write_experiment, tiny_gpt2, tmp_path):
+    rows = make_rows()
+    path = write_experiment("metric logprob(io)\npatch attn_out[layer=*, pos=*] from corrupt into clean", rows)
+    experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
+    from causal import execute
+    from causal.compile import compile_plan
+    plan = compile_plan(experiment, 500)
+    baselines, caches = execute.record_baselines(experiment, plan)
+    key = ("corrupt", "attn_out", 2)
+    caches[key] = caches[key].clone()
+    caches[key][3, 1] = float("inf")  # a corrupted source activation
+    with pytest.raises(CausalError, match=r"first appears in resid_post of layer 2 for example 3 while running "
+                                          r"'patch attn_out\[layer=\*, pos=\*\] from corrupt into clean' at layer=2 pos=1"):
+        execute.run_intervention(experiment, plan.runs[0], caches, {})
+
+
+def test_experiment_files_cannot_run_code():
+    from causal.lang.parser import parse_text
+    for attack in ('model "m"\n__import__("os").system("touch /tmp/pwned")\n',
+                   'model "m"\ndata "d"\nmetric logprob(io)\nablate z[layer=`rm -rf /`] with zero\n',
+                   'model "m"\ndata "d"\nmetric eval(open("x").read())\nablate z with zero\n'):
+        with pytest.raises(CausalError, match="syntax error"):
+            parse_text(attack, "attack.cx")
+    source = "\n".join(p.read_text() for p in (Path(causal.__file__).parent).rglob("*.py"))
+    for dangerous in (r"(?<![.\w])eval\(", r"(?<![.\w])exec\(", r"import pickle|pickle\.loads?\(", r"torch\.load\(",
+                      r"trust_remote_code=True"):
+        assert not re.search(dangerous, source), dangerous
+
+
+def test_remote_code_is_off_unless_asked(tmp_path, monkeypatch):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+    (folder / "configuration_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(CausalError, match="cannot load model"):
+        causal.models.load_model(str(folder), device="cpu")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    seen = {}
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: seen.update(tok=k["trust_remote_code"]) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        causal.models.load_model("zoo:attn-only-2l", device="cpu")
+    assert seen["tok"] is False
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        causal.models.load_model("zoo:attn-only-2l", device="cpu", trust_remote_code=True)
+    assert seen["tok"] is True
+
+
+def test_checkpoints_hold_no_pickles(write_experiment, tmp_path, monkeypatch):
+    from causal import checkpoint
+    cleared = []
+    monkeypatch.setattr(checkpoint.ChunkStore, "clear", lambda self: cleared.append(self.folder))
+    causal.run(write_experiment(SWEEP), RunConfig(device="cpu", progress=False, checkpoints=str(tmp_path / "ck")))
+    folder, = cleared
+    assert {p.suffix for p in folder.iterdir()} == {".safetensors", ".json"}
+
+
+def test_unwritable_output_and_checkpoint_locations(write_experiment, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ds = causal.run(write_experiment("metric logprob(io)\nablate mlp_out with zero"),
+                    RunConfig(device="cpu", progress=False))
+    with pytest.raises(CausalError, match="cannot write results to"):
+        causal.save(ds, blocker / "run" / "results.nc")
+    with pytest.raises(CausalError, match="cannot write checkpoints under"):
+        causal.run(write_experiment("metric logprob(io)\nablate mlp_out with zero"),
+                   RunConfig(device="cpu", progress=False, checkpoints=str(blocker / "ck")))
+    assert isinstance(ds, xr.Dataset)
