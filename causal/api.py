@@ -44,7 +44,11 @@ def prepare(path: str | Path, config: RunConfig) -> Experiment:
 def run(path: str | Path, config: RunConfig | None = None) -> xr.Dataset:
     config = config or RunConfig()
     torch.manual_seed(config.seed)
-    experiment = prepare(path, config)
+    return run_prepared(prepare(path, config), config)
+
+
+def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
+    """The compute half of `run`: for callers (benchmarks, notebooks) that prepare once and run many times."""
     plan = compile_plan(experiment, config.batch_size)
     store = checkpoint_store(experiment, config) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
