@@ -8,12 +8,15 @@ import torch
 import xarray as xr
 
 from causal.checkpoint import ChunkStore, fingerprint
-from causal.compile import compile_plan
+from causal.assemble import assemble
+from causal.compile import PACKING, compile_plan
+from causal.errors import CausalError
 from causal.execute import execute
 from causal.lang.parser import parse_file
 from causal.models import load_model
-from causal.resolve import Experiment, resolve
-from causal.results import assemble, package_versions
+from causal.experiment import Experiment
+from causal.resolve import resolve
+from causal.results import package_versions
 
 
 @dataclass
@@ -25,6 +28,8 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 128
+    pack: str = "auto"  # how jobs share forward passes: auto (cost model) | sites (fill batches) | exact (never merge)
+    params: dict = field(default_factory=dict)  # values for the file's `param` declarations
     progress: bool = True
     checkpoints: str | None = None  # folder for resumable chunks; None: no checkpointing
     trust_remote_code: bool = False
@@ -33,12 +38,12 @@ class RunConfig:
 
 def prepare(path: str | Path, config: RunConfig) -> Experiment:
     """Everything that can fail on user input, before any forward pass."""
-    file = parse_file(path)
+    file = parse_file(path, config.params)
     if config.model is not None:
         file = replace(file, model=replace(file.model, ref=config.model))
     model = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text,
                        trust_remote_code=config.trust_remote_code)
-    return resolve(file, model)
+    return resolve(file, model, config.seed)
 
 
 def run(path: str | Path, config: RunConfig | None = None) -> xr.Dataset:
@@ -49,7 +54,11 @@ def run(path: str | Path, config: RunConfig | None = None) -> xr.Dataset:
 
 def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
     """The compute half of `run`: for callers (benchmarks, notebooks) that prepare once and run many times."""
-    plan = compile_plan(experiment, config.batch_size)
+    if config.pack not in PACKING:
+        raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
+    if config.batch_size < 1:
+        raise CausalError(f"batch_size must be at least 1, got {config.batch_size}")
+    plan = compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type)
     store = checkpoint_store(experiment, config) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
@@ -70,6 +79,8 @@ def checkpoint_store(experiment: Experiment, config: RunConfig) -> ChunkStore:
         "dtype": config.dtype,
         "device": experiment.model.device.type,
         "batch_size": config.batch_size,
+        "pack": config.pack,
+        "params": config.params,
         "causal": package_versions()["causal"],
     }
     return ChunkStore(config.checkpoints, f"{experiment.name}-{fingerprint(parts)}",

@@ -25,7 +25,7 @@ def fingerprint(parts: dict) -> str:
 
 
 class ChunkStore:
-    """`done(i)` / `load(i)` / `save(i, tensor)` for the plan's runs, under root/<fingerprint>/."""
+    """`completed()` / `load(key)` / `save(key, tensor)` for finished pieces of a run, under root/<fingerprint>/."""
 
     def __init__(self, root: str | Path, key: str, description: dict):
         self.folder = Path(root) / key
@@ -38,21 +38,21 @@ class ChunkStore:
             raise CausalError(f"cannot write checkpoints under {str(root)!r}: {exc.strerror}") from None
         self.key = key
 
-    def _path(self, index: int) -> Path:
-        return self.folder / f"run-{index:06d}.safetensors"
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
 
-    def completed(self) -> set[int]:
-        return {int(p.stem.split("-")[1]) for p in self.folder.glob("run-*.safetensors")}
+    def completed(self) -> set[str]:
+        return {p.stem for p in self.folder.glob("*.safetensors")}
 
-    def load(self, index: int) -> torch.Tensor:
-        return load_file(self._path(index))["values"]
+    def load(self, key: str) -> torch.Tensor:
+        return load_file(self._path(key))["values"]
 
-    def save(self, index: int, values: torch.Tensor) -> None:
+    def save(self, key: str, values: torch.Tensor) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.folder)
         os.close(fd)
         try:
             save_file({"values": values.contiguous()}, tmp)
-            os.replace(tmp, self._path(index))
+            os.replace(tmp, self._path(key))
         except OSError as exc:
             raise CausalError(f"cannot write checkpoint to {str(self.folder)!r}: {exc.strerror}") from None
         finally:

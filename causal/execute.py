@@ -1,78 +1,308 @@
-"""Run a Plan on the model with torch hooks and return metric values per row.
+"""Run a Plan: statistics, then per chunk of examples the base runs and the batched jobs.
 
-Every forward goes through `ModelAdapter.hooks`, so a patched run is an ordinary HF
-forward plus hooks that replace chosen activations: nothing is re-implemented.
+Every forward goes through `causal.forward.Runner`, i.e. the unmodified HF forward with
+hooks that edit chosen activations; nothing of the model is re-implemented.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from causal import interventions as iv
+from causal.attribution import AttributionRun
 from causal.checkpoint import ChunkStore
-from causal.compile import Plan, Run
-from causal.data import Prompts
+from causal.compile import Chunk, Job, Plan, Stream, stream_of
 from causal.errors import CausalError
+from causal.experiment import Experiment
+from causal.forward import Output, Resume, Runner
 from causal.health import NonFiniteWatch
-from causal.resolve import Experiment, Intervention, Metric
+from causal.metrics import metric_values, read_slots, reference_logprobs, sentence_embedding
+from causal.stats import Stats, compute_stats
+from causal.writes import Caches, Write, WriteBuilder, as_hook
 
 log = logging.getLogger(__name__)
-
-CacheKey = tuple[str, str, int]  # (prompt column, site, layer)
 
 
 @dataclass
 class RawResults:
-    """Raw numbers before labelling: float32 tensors on the CPU."""
+    """Raw numbers before labelling: float32 tensors on the CPU, NaN where a row was not defined."""
 
-    baselines: dict[str, torch.Tensor]  # column -> (examples, metrics)
-    effects: list[torch.Tensor]  # per intervention -> (points, examples, metrics), NaN where not defined
+    baselines: dict[str, torch.Tensor]  # stream -> (examples, metrics)
+    effects: dict[str, torch.Tensor]  # variable -> (points, examples, metrics)
+    notes: dict[str, dict] = field(default_factory=dict)  # variable -> extra attrs (e.g. correlations)
 
 
-def execute(experiment: Experiment, plan: Plan, progress: bool = True,
-            store: ChunkStore | None = None) -> RawResults:
-    """Baselines, then every run of the plan; runs already in `store` are read back, not recomputed."""
-    baselines, caches = record_baselines(experiment, plan)
-    means = ablation_means(experiment, caches)
-    n_examples, n_metrics = len(experiment.examples), len(experiment.metrics)
-    effects = [torch.full((len(i.sweep.points), n_examples, n_metrics), float("nan"))
-               for i in experiment.interventions]
-    done = store.completed() if store else set()
-    if done:
-        log.warning("resuming: %d of %d batches already done (%s)", len(done), len(plan.runs), store.folder)
-    backoff = BatchBackoff(plan.batch_size)
-    for index, run in enumerate(tqdm(plan.runs, desc=f"{experiment.name}: patched runs", unit="batch",
-                                     disable=not progress)):
-        if index in done:
-            values = store.load(index)
-        else:
-            values = backoff.run(lambda r: run_intervention(experiment, r, caches, means), run)
-            if store:
-                store.save(index, values)
-        effects[run.intervention][run.points, run.examples] = values
-    return RawResults(baselines, effects)
+class _Sums:
+    """Accumulates row values into (points, examples, metrics), averaging over noise samples."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.total = torch.zeros(shape)
+        self.count = torch.zeros(shape[:2])
+
+    def add(self, points: torch.Tensor, examples: torch.Tensor, values: torch.Tensor) -> None:
+        self.total.index_put_((points, examples), values.float().cpu(), accumulate=True)
+        self.count.index_put_((points, examples), torch.ones(len(points)), accumulate=True)
+
+    def mean(self) -> torch.Tensor:
+        out = self.total / self.count[..., None]
+        out[self.count == 0] = float("nan")
+        return out
+
+
+def execute(experiment: Experiment, plan: Plan, progress: bool = True, store: ChunkStore | None = None) -> RawResults:
+    return Executor(experiment, plan, progress, store).run()
+
+
+class Executor:
+    def __init__(self, experiment: Experiment, plan: Plan, progress: bool, store: ChunkStore | None):
+        self.experiment, self.plan, self.store = experiment, plan, store
+        self.runner = Runner(experiment.model)
+        self.progress = progress
+        n, metrics = experiment.n_examples, len(experiment.metrics)
+        self.baselines = {name: torch.full((n, metrics), float("nan")) for name in plan.streams}
+        self.sums = {i.name: _Sums((len(i.sweep.points), n, metrics)) for i in experiment.interventions}
+        self.notes: dict[str, dict] = {}
+        self.backoff = BatchBackoff(plan.batch_size)
+
+    def run(self) -> RawResults:
+        self.stats = compute_stats(self.experiment, self.run_column)
+        done = self.store.completed() if self.store else set()
+        if done:
+            log.warning("resuming: %d of %d batches already done (%s)", sum(k.startswith("job-") for k in done),
+                        len(self.plan.jobs), self.store.folder)
+        attributions = [(i, x) for i, x in enumerate(self.experiment.interventions) if isinstance(x, iv.Attribute)]
+        bar = tqdm(total=len(self.plan.jobs) + len(attributions) * len(self.plan.chunks), unit="batch",
+                   desc=f"{self.experiment.name}", disable=not self.progress)
+        numbered = iter(range(len(self.plan.jobs)))
+        attribution_runs = [AttributionRun(self.experiment, x) for _, x in attributions]
+        for chunk_index, chunk in enumerate(self.plan.chunks):
+            indices = [next(numbered) for _ in chunk.jobs]
+            pending = [(k, job) for k, job in zip(indices, chunk.jobs) if f"job-{k:06d}" not in done]
+            caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(attribution_runs))
+            for k, job in pending:
+                values = self.backoff.run(lambda j: self.run_job(j, caches), job)
+                if self.store:
+                    self.store.save(f"job-{k:06d}", values)
+                self.collect(job, values)
+                bar.update(1)
+            for k, job in zip(indices, chunk.jobs):
+                if f"job-{k:06d}" in done:
+                    self.collect(job, self.store.load(f"job-{k:06d}"))
+                    bar.update(1)
+            for run in attribution_runs:
+                run.chunk(self, chunk, caches)
+                bar.update(1)
+        for run in attribution_runs:
+            run.finish(self)
+        bar.close()
+        effects = {name: sums.mean() for name, sums in self.sums.items()}
+        for run in attribution_runs:
+            effects.update(run.arrays())
+            self.notes.update(run.notes())
+        return RawResults(self.baselines, effects, self.notes)
+
+    def collect(self, job: Job, values: torch.Tensor) -> None:
+        intervention = self.experiment.interventions[job.intervention]
+        self.sums[intervention.name].add(job.points, job.examples, values)
+
+    # base runs
+    def base_runs(self, chunk_index: int, chunk: Chunk, done: set[str], need: bool) -> Caches:
+        """Each stream once over the chunk: metric baselines, and what later jobs read from it."""
+        plan = self.plan
+        caches = Caches(int(chunk.examples[0]), {name: s.samples for name, s in plan.streams.items()})
+        self.references: dict[int, torch.Tensor] = {}
+        for stream in self.stream_order():
+            key = f"base-{chunk_index:04d}-{stream.name}"
+            if not need and key in done and not self.is_reference(stream):
+                self.baselines[stream.name][chunk.examples] = self.store.load(key)
+                continue
+            values = self.base_run(stream, chunk.examples, caches)
+            if self.store:
+                self.store.save(key, values)
+            self.baselines[stream.name][chunk.examples] = values
+        return caches
+
+    def stream_order(self) -> list[Stream]:
+        """References (kl, similarity) first: other streams' metrics compare against them."""
+        streams = list(self.plan.streams.values())
+        return sorted(streams, key=lambda s: not self.is_reference(s))
+
+    def is_reference(self, stream: Stream) -> bool:
+        return stream.samples == 1 and any(m.reference == stream.column for m in self.experiment.metrics)
+
+    def base_run(self, stream: Stream, examples: torch.Tensor, caches: Caches) -> torch.Tensor:
+        """Runs the stream's rows in batches; returns (examples, metrics), averaged over noise samples."""
+        k = stream.samples
+        rows_examples = examples.repeat_interleave(k)
+        rows_samples = torch.arange(k).repeat(len(examples))
+        out = []
+        for start in range(0, len(rows_examples), self.plan.batch_size):
+            batch = slice(start, start + self.plan.batch_size)
+            out.append(self.base_batch(stream, rows_examples[batch], rows_samples[batch], caches, len(rows_examples)))
+        values = torch.cat(out)
+        return values.view(len(examples), k, -1).mean(1)
+
+    def base_batch(self, stream: Stream, examples: torch.Tensor, samples: torch.Tensor, caches: Caches,
+                   chunk_rows: int) -> torch.Tensor:
+        experiment, plan = self.experiment, self.plan
+        prompts = experiment.prompts[stream.column]
+        rows = caches.rows(stream.name, examples, samples)
+        hooks: dict = {}
+        if stream.trace is not None:
+            key, write = self.stats.noise_write(stream.trace, examples, samples)
+            hooks[key] = [as_hook([write])]
+        for key in sorted(plan.records[stream.name], key=str):
+            hooks.setdefault(key, []).append(_recorder(caches.tensors, (stream.name, key), rows, chunk_rows))
+        for layer in plan.resume_layers[stream.name]:
+            key = ("resid_pre", layer)
+            hooks.setdefault(key, []).append(_recorder(caches.resume, (stream.name, layer), rows, chunk_rows))
+        slots = read_slots(experiment, stream.column, examples)
+        watch = NonFiniteWatch(experiment.model.adapter)
+        with self.runner.note_block_output(), watch.watching():
+            output = self.guarded(lambda: self.runner.forward(
+                prompts.ids[examples], prompts.attention_mask[examples], _chain(hooks), read=slots[0],
+                record_kv=stream.name in plan.kv_streams), f"{len(examples)} unpatched '{stream.name}' prompts")
+        if output.keys_values is not None:
+            _store_keys_values(caches, stream.name, output.keys_values, rows, chunk_rows)
+        self.note_references(stream, output, examples, prompts.attention_mask[examples], slots)
+        values = metric_values(experiment, output, stream.column, examples, slots, self.references_for(examples),
+                               prompts.attention_mask[examples])
+        watch.check(values, torch.ones(len(examples), dtype=torch.bool), [m.name for m in experiment.metrics],
+                    lambda row: f"example {int(examples[row])} of the unpatched '{stream.name}' prompts")
+        return values.cpu()
+
+    def note_references(self, stream: Stream, output: Output, examples: torch.Tensor, mask: torch.Tensor,
+                        slots) -> None:
+        if not self.is_reference(stream):
+            return
+        for index, metric in enumerate(self.experiment.metrics):
+            if metric.reference != stream.column:
+                continue
+            if metric.kind == "similarity":
+                value = sentence_embedding(output.hidden, mask).cpu()
+            else:
+                chosen = metric.positions[stream.column][examples].gather(1, slots[0]) & slots[1]
+                value = reference_logprobs(output, chosen)
+            table = self.references.setdefault(index, {})
+            for row, example in enumerate(examples.tolist()):
+                table[example] = value[row]
+
+    def references_for(self, examples: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = {}
+        for index, table in self.references.items():
+            rows = [table[int(e)] for e in examples]
+            width = max(r.shape[0] for r in rows) if rows[0].dim() > 1 else None
+            if width is not None:
+                rows = [torch.cat([r, r.new_zeros((width - r.shape[0], *r.shape[1:]))]) for r in rows]
+            out[index] = torch.stack(rows)
+        return out
+
+    def run_column(self, column: str, hooks: dict[tuple, Callable]) -> None:
+        """Statistics pass: every example of a column once, hooks called with the batch's examples."""
+        prompts = self.experiment.prompts[column]
+        n = self.experiment.n_examples
+        for start in range(0, n, self.plan.batch_size):
+            examples = torch.arange(start, min(start + self.plan.batch_size, n))
+            bound = {key: _bind(fn, examples) for key, fn in hooks.items()}
+            self.guarded(lambda: self.runner.forward(prompts.ids[examples], prompts.attention_mask[examples], bound,
+                                                     read=read_slots(self.experiment, column, examples)[0]),
+                         f"{len(examples)} '{column}' prompts for statistics")
+
+    # jobs
+    def run_job(self, job: Job, caches: Caches) -> torch.Tensor:
+        intervention = self.experiment.interventions[job.intervention]
+        if isinstance(intervention, iv.PathPatch):
+            return self.run_path_job(intervention, job, caches)
+        builder = WriteBuilder(self.experiment, caches, self.stats)
+        hooks = {key: as_hook(writes) for key, writes in builder.for_job(job).items()}
+        return self.forward_job(intervention, job, caches, hooks)
+
+    def forward_job(self, intervention: iv.Intervention, job: Job, caches: Caches, hooks: dict,
+                    start_layer: int | None = None, start_pos: int | None = None,
+                    recorders: dict | None = None) -> torch.Tensor:
+        experiment = self.experiment
+        prompts = experiment.prompts[intervention.base]
+        stream = stream_of(intervention)
+        resume = self.resume(stream, job, caches, job.start_layer if start_layer is None else start_layer,
+                             job.start_pos if start_pos is None else start_pos)
+        slots = read_slots(experiment, intervention.base, job.examples)
+        watch = NonFiniteWatch(experiment.model.adapter)
+        mask = prompts.attention_mask[job.examples]
+        with watch.watching():
+            output = self.runner.forward(prompts.ids[job.examples], mask, _merge(hooks, recorders or {}), resume,
+                                         read=slots[0])
+        values = metric_values(experiment, output, intervention.base, job.examples, slots,
+                               self.references_for(job.examples), mask)
+        watch.check(values, torch.ones(len(job.examples), dtype=torch.bool), [m.name for m in experiment.metrics],
+                    lambda row: f"example {int(job.examples[row])} while running '{intervention.statement}' at "
+                                f"{describe_point(intervention, int(job.points[row]))}")
+        return values
+
+    def resume(self, stream: str, job: Job, caches: Caches, layer: int, pos: int) -> Resume:
+        rows = caches.rows(stream, job.examples, job.samples)
+        hidden = None
+        if layer > 0:
+            cached = caches.resume[(stream, layer)]
+            hidden = cached[rows.to(cached.device)][:, pos:]
+        keys_values = None
+        if pos > 0:
+            keys_values = [(k[rows.to(k.device)][:, :, :pos], v[rows.to(v.device)][:, :, :pos])
+                           for k, v in caches.keys_values[stream]]
+        return Resume(layer, pos, hidden, keys_values)
+
+    def run_path_job(self, intervention: iv.PathPatch, job: Job, caches: Caches) -> torch.Tensor:
+        """Phase A: senders patched, the rest frozen, receiver inputs recorded; phase B: only those patched."""
+        builder = WriteBuilder(self.experiment, caches, self.stats)
+        hooks = {key: as_hook(writes) for key, writes in builder.path_phase_a(intervention, job).items()}
+        if intervention.receivers is None:
+            return self.forward_job(intervention, job, caches, hooks, start_pos=0)
+        receivers = builder.path_receivers(intervention, job)
+        recorded: dict = {}
+        recorders = {key: _keeper(recorded, key) for key in receivers}
+        self.forward_job(intervention, job, caches, hooks, start_pos=0, recorders=recorders)
+        second = {key: as_hook([Write(where, recorded[key])]) for key, where in receivers.items()}
+        first_layer = min(layer or 0 for _, layer in receivers)
+        return self.forward_job(intervention, job, caches, second, start_layer=first_layer, start_pos=0)
+
+    def guarded(self, compute: Callable[[], Output], what: str) -> Output:
+        try:
+            return compute()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            raise CausalError(f"out of memory running {what} at once; lower batch_size "
+                              f"(now {self.plan.batch_size})") from None
+
+
+def describe_point(intervention: iv.Intervention, point: int) -> str:
+    sweep = intervention.sweep
+    if not sweep.dims:
+        return "every site"
+    index = torch.unravel_index(torch.tensor(point), sweep.shape)
+    return " ".join(f"{d}={sweep.coords[d][int(i)]}" for d, i in zip(sweep.dims, index))
 
 
 class BatchBackoff:
-    """Splits runs that exhaust device memory in halves, and keeps the smaller size for later runs."""
+    """Splits jobs that exhaust device memory in halves, and keeps the smaller size for later jobs."""
 
     def __init__(self, rows: int):
         self.rows = rows
 
-    def run(self, compute: Callable[[Run], torch.Tensor], run: Run) -> torch.Tensor:
-        pieces = [_slice(run, start, start + self.rows) for start in range(0, len(run.examples), self.rows)]
+    def run(self, compute: Callable[[Job], torch.Tensor], job: Job) -> torch.Tensor:
+        pieces = [_slice(job, start, start + self.rows) for start in range(0, len(job.examples), self.rows)]
         return torch.cat([self._attempt(compute, piece) for piece in pieces])
 
-    def _attempt(self, compute: Callable[[Run], torch.Tensor], run: Run) -> torch.Tensor:
+    def _attempt(self, compute: Callable[[Job], torch.Tensor], job: Job) -> torch.Tensor:
         try:
-            return compute(run).float().cpu()
+            return compute(job).float().cpu()
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if "out of memory" not in str(exc).lower():
                 raise
-        rows = len(run.examples)
+        rows = len(job.examples)
         if rows == 1:
             raise CausalError("out of memory with a single row per forward pass; use a smaller dtype "
                               "(dtype=bfloat16), shorter prompts, or a larger device")
@@ -80,171 +310,59 @@ class BatchBackoff:
             torch.cuda.empty_cache()
         self.rows = min(self.rows, rows // 2)
         log.warning("out of memory with %d rows per forward pass; retrying with %d", rows, self.rows)
-        return self.run(compute, run)
+        return self.run(compute, job)
 
 
-def _slice(run: Run, start: int, stop: int) -> Run:
-    return replace(run, examples=run.examples[start:stop], points=run.points[start:stop])
+def _slice(job: Job, start: int, stop: int) -> Job:
+    return replace(job, examples=job.examples[start:stop], points=job.points[start:stop],
+                   samples=job.samples[start:stop])
 
 
-def forward_logits(experiment: Experiment, prompts: Prompts, examples: torch.Tensor) -> torch.Tensor:
-    device = experiment.model.device
-    with torch.inference_mode():
-        out = experiment.model.model(input_ids=prompts.ids[examples].to(device),
-                                     attention_mask=prompts.attention_mask[examples].to(device))
-    return out.logits
-
-
-def record_baselines(experiment: Experiment, plan: Plan):
-    """One unpatched forward per prompt column: its metrics, and the activations later runs read."""
-    adapter = experiment.model.adapter
-    n = len(experiment.examples)
-    baselines: dict[str, torch.Tensor] = {}
-    caches: dict[CacheKey, torch.Tensor] = {}
-    for column, prompts in experiment.prompts.items():
-        values = []
-        for start in range(0, n, plan.batch_size):
-            examples = torch.arange(start, min(start + plan.batch_size, n))
-            recorders = {key: _recorder(caches, (column, *key), examples, n)
-                         for key in sorted(plan.caches.get(column, ()))}
-            watch = NonFiniteWatch(adapter)
-            try:
-                with adapter.hooks(recorders), watch.watching():
-                    logits = forward_logits(experiment, prompts, examples)
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if "out of memory" not in str(exc).lower():
-                    raise
-                raise CausalError(f"out of memory running {len(examples)} unpatched '{column}' prompts at once; "
-                                  f"lower batch_size (now {plan.batch_size})") from None
-            batch_values = metric_values(experiment.metrics, logits, column, prompts, examples)
-            watch.check(batch_values, torch.ones(len(examples), dtype=torch.bool), [m.name for m in experiment.metrics],
-                        lambda row: f"example {int(examples[row])} of the unpatched '{column}' prompts")
-            values.append(batch_values)
-        baselines[column] = torch.cat(values).cpu()
-    return baselines, caches
-
-
-def _recorder(caches: dict, key: CacheKey, examples: torch.Tensor, n: int) -> Callable:
-    def record(act: torch.Tensor) -> None:
-        if key not in caches:
-            caches[key] = act.new_zeros((n, *act.shape[1:]))
-        caches[key][examples.to(act.device)] = act.detach()
+def _recorder(store: dict, key, rows: torch.Tensor, total_rows: int) -> Callable:
+    """Keeps a stream's activation for its rows in `store[key]` (chunk rows, width, ...)."""
+    def record(act: torch.Tensor, start: int) -> None:
+        if key not in store:
+            store[key] = act.new_zeros((total_rows, *act.shape[1:]))
+        store[key][rows.to(act.device), start:start + act.shape[1]] = act.detach()
     return record
 
 
-def ablation_means(experiment: Experiment, caches: dict[CacheKey, torch.Tensor]) -> dict[CacheKey, torch.Tensor]:
-    """Mean over examples at each position, counting only examples long enough to have it."""
-    means = {}
-    for intervention in experiment.interventions:
-        if intervention.method != "mean":
-            continue
-        valid = experiment.prompts[intervention.base].attention_mask
-        for layer in {l for p in intervention.sweep.points for l in p.layers}:
-            key = (intervention.base, intervention.sweep.component, layer)
-            act = caches[key]
-            weights = valid.to(act.device, act.dtype).view(*valid.shape, *([1] * (act.dim() - 2)))
-            means[key] = (act * weights).sum(0) / weights.sum(0).clamp(min=1)
-    return means
+def _store_keys_values(caches: Caches, stream: str, keys_values, rows: torch.Tensor, total_rows: int) -> None:
+    if stream not in caches.keys_values:
+        caches.keys_values[stream] = [(k.new_zeros((total_rows, *k.shape[1:])), v.new_zeros((total_rows, *v.shape[1:])))
+                                      for k, v in keys_values]
+    for (keys, values), (k, v) in zip(caches.keys_values[stream], keys_values):
+        keys[rows.to(k.device)] = k
+        values[rows.to(v.device)] = v
 
 
-def run_intervention(experiment: Experiment, run: Run, caches: dict, means: dict) -> torch.Tensor:
-    intervention = experiment.interventions[run.intervention]
-    prompts = experiment.prompts[intervention.base]
-    device = experiment.model.device
-    points = [intervention.sweep.points[int(p)] for p in run.points]
-    lengths = prompts.lengths[run.examples]
-    pos_mask, valid_rows = _position_mask(points, lengths, prompts.ids.shape[1])
-    hooks = {}
-    for layer in sorted({l for p in points for l in p.layers}):
-        rows = torch.tensor([layer in p.layers for p in points])
-        mask = (pos_mask & rows[:, None]).to(device)
-        if experiment.model.adapter.is_per_head(intervention.sweep.component):
-            mask = mask[:, :, None] & _head_mask(points, experiment.model.adapter.n_heads).to(device)[:, None, :]
-        value = _replacement(intervention, layer, run.examples, caches, means)
-        hooks[(intervention.sweep.component, layer)] = _replace(mask, value)
-    watch = NonFiniteWatch(experiment.model.adapter)
-    with experiment.model.adapter.hooks(hooks), watch.watching():
-        logits = forward_logits(experiment, prompts, run.examples)
-    values = metric_values(experiment.metrics, logits, intervention.base, prompts, run.examples)
-    watch.check(values, valid_rows, [m.name for m in experiment.metrics],
-                lambda row: f"example {int(run.examples[row])} while running "
-                            f"'{intervention.statement}' at {describe_point(intervention, points[row])}")
-    values[~valid_rows.to(values.device)] = float("nan")
-    return values
+def _keeper(store: dict, key) -> Callable:
+    def keep(act: torch.Tensor, start: int) -> None:
+        store[key] = act.detach().clone()
+    return keep
 
 
-def describe_point(intervention: Intervention, point) -> str:
-    parts = []
-    if len(point.layers) == 1:
-        parts.append(f"layer={point.layers[0]}")
-    if point.pos is not None:
-        parts.append(f"pos={point.pos}")
-    if point.heads is not None and len(point.heads) == 1:
-        parts.append(f"head={point.heads[0]}")
-    return " ".join(parts) or "every site"
+def _bind(fn: Callable, examples: torch.Tensor) -> Callable:
+    return lambda act, start: fn(act, start, examples)
 
 
-def _position_mask(points, lengths: torch.Tensor, width: int):
-    """(rows, seq) positions to replace, and which rows name a position their prompt has."""
-    positions = torch.arange(width)[None, :]
-    wanted = torch.tensor([-1 if p.pos is None else p.pos for p in points])
-    every = torch.tensor([p.pos is None for p in points])
-    absolute = torch.where(wanted < 0, lengths + wanted, wanted)
-    valid = every | ((absolute >= 0) & (absolute < lengths))
-    mask = torch.where(every[:, None], positions < lengths[:, None], positions == absolute[:, None])
-    return mask, valid
+def _chain(hooks: dict[tuple, list[Callable]]) -> dict[tuple, Callable]:
+    """Several functions on one site: each sees the previous one's result."""
+    def compose(fns):
+        if len(fns) == 1:
+            return fns[0]
+
+        def apply(act, start):
+            changed = False
+            for fn in fns:
+                new = fn(act, start)
+                if new is not None:
+                    act, changed = new, True
+            return act if changed else None
+        return apply
+    return {key: compose(fns) for key, fns in hooks.items()}
 
 
-def _head_mask(points, n_heads: int) -> torch.Tensor:
-    mask = torch.zeros(len(points), n_heads, dtype=torch.bool)
-    for row, point in enumerate(points):
-        mask[row, list(point.heads) if point.heads is not None else slice(None)] = True
-    return mask
-
-
-def _replacement(intervention: Intervention, layer: int, examples: torch.Tensor, caches, means):
-    key_site = (intervention.sweep.component, layer)
-    if intervention.method == "patch":
-        cache = caches[(intervention.source, *key_site)]
-        return cache[examples.to(cache.device)]
-    if intervention.method == "mean":
-        return means[(intervention.base, *key_site)][None]
-    return None  # zero
-
-
-def _replace(mask: torch.Tensor, value: torch.Tensor | None) -> Callable:
-    def replace(act: torch.Tensor) -> torch.Tensor:
-        m = mask[..., None]
-        if value is None:
-            return act.masked_fill(m, 0.0)
-        return torch.where(m, value.to(act.dtype), act)
-    return replace
-
-
-def metric_values(metrics: list[Metric], logits: torch.Tensor, column: str, prompts: Prompts,
-                  examples: torch.Tensor) -> torch.Tensor:
-    """(rows, metrics): each metric averaged over the positions it reads in each row's prompt."""
-    logits = logits.float()
-    logprobs = logits.log_softmax(-1)
-    ids = prompts.ids[examples].to(logits.device)
-    out = []
-    for metric in metrics:
-        per_position = _per_position(metric, logits, logprobs, ids, examples)
-        mask = metric.positions[column][examples].to(logits.device)
-        out.append((per_position * mask).sum(1) / mask.sum(1))
-    return torch.stack(out, 1)
-
-
-def _per_position(metric: Metric, logits, logprobs, ids, examples) -> torch.Tensor:
-    def gather(table: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        return table.gather(-1, token.expand(table.shape[0], table.shape[1])[..., None])[..., 0]
-
-    if metric.next_token:
-        following = torch.cat([ids[:, 1:], ids[:, -1:]], 1)
-        chosen = gather(logprobs, following)
-    else:
-        answers = [a[examples].to(logits.device)[:, None] for a in metric.answers]
-        if metric.kind == "logit_diff":
-            return gather(logits, answers[0]) - gather(logits, answers[1])
-        chosen = gather(logprobs, answers[0])
-    return chosen.exp() if metric.kind == "prob" else chosen
+def _merge(hooks: dict, recorders: dict) -> dict:
+    keys = set(hooks) | set(recorders)
+    return _chain({key: [f for f in (hooks.get(key), recorders.get(key)) if f] for key in keys})

@@ -1,17 +1,13 @@
-"""Raw metric tensors -> a labelled xr.Dataset; atomic save and load.
+"""Result Datasets on disk: atomic save, load, and merging the runs of a Hydra sweep.
 
-Schema: one variable per intervention statement with dims named after what it swept
-(layer, pos, head) plus `example` (and `metric` when there are several); one baseline
-variable per prompt column; token strings as coords; provenance in attrs.
+The schema is made in causal.assemble and documented in docs/results.md.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import platform
 import tempfile
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -19,82 +15,8 @@ import numpy as np
 import xarray as xr
 
 from causal.errors import CausalError
-from causal.execute import RawResults
-from causal.resolve import Experiment
 
 PACKAGES = ("causal", "torch", "transformers", "lark", "xarray", "hydra-core", "numpy")
-
-
-def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Dataset:
-    metric_names = [m.name for m in experiment.metrics]
-    several = len(metric_names) > 1
-    variables = [_intervention_array(experiment, i, raw.effects[k], metric_names, several)
-                 for k, i in enumerate(experiment.interventions)]
-    for column, values in raw.baselines.items():
-        variables.append(_labelled(values.numpy(), ["example"], {}, metric_names, several, column,
-                                   {"kind": "baseline", "prompts": column}))
-    dataset = xr.merge(variables, join="outer", combine_attrs="drop")
-    for variable in variables:
-        dataset[variable.name].attrs = variable.attrs
-    dataset = dataset.assign_coords(example=np.arange(len(experiment.examples)))
-    if "pos" in dataset.dims:
-        dataset = dataset.assign_coords(_token_coords(experiment, dataset["pos"].values))
-    dataset.attrs.update(_provenance(experiment, metric_names, run_info))
-    return dataset
-
-
-def _intervention_array(experiment, intervention, values, metric_names, several) -> xr.DataArray:
-    sweep = intervention.sweep
-    shape = [len(sweep.coords[d]) for d in sweep.dims]
-    data = values.numpy().reshape(*shape, values.shape[1], values.shape[2])
-    attrs = {"kind": "intervention", "method": intervention.method, "site": sweep.component,
-             "prompts": intervention.base, "source": intervention.source or "",
-             "statement": intervention.statement}
-    return _labelled(data, [*sweep.dims, "example"], sweep.coords, metric_names, several,
-                     intervention.name, attrs)
-
-
-def _labelled(data, dims, coords, metric_names, several, name, attrs) -> xr.DataArray:
-    if several:
-        return xr.DataArray(data, dims=[*dims, "metric"], coords={**coords, "metric": metric_names},
-                            name=name, attrs=attrs)
-    return xr.DataArray(data[..., 0], dims=dims, coords=coords, name=name,
-                        attrs={**attrs, "metric": metric_names[0]})
-
-
-def _token_coords(experiment: Experiment, positions: np.ndarray) -> dict:
-    """`token_<column>` (example, pos): the token each example has at each labelled position."""
-    coords = {}
-    for column, prompts in experiment.prompts.items():
-        table = []
-        for tokens in prompts.tokens:
-            row = []
-            for p in positions:
-                index = int(p) if p >= 0 else len(tokens) + int(p)
-                row.append(tokens[index] if 0 <= index < len(tokens) else "")
-            table.append(row)
-        coords[f"token_{column}"] = (("example", "pos"), np.array(table, dtype=object).astype(str))
-    return coords
-
-
-def _provenance(experiment: Experiment, metric_names: list[str], run_info: dict) -> dict:
-    model = experiment.model
-    return {
-        "experiment": experiment.name,
-        "experiment_file": experiment.file.path,
-        "experiment_text": experiment.file.text,
-        "model": model.ref,
-        "model_revision": model.revision,
-        "model_class": type(model.model).__name__,
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "device": str(model.device),
-        "metrics": json.dumps(metric_names),
-        "n_examples": len(experiment.examples),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "versions": json.dumps(package_versions()),
-        **{k: (json.dumps(v) if not isinstance(v, (str, int, float)) else v) for k, v in run_info.items()},
-    }
 
 
 def package_versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ def error_of(call) -> CausalError:
 
 
 @pytest.mark.parametrize("text, where, expected", [
-    ('model "m"\ndata "d"\nmetric logprob(io) at\n', "x.cx:3:22", "expected '*', '[', an integer"),
+    ('model "m"\ndata "d"\nmetric logprob(io) at\n', "x.cx:3:22", "expected '*', '[', a name, an integer"),
     ('model "m"\ndata "d"\nmetric logprob(io)\npatch resid_pre[layer=*] frm a into b\n', "x.cx:4:26", "'from'"),
     ('model 3\n', "x.cx:1:7", 'a "string"'),
     ('model "m"\ndata "d"\nmetric logprob(io)\nablate attn_out[layer=0..] with zero\n', "x.cx:4:26", "an integer"),
@@ -67,7 +67,7 @@ SEMANTIC = [
 def test_semantic_errors_before_any_forward(body, where, message, write_experiment, cpu_config, monkeypatch):
     path = write_experiment(body)
     forwards = []
-    monkeypatch.setattr("causal.execute.forward_logits", lambda *a, **k: forwards.append(1))
+    monkeypatch.setattr("causal.forward.Runner.forward", lambda *a, **k: forwards.append(1))
     err = error_of(lambda: causal.run(path, cpu_config))
     assert str(err).startswith(f"{path}:{where}: error:"), str(err)
     assert message in str(err)

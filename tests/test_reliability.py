@@ -19,6 +19,10 @@ from safetensors.torch import load_file, save_file
 
 import causal
 from causal import CausalError, RunConfig
+from causal.compile import compile_plan
+from causal.execute import Executor
+from causal.forward import Runner
+from causal.stats import compute_stats
 from tests.conftest import make_rows
 
 SWEEP = "metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\nablate z[layer=*, head=*] with mean"
@@ -35,17 +39,18 @@ def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(write_exp
                   "device=cpu", "progress=false", "plots=false")
     victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while len(list(checkpoints.glob("*/run-*.safetensors"))) < 5:
+    while len(list(checkpoints.glob("*/job-*.safetensors"))) < 5:
         assert victim.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.005)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     folder, = checkpoints.iterdir()
-    done = len(list(folder.glob("run-*.safetensors")))
+    done = len(list(folder.glob("job-*.safetensors")))
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    total = (3 * 7 * 40 + 3 * 4 * 40) // 2
+    config = RunConfig(device="cpu", progress=False, batch_size=2)
+    total = len(compile_plan(causal.prepare(path, config), 2).jobs)
     assert re.search(rf"resuming: {done} of {total} batches already done", resumed.stderr + resumed.stdout)
     assert not folder.exists(), "checkpoints are removed once the results are saved"
     fresh = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=2))
@@ -60,11 +65,10 @@ def test_changed_experiment_does_not_reuse_old_chunks(write_experiment, tmp_path
     config = RunConfig(device="cpu", progress=False, batch_size=4, checkpoints=str(checkpoints))
     causal.prepare(path, config)
     from causal.api import checkpoint_store
-    from causal.compile import compile_plan
     experiment = causal.prepare(path, config)
     old = checkpoint_store(experiment, config)
-    for index in range(len(compile_plan(experiment, 4).runs)):  # poison every chunk of the old file
-        old.save(index, torch.full((4, 1), 123.0))
+    for index, job in enumerate(compile_plan(experiment, 4).jobs):  # poison every chunk of the old file
+        old.save(f"job-{index:06d}", torch.full((len(job.examples), 1), 123.0))
     path.write_text(path.read_text().replace("metric logprob(io)", "metric prob(io)"))
     result = causal.run(path, config)
     assert not (result["patch_resid_pre"] == 123.0).any()
@@ -78,34 +82,34 @@ def test_changed_experiment_does_not_reuse_old_chunks(write_experiment, tmp_path
 def test_out_of_memory_halves_the_batch_and_says_so(write_experiment, monkeypatch, caplog):
     path = write_experiment(SWEEP)
     expected = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=64))
-    from causal import execute
-    real = execute.forward_logits
+    real = Runner.forward
     seen = []
 
-    def small_device(experiment, prompts, examples):
-        seen.append(len(examples))
-        if len(examples) > 10 and len(examples) != 6:  # baselines (6 examples) fit; big patched batches do not
+    def small_device(self, ids, *args, **kwargs):
+        seen.append(len(ids))
+        if len(ids) > 10 and len(ids) != 6:  # base runs (6 examples) fit; big patched batches do not
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(experiment, prompts, examples)
-    monkeypatch.setattr(execute, "forward_logits", small_device)
+        return real(self, ids, *args, **kwargs)
+    monkeypatch.setattr(Runner, "forward", small_device)
     with caplog.at_level(logging.WARNING, logger="causal.execute"):
         got = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=64))
-    assert "out of memory with 64 rows per forward pass; retrying with 32" in caplog.text
-    assert "retrying with 8" in caplog.text and max(n for n in seen if n != 6) == 64
-    assert all(n <= 8 for n in seen[-5:])  # later runs start at the size that fitted
+    first = max(n for n in seen if n != 6)
+    assert first > 10
+    assert f"out of memory with {first} rows per forward pass; retrying with {first // 2}" in caplog.text
+    fitted = max(n for n in seen[-5:])
+    assert fitted <= 10 and f"retrying with {fitted}" in caplog.text  # later runs start at the size that fitted
     for name in ("patch_resid_pre", "ablate_z"):
         np.testing.assert_allclose(got[name].values, expected[name].values, atol=1e-5)
 
 
 def test_out_of_memory_on_one_row_is_an_error(write_experiment, monkeypatch):
-    from causal import execute
-    real = execute.forward_logits
+    real = Runner.forward
 
-    def no_memory(experiment, prompts, examples):
-        if len(examples) != 6:
+    def no_memory(self, ids, *args, **kwargs):
+        if len(ids) != 6:
             raise RuntimeError("CUDA error: out of memory")
-        return real(experiment, prompts, examples)
-    monkeypatch.setattr(execute, "forward_logits", no_memory)
+        return real(self, ids, *args, **kwargs)
+    monkeypatch.setattr(Runner, "forward", no_memory)
     with pytest.raises(CausalError, match="out of memory with a single row per forward pass"):
         causal.run(write_experiment(SWEEP), RunConfig(device="cpu", progress=False))
 
@@ -145,16 +149,17 @@ def test_nan_introduced_by_an_intervention_names_the_site(write_experiment, tiny
     rows = make_rows()
     path = write_experiment("metric logprob(io)\npatch attn_out[layer=*, pos=*] from corrupt into clean", rows)
     experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
-    from causal import execute
-    from causal.compile import compile_plan
-    plan = compile_plan(experiment, 500)
-    baselines, caches = execute.record_baselines(experiment, plan)
-    key = ("corrupt", "attn_out", 2)
-    caches[key] = caches[key].clone()
-    caches[key][3, 1] = float("inf")  # a corrupted source activation
+    plan = compile_plan(experiment, 500, pack="exact")
+    executor = Executor(experiment, plan, progress=False, store=None)
+    executor.stats = compute_stats(experiment, executor.run_column)
+    caches = executor.base_runs(0, plan.chunks[0], set(), need=True)
+    key = ("corrupt", ("attn_out", 2))
+    caches.tensors[key] = caches.tensors[key].clone()
+    caches.tensors[key][3, 1] = float("inf")  # a corrupted source activation
+    job = next(j for j in plan.jobs if (j.start_layer, j.start_pos) == (2, 1))
     with pytest.raises(CausalError, match=r"first appears in resid_post of layer 2 for example 3 while running "
                                           r"'patch attn_out\[layer=\*, pos=\*\] from corrupt into clean' at layer=2 pos=1"):
-        execute.run_intervention(experiment, plan.runs[0], caches, {})
+        executor.run_job(job, caches)
 
 
 def test_experiment_files_cannot_run_code():

@@ -82,7 +82,19 @@ class ModelAdapter:
         self.n_heads: int = config.num_attention_heads
         self.d_model: int = config.hidden_size
         self.d_head: int = self.d_model // self.n_heads
+        self.n_kv_heads: int = self.n_heads
+        self.arch = spec.name
+        self.is_causal = True
         self._blocks = model.get_submodule(spec.blocks)
+        self.blocks = self._blocks
+
+    def site_info(self, site: str, span=None, source=None):
+        from types import SimpleNamespace
+        extra = (("head", self.n_heads),) if self.is_per_head(site) else ()
+        return SimpleNamespace(name=site, per_layer=True, extra_dims=extra, doc="")
+
+    def supports_kv_prefix(self, seq_len: int) -> bool:
+        return True
 
     @property
     def site_names(self) -> list[str]:
@@ -97,9 +109,9 @@ class ModelAdapter:
         return block.get_submodule(point.module) if point.module else block
 
     @contextmanager
-    def hooks(self, fns: dict[tuple[str, int], ActivationFn]) -> Iterator[None]:
+    def hooks(self, fns: dict[tuple[str, int], ActivationFn], start: int = 0) -> Iterator[None]:
         """Apply `fns[(site, layer)]` to each site's activation for the duration of the block."""
-        handles = [self._attach(site, layer, fn) for (site, layer), fn in fns.items()]
+        handles = [self._attach(site, layer, (lambda act, fn=fn: fn(act, start))) for (site, layer), fn in fns.items()]
         try:
             yield
         finally:

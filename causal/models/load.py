@@ -29,6 +29,7 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    head: str = "lm"
 
 
 def pick_device(name: str) -> torch.device:
