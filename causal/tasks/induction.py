@@ -1,0 +1,28 @@
+"""Repeated random tokens: the second copy is predictable only by induction (Olsson et al. 2022)."""
+from __future__ import annotations
+
+import torch
+
+from causal.data.examples import Examples
+from causal.data.load import register_generator
+from causal.data.params import Count, Seed
+
+
+@register_generator
+def induction(tokenizer, n: Count = 64, length: Count = 10, seed: Seed = 0) -> Examples:
+    """BOS + random tokens repeated once (`clean`); BOS + the same first half + fresh tokens (`corrupt`).
+
+    Tokens are drawn from the vocabulary minus special tokens; BOS is prepended when the
+    tokenizer has one, as induction models are trained with it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in set(special.tolist())])
+    first = ordinary[torch.randint(0, len(ordinary), (n, length), generator=gen)]
+    other = ordinary[torch.randint(0, len(ordinary), (n, length), generator=gen)]
+    prefix = [[tokenizer.bos_token_id]] * n if tokenizer.bos_token_id is not None else [[]] * n
+    prefix = torch.tensor(prefix, dtype=torch.long).view(n, -1)
+    return Examples({
+        "clean": torch.cat([prefix, first, first], 1).tolist(),
+        "corrupt": torch.cat([prefix, first, other], 1).tolist(),
+    })
