@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from causal import data
-from causal.data import Examples, Prompts
+from causal.data import Examples, Prompts, find_span
 from causal.errors import CausalError, Span, did_you_mean
 from causal.experiment import NamedPositions
 from causal.lang import ast
@@ -42,7 +41,7 @@ def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Exam
     out = []
     for i, text in enumerate(examples.columns[column]):
         occurrence = "last" if definition.anchor == "last" else "first"
-        first, last = data.find_span(prompts, i, str(text), occurrence)
+        first, last = find_span(prompts, i, str(text), occurrence, span, source)
         if definition.anchor == "span":
             out.append(tuple(_within(p + definition.offset, lengths[i], i, definition, source)
                              for p in range(first, last + 1)))

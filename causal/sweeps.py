@@ -59,6 +59,7 @@ class SweepBuilder:
               allowed: tuple[str, ...] | None = None) -> Sweep:
         """`lengths`: the (shortest, longest) prompt the sites will be applied to."""
         parts = [self.part(site, lengths, allowed) for site in sites]
+        _fix_distinct_singletons(parts)
         dims: list[str] = []
         coords: dict[str, list] = {}
         for part, site in zip(parts, sites):
@@ -170,6 +171,18 @@ class SweepBuilder:
             listed = ", ".join(known) or "none (declare them with positions { NAME = first(column), ... })"
             raise self.error(f"unknown position {name.name!r}; named positions: {listed}", name.span,
                              did_you_mean(name.name, known))
+
+
+def _fix_distinct_singletons(parts: list[_Part]) -> None:
+    """`z[layer=9, head=6] + z[layer=10, head=0]`: single values that differ between parts are not an
+    axis but each part's own fixed choice (nothing is swept along them)."""
+    for dim in {d for part in parts for d in part.dims}:
+        having = [p for p in parts if dim in p.dims]
+        values = [p.coords[dim] for p in having]
+        if len(having) > 1 and all(len(v) == 1 for v in values) and len({repr(v) for v in values}) > 1:
+            for part in having:
+                part.fixed[dim] = part.coords.pop(dim)[0]
+                part.dims.remove(dim)
 
 
 def rome_window(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
