@@ -30,6 +30,7 @@ class RunConfig:
     batch_size: int = 128
     pack: str = "auto"  # how jobs share forward passes: auto (cost model) | sites (fill batches) | exact (never merge)
     params: dict = field(default_factory=dict)  # values for the file's `param` declarations
+    optimize: bool = True  # False: every row runs the whole model (the reference the fast path is tested against)
     progress: bool = True
     checkpoints: str | None = None  # folder for resumable chunks; None: no checkpointing
     trust_remote_code: bool = False
@@ -58,7 +59,8 @@ def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
     if config.batch_size < 1:
         raise CausalError(f"batch_size must be at least 1, got {config.batch_size}")
-    plan = compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type)
+    plan = compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type,
+                        optimize=config.optimize)
     store = checkpoint_store(experiment, config) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
@@ -80,6 +82,7 @@ def checkpoint_store(experiment: Experiment, config: RunConfig) -> ChunkStore:
         "device": experiment.model.device.type,
         "batch_size": config.batch_size,
         "pack": config.pack,
+        "optimize": config.optimize,
         "params": config.params,
         "causal": package_versions()["causal"],
     }

@@ -61,6 +61,7 @@ class Chunk:
 @dataclass
 class Plan:
     batch_size: int
+    optimize: bool
     streams: dict[str, Stream]
     records: dict[str, set[CacheKey]]  # stream -> activations its base run must keep
     resume_layers: dict[str, set[int]]  # stream -> layers whose input later jobs start from
@@ -91,9 +92,10 @@ def make_streams(experiment: Experiment) -> dict[str, Stream]:
 
 
 def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", device_type: str = "cpu",
-                 chunk_examples: int | None = None) -> Plan:
+                 chunk_examples: int | None = None, optimize: bool = True) -> Plan:
+    """`optimize=False` is the reference path: every row runs the whole model and all logits."""
     streams = make_streams(experiment)
-    plan = Plan(batch_size, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [])
+    plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [])
     for intervention in experiment.interventions:
         _record_needs(experiment, intervention, plan)
     n = experiment.n_examples
@@ -106,6 +108,9 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
             continue  # gradient runs: planned by the executor, one per batch of examples
         for chunk in plan.chunks:
             rows = row_starts(experiment, intervention, chunk.examples)
+            if not optimize:
+                rows.layer.zero_()
+                rows.pos.zero_()
             chunk.jobs.extend(packer.pack(index, rows))
         _note_skips(experiment, intervention, plan)
     return plan

@@ -164,8 +164,9 @@ class Executor:
         watch = NonFiniteWatch(experiment.model.adapter)
         with self.runner.note_block_output(), watch.watching():
             output = self.guarded(lambda: self.runner.forward(
-                prompts.ids[examples], prompts.attention_mask[examples], _chain(hooks), read=slots[0],
+                prompts.ids[examples], prompts.attention_mask[examples], _chain(hooks), read=self.read(slots),
                 record_kv=stream.name in plan.kv_streams), f"{len(examples)} unpatched '{stream.name}' prompts")
+        output = self.at_slots(output, slots)
         if output.keys_values is not None:
             _store_keys_values(caches, stream.name, output.keys_values, rows, chunk_rows)
         self.note_references(stream, output, examples, prompts.attention_mask[examples], slots)
@@ -174,6 +175,17 @@ class Executor:
         watch.check(values, torch.ones(len(examples), dtype=torch.bool), [m.name for m in experiment.metrics],
                     lambda row: f"example {int(examples[row])} of the unpatched '{stream.name}' prompts")
         return values.cpu()
+
+    def read(self, slots) -> torch.Tensor | None:
+        """Positions to unembed; the reference path (optimize=False) unembeds every position."""
+        return slots[0] if self.plan.optimize else None
+
+    def at_slots(self, output: Output, slots) -> Output:
+        if self.plan.optimize or output.logits is None:
+            return output
+        index = slots[0].to(output.logits.device)
+        logits = output.logits.gather(1, index[..., None].expand(-1, -1, output.logits.shape[-1]))
+        return replace(output, logits=logits)
 
     def note_references(self, stream: Stream, output: Output, examples: torch.Tensor, mask: torch.Tensor,
                         slots) -> None:
@@ -234,7 +246,8 @@ class Executor:
         mask = prompts.attention_mask[job.examples]
         with watch.watching():
             output = self.runner.forward(prompts.ids[job.examples], mask, _merge(hooks, recorders or {}), resume,
-                                         read=slots[0])
+                                         read=self.read(slots))
+        output = self.at_slots(output, slots)
         values = metric_values(experiment, output, intervention.base, job.examples, slots,
                                self.references_for(job.examples), mask)
         watch.check(values, torch.ones(len(job.examples), dtype=torch.bool), [m.name for m in experiment.metrics],
@@ -243,6 +256,8 @@ class Executor:
         return values
 
     def resume(self, stream: str, job: Job, caches: Caches, layer: int, pos: int) -> Resume:
+        if not self.plan.optimize:
+            return Resume()
         rows = caches.rows(stream, job.examples, job.samples)
         hidden = None
         if layer > 0:
