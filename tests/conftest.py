@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                          GPTNeoXForCausalLM)
 
 from causal import RunConfig
 from causal.zoo import word_tokenizer
@@ -40,6 +41,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_models) -> Path:
     return tiny_models["gpt2"]
+
+
+@pytest.fixture(params=["gpt2", "gpt_neox"])
+def arch(request, tiny_models):
+    """(architecture name, folder, HF model, tokenizer) for each tiny architecture."""
+    folder = tiny_models[request.param]
+    return (request.param, folder, AutoModelForCausalLM.from_pretrained(folder).eval(),
+            AutoTokenizer.from_pretrained(folder))
+
+
+def ids_of(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def logprob_last(logits: torch.Tensor, token: int) -> float:
+    return logits[0, -1].log_softmax(-1)[token].item()
 
 
 def make_rows(n: int = 6, seed: int = 1, ragged: bool = False) -> list[dict]:

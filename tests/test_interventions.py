@@ -7,34 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import causal
-from tests.conftest import make_rows
+from tests.conftest import ids_of, logprob_last, make_rows
 from tests.handhooks import capture, run_with_replacement
 
 ATOL = 1e-5
 SITES = ["resid_pre", "attn_out", "mlp_out", "z"]
 D_HEAD = 8
 
-
-ARCHS = ["gpt2", "gpt_neox"]
-
-
-@pytest.fixture(params=ARCHS)
-def arch(request, tiny_models):
-    """(architecture name, folder, HF model, tokenizer) for each tiny architecture."""
-    folder = tiny_models[request.param]
-    return (request.param, folder, AutoModelForCausalLM.from_pretrained(folder).eval(),
-            AutoTokenizer.from_pretrained(folder))
-
-
-def ids_of(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-
-
-def logprob_last(logits: torch.Tensor, token: int) -> float:
-    return logits[0, -1].log_softmax(-1)[token].item()
 
 
 def select(site: str, pos: int, head: int | None):
