@@ -125,7 +125,7 @@ def record_baselines(experiment: Experiment, plan: Plan):
 
 
 def _recorder(caches: dict, key: CacheKey, examples: torch.Tensor, n: int) -> Callable:
-    def record(act: torch.Tensor) -> None:
+    def record(act: torch.Tensor, start: int = 0) -> None:
         if key not in caches:
             caches[key] = act.new_zeros((n, *act.shape[1:]))
         caches[key][examples.to(act.device)] = act.detach()
@@ -213,7 +213,7 @@ def _replacement(intervention: Intervention, layer: int, examples: torch.Tensor,
 
 
 def _replace(mask: torch.Tensor, value: torch.Tensor | None) -> Callable:
-    def replace(act: torch.Tensor) -> torch.Tensor:
+    def replace(act: torch.Tensor, start: int = 0) -> torch.Tensor:
         m = mask[..., None]
         if value is None:
             return act.masked_fill(m, 0.0)

@@ -31,7 +31,7 @@ class NonFiniteWatch:
             yield self
 
     def _flagger(self, layer: int) -> Callable:
-        def flag(act: torch.Tensor) -> None:
+        def flag(act: torch.Tensor, start: int = 0) -> None:
             self.flags[layer] = (~torch.isfinite(act)).flatten(1).any(1)
         return flag
 
