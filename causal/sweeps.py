@@ -110,15 +110,12 @@ class SweepBuilder:
         return _Part(site.name, swept, coords, windows, extra_names, fixed, info.per_layer)
 
     def site_info(self, site: ast.SiteRef, allowed: tuple[str, ...] | None):
-        if site.name.startswith("module:"):
-            return self.adapter.site_info(site.name, span=site.span, source=self.source)
-        names = self.adapter.site_names
-        if site.name not in names:
-            raise self.error(f"unknown site {site.name!r}; this model ({self.adapter.arch}) has: "
-                             f"{', '.join(names)}, or module(\"path\")", site.span, did_you_mean(site.name, names))
         if allowed is not None and site.name not in allowed:
             raise self.error(f"site {site.name!r} cannot be used here; use one of {', '.join(allowed)}", site.span)
-        return self.adapter.site_info(site.name)
+        try:
+            return self.adapter.site_info(site.name)
+        except CausalError as exc:
+            raise self.error(exc.message, site.span, exc.hint) from None
 
     def indices_of(self, sel: ast.Selector, size: int, site: str) -> list[int]:
         """Layer, head and other model indices, normalised to 0..size-1."""
