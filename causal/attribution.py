@@ -126,7 +126,7 @@ class AttributionRun:
         z = 1 - p + p * delta.exp()
         term = (1 / z - 1) * (weighted - p * pattern_grad) + p * (delta.exp() / z - 1) * pattern_grad
         term = torch.where(p > 0, term, torch.zeros_like(term))
-        per_head = term.sum(1)  # (rows, k, heads): summed over queries
+        per_head = term.sum(1).transpose(1, 2)  # (rows, k, heads): summed over queries
         rows, keys, heads = per_head.shape
         return per_head.view(rows, keys, heads // group, group).sum(-1).float()  # (rows, k, kv heads)
 

@@ -210,9 +210,10 @@ class _Resolver:
         self.check_aligned(node.source, node.base, node.span, "path patching")
         sweep = self.sweep(node.senders, node.base, PATH_SENDERS)
         receivers = None
-        if node.receivers is not None:
-            joint = self.sweep(node.receivers, node.base, PATH_RECEIVERS)
-            receivers = tuple(dict.fromkeys(t for point in joint.points for t in point))
+        if node.receivers is not None:  # one joint set: every selected receiver at once, nothing swept
+            receivers = tuple(dict.fromkeys(t for site in node.receivers
+                                            for point in self.sweep((site,), node.base, PATH_RECEIVERS).points
+                                            for t in point))
         freezing = tuple(self.require_site(FREEZABLE[k], s) if k in FREEZABLE else self._bad_freeze(k, s)
                          for k, s in node.freezing)
         return iv.PathPatch(self.name_for(node, "path", node.senders[0].name, taken), self.statement(node.span),
