@@ -111,8 +111,9 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
             if not optimize:
                 rows.layer.zero_()
                 rows.pos.zero_()
-            chunk.jobs.extend(packer.pack(index, rows))
-        _note_skips(experiment, intervention, plan)
+            jobs = packer.pack(index, rows)
+            _note_skips(intervention, jobs, plan)
+            chunk.jobs.extend(jobs)
     return plan
 
 
@@ -135,13 +136,18 @@ def _record_needs(experiment: Experiment, intervention: iv.Intervention, plan: P
         plan.records[intervention.source] |= keys
 
 
-def _note_skips(experiment: Experiment, intervention: iv.Intervention, plan: Plan) -> None:
+def _note_skips(intervention: iv.Intervention, jobs: list[Job], plan: Plan) -> None:
+    """Which cached block inputs and keys/values the jobs resume from."""
     stream = stream_of(intervention)
-    for job in (j for chunk in plan.chunks for j in chunk.jobs if experiment.interventions[j.intervention] is intervention):
+    for job in jobs:
         if job.start_layer > 0:
             plan.resume_layers[stream].add(job.start_layer)
         if job.start_pos > 0:
             plan.kv_streams.add(stream)
+    if plan.optimize and isinstance(intervention, iv.PathPatch) and intervention.receivers:
+        first = min(layer or 0 for target in intervention.receivers for layer in target.layers)
+        if first > 0:  # the second phase starts at the first receiver
+            plan.resume_layers[stream].add(first)
 
 
 @dataclass

@@ -35,15 +35,18 @@ class Stats:
         return EMBED, Write(where, value, add=True)
 
     def noise(self, trace: iv.Trace, example: int) -> torch.Tensor:
-        """(samples, width, d) Gaussian noise for one example, drawn from a generator seeded per example."""
+        """(samples, width, d) Gaussian noise for one example, at the trace's scale."""
         key = (trace.name, example)
         if key not in self._noise:
-            width = trace.noise.positions.shape[1]
-            generator = torch.Generator().manual_seed(trace.noise.seed * 1_000_003 + example)
-            d = self.experiment.model.adapter.d_model
-            draw = torch.randn((trace.noise.samples, width, d), generator=generator)
-            self._noise[key] = draw * self.noise_scale[trace.name]
+            shape = (trace.noise.samples, trace.noise.positions.shape[1], self.experiment.model.adapter.d_model)
+            self._noise[key] = standard_noise(trace.noise.seed, example, shape) * self.noise_scale[trace.name]
         return self._noise[key]
+
+
+def standard_noise(seed: int, example: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """N(0, 1) draws for one example from a generator seeded by (seed, example): batching cannot change them."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + example)
+    return torch.randn(shape, generator=generator)
 
 
 def compute_stats(experiment: Experiment, run_column: Callable) -> Stats:

@@ -9,6 +9,8 @@ INPUT_SITES = ("resid_pre", "z")  # read as a module's input; the others are mod
 
 
 def module_for(model, site: str, layer: int):
+    if site == "embed":
+        return model.get_input_embeddings()
     if model.config.model_type == "gpt2":
         block = model.transformer.h[layer]
         return {"resid_pre": block, "resid_post": block, "attn_out": block.attn, "mlp_out": block.mlp,
