@@ -11,7 +11,8 @@ from pathlib import Path
 from causal.errors import CausalError
 
 USAGE = """usage:
-  causal run FILE [key=value ...]        run one experiment (keys: seed, device, dtype, batch_size, progress, plots)
+  causal run FILE [key=value ...]        run one experiment (keys: the file's params, or seed, device, dtype,
+                                         batch_size, pack, progress, plots, model, resume, checkpoints)
   causal run -m FILE key=a,b [...]       a Hydra multirun sweep
   causal plot RUN_DIR                    re-make the plots of a finished run
 """
@@ -40,10 +41,24 @@ def _run(args: list[str]) -> int:
     path = Path(files[0])
     if not path.is_file():
         raise CausalError(f"no experiment file {str(path)!r}")
-    overrides = [a for a in rest if "=" in a]
+    overrides = [as_hydra_override(a) for a in rest if "=" in a]
     hydra_argv = [*multirun, f"file={path}", f"hydra.job.name={path.stem}", *overrides]
     from causal.hydra_app import launch
     return launch(hydra_argv)
+
+
+def run_settings() -> set[str]:
+    """The keys of causal/conf/run.yaml: everything else on the command line is an experiment parameter."""
+    from omegaconf import OmegaConf
+    return set(OmegaConf.load(Path(__file__).parent / "conf" / "run.yaml"))
+
+
+def as_hydra_override(argument: str) -> str:
+    """`n=50` -> `+params.n=50` when `n` is not a run setting (`seed=1`, `hydra.*`, `+x=...` pass through)."""
+    key = argument.split("=", 1)[0]
+    if key.startswith(("+", "~", "hydra.", "hydra/", "params.")) or key.split(".")[0] in run_settings():
+        return argument
+    return f"+params.{argument}"
 
 
 def _plot(run_dir: Path) -> int:

@@ -23,7 +23,8 @@ def _task(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
     config = RunConfig(seed=cfg.seed, model=cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                       progress=cfg.progress, checkpoints=cfg.checkpoints if cfg.resume else None,
+                       pack=cfg.pack, params=dict(cfg.params), progress=cfg.progress,
+                       checkpoints=cfg.checkpoints if cfg.resume else None,
                        trust_remote_code=cfg.trust_remote_code, overrides=overrides)
     try:
         dataset = run(cfg.file, config)

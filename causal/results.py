@@ -78,10 +78,17 @@ def _open(path: Path) -> xr.Dataset:
 
 def swept_parameters(datasets: list[xr.Dataset]) -> dict[str, list[str]]:
     """The command-line overrides whose values differ between runs: key -> value per run."""
-    per_run = [dict(_unescape(o).split("=", 1) for o in json.loads(ds.attrs.get("overrides", "[]")) if "=" in o)
+    per_run = [dict(_parameter(o) for o in json.loads(ds.attrs.get("overrides", "[]")) if "=" in o)
                for ds in datasets]
     keys = sorted({k for run in per_run for k in run})
     return {k: [run.get(k, "") for run in per_run] for k in keys if len({run.get(k) for run in per_run}) > 1}
+
+
+def _parameter(override: str) -> tuple[str, str]:
+    """`+params.n=50` -> ("n", "50"): experiment parameters are named as in the file."""
+    key, value = _unescape(override).split("=", 1)
+    key = key.lstrip("+~")
+    return key.removeprefix("params."), value
 
 
 def _unescape(override: str) -> str:
