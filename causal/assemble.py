@@ -38,6 +38,8 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
         variables.append(_labelled(values.numpy(), ["example"], {}, names, several, stream,
                                    {"kind": "baseline", "prompts": stream}))
     dataset = xr.merge(variables, join="outer", combine_attrs="drop")
+    if textual_pos:  # the union of the statements' positions, numbers in order, then names as written
+        dataset = dataset.reindex(pos=_position_order(experiment))
     for variable in variables:
         dataset[variable.name].attrs = variable.attrs
     dataset = dataset.assign_coords(example=np.arange(experiment.n_examples))
@@ -45,6 +47,12 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
         dataset = dataset.assign_coords(_token_coords(experiment, dataset["pos"].values))
     dataset.attrs.update(_provenance(experiment, names, run_info))
     return dataset
+
+
+def _position_order(experiment: Experiment) -> list[str]:
+    values = dict.fromkeys(v for i in experiment.interventions for v in i.sweep.coords.get("pos", []))
+    numbers = sorted(v for v in values if isinstance(v, int))
+    return [str(v) for v in numbers] + [v for v in values if isinstance(v, str)]
 
 
 def metric_labels(experiment: Experiment) -> list[str]:

@@ -1,8 +1,9 @@
 """Tokenized prompt columns, single-token answers, and spans of text located inside prompts.
 
-A column holds either text (tokenized with the model's tokenizer, no special tokens
-added, so runs match a plain HF forward on the same ids) or token ids (generators use
-ids directly, so they work with any vocabulary).
+A column holds either text or token ids (generators use ids directly, so they work with
+any vocabulary). Text is tokenized as the model's tokenizer does by default, special
+tokens included (Llama's BOS, BERT's [CLS] ... [SEP]; GPT-2 adds none), so a run sees
+exactly the ids a plain `model(**tokenizer(text))` would.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None
 def _encode(text: str, tokenizer) -> tuple[list[int], list[tuple[int, int]] | None]:
     """Token ids, and character offsets when the tokenizer is a fast (Rust) one that tracks them."""
     if not getattr(tokenizer, "is_fast", False):
-        return tokenizer(text, add_special_tokens=False)["input_ids"], None
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return tokenizer(text)["input_ids"], None
+    encoded = tokenizer(text, return_offsets_mapping=True)
     return encoded["input_ids"], [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
 
 
