@@ -62,3 +62,32 @@ def test_ablation_singles_out_the_circuit(run):
     # Heads outside the circuit matter far less than the top induction heads.
     others = ~(induction_heads | previous_heads)
     assert drop[others].max() < 0.5 * drop[1, top_layer1].min()
+
+
+def test_attribution_patching_ranks_the_circuit_first_and_agrees_with_exact_patching(run):
+    """Noising with attribution patching: the heads it ranks first are the circuit, and exact patching agrees."""
+    prompts, _ = run
+    induction, previous = attention_scores(prompts)
+    circuit = (induction > 0.5) | (previous > 0.5)
+    path = EXPERIMENT.parent / "induction_attribution.cx"
+    dataset = causal.run(path, causal.RunConfig(device="cpu", progress=False))
+    estimate = effect(dataset, "attribute_z").mean("example").transpose("layer", "head").values
+    exact = effect(dataset, "attribute_z_exact").mean("example").transpose("layer", "head").values
+    top = np.argsort(estimate.reshape(-1))[:4]  # most negative: corrupting them hurts most
+    assert circuit.reshape(-1)[top].all(), "the heads attribution ranks first belong to the circuit"
+    checked = ~np.isnan(exact)
+    assert checked.sum() == 4 and set(np.flatnonzero(checked.reshape(-1))) == set(top)
+    assert (exact[checked] < -0.5).all(), "exactly patched, each of them breaks induction"
+    assert dataset["attribute_z"].attrs["exact_correlation"] > 0.5
+
+
+def test_path_patching_finds_k_composition(run):
+    """The previous-token head reaches the induction heads through their keys, not queries or values."""
+    prompts, _ = run
+    _, previous = attention_scores(prompts)
+    head = int(np.argmax(previous[0]))
+    dataset = causal.run(EXPERIMENT.parent / "induction_path.cx", causal.RunConfig(device="cpu", progress=False))
+    drop = {name: -float(effect(dataset, name).mean("example").sel(layer=0, head=head))
+            for name in ("into_keys", "into_queries", "into_values")}
+    assert drop["into_keys"] > 1.0
+    assert drop["into_keys"] > 10 * max(abs(drop["into_queries"]), abs(drop["into_values"]))

@@ -1,6 +1,8 @@
 """Repeated random tokens: the second copy is predictable only by induction (Olsson et al. 2022)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from causal.data.examples import Examples
@@ -9,11 +11,15 @@ from causal.data.params import Count, Seed
 
 
 @register_generator
-def induction(tokenizer, n: Count = 64, length: Count = 10, seed: Seed = 0) -> Examples:
-    """BOS + random tokens repeated once (`clean`); BOS + the same first half + fresh tokens (`corrupt`).
+def induction(tokenizer, n: Count = 64, length: Count = 10, seed: Seed = 0,
+              fresh: Literal["second", "first"] = "second") -> Examples:
+    """BOS + random tokens repeated once (`clean`); `corrupt` replaces one half with fresh tokens.
 
-    Tokens are drawn from the vocabulary minus special tokens; BOS is prepended when the
-    tokenizer has one, as induction models are trained with it.
+    `fresh=second` (default) keeps the first half, so the corrupt prompt has nothing to
+    repeat; `fresh=first` keeps the second half, so what changes is the earlier copy the
+    induction heads look back at (their keys). Tokens are drawn from the vocabulary minus
+    special tokens; BOS is prepended when the tokenizer has one, as induction models are
+    trained with it.
     """
     gen = torch.Generator().manual_seed(seed)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -24,5 +30,5 @@ def induction(tokenizer, n: Count = 64, length: Count = 10, seed: Seed = 0) -> E
     prefix = torch.tensor(prefix, dtype=torch.long).view(n, -1)
     return Examples({
         "clean": torch.cat([prefix, first, first], 1).tolist(),
-        "corrupt": torch.cat([prefix, first, other], 1).tolist(),
+        "corrupt": torch.cat([prefix, first, other] if fresh == "second" else [prefix, other, first], 1).tolist(),
     })
