@@ -32,6 +32,12 @@ def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
 
 
 def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Path) -> Path:
+    for dim in [d for d in change.dims if d != "example"]:  # the merged Dataset's union of positions, etc.
+        change = change.dropna(dim, how="all")
+    single = [d for d in change.dims if d != "example" and change.sizes[d] == 1]
+    if single:  # a one-value axis is a label, not a plot dimension
+        title += " (" + ", ".join(f"{d}={change[d].values[0]}" for d in single) + ")"
+        change = change.squeeze(single, drop=True)
     mean = change.mean("example")
     swept = [d for d in mean.dims]
     fig, ax = plt.subplots(figsize=_size(mean))
@@ -49,9 +55,12 @@ def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Pat
     elif len(swept) == 1:
         dim = swept[0]
         frame = change.to_dataframe(name="change").reset_index()
-        sns.lineplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), marker="o")
+        if _ordered(change[dim]):  # layers, positions: a line over them
+            sns.lineplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), marker="o")
+            ax.set_xticks(change[dim].values)
+        else:  # heads, neurons, named positions: separate bars
+            sns.barplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), color="tab:blue")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(change[dim].values)
         ax.set_ylabel("change (95% CI over examples)")
     else:
         sns.histplot(change.values, ax=ax)
@@ -61,6 +70,10 @@ def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _ordered(coord: xr.DataArray) -> bool:
+    return coord.name in ("layer", "pos") and np.issubdtype(coord.dtype, np.number)
 
 
 def _labels(dataset: xr.Dataset, dim: str, values) -> list[str]:
@@ -77,4 +90,4 @@ def _labels(dataset: xr.Dataset, dim: str, values) -> list[str]:
 def _size(mean: xr.DataArray) -> tuple[float, float]:
     if mean.ndim < 2:
         return (6, 4)
-    return (min(2 + 0.6 * mean.shape[1], 18), min(1.5 + 0.5 * mean.shape[0], 12))
+    return (min(max(5.0, 2 + 0.6 * mean.shape[1]), 18), min(max(2.5, 1.5 + 0.5 * mean.shape[0]), 12))
