@@ -1,6 +1,7 @@
 """The whole pipeline as one call: file -> parse -> load -> resolve -> compile -> execute -> Dataset."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import xarray as xr
 
 from causal.checkpoint import ChunkStore, fingerprint
 from causal.assemble import assemble
-from causal.compile import PACKING, compile_plan
+from causal.compile import PACKING, Plan, compile_plan
 from causal.errors import CausalError
 from causal.execute import execute
 from causal.lang.parser import parse_file
@@ -31,6 +32,8 @@ class RunConfig:
     pack: str = "auto"  # how jobs share forward passes: auto (cost model) | sites (fill batches) | exact (never merge)
     params: dict = field(default_factory=dict)  # values for the file's `param` declarations
     optimize: bool = True  # False: every row runs the whole model (the reference the fast path is tested against)
+    cache_gb: float | None = None  # memory for cached activations per chunk of examples; None: a quarter of RAM /
+    # half of the free GPU memory
     progress: bool = True
     checkpoints: str | None = None  # folder for resumable chunks; None: no checkpointing
     trust_remote_code: bool = False
@@ -59,9 +62,10 @@ def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
     if config.batch_size < 1:
         raise CausalError(f"batch_size must be at least 1, got {config.batch_size}")
-    plan = compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type,
+    budget = config.cache_gb * 2 ** 30 if config.cache_gb else default_cache_bytes(experiment.model.device)
+    plan = compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type, budget,
                         optimize=config.optimize)
-    store = checkpoint_store(experiment, config) if config.checkpoints else None
+    store = checkpoint_store(experiment, config, plan) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
     dataset = assemble(experiment, raw, info)
@@ -70,8 +74,19 @@ def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
     return dataset
 
 
-def checkpoint_store(experiment: Experiment, config: RunConfig) -> ChunkStore:
-    """Keyed by everything that decides the numbers, so a changed input never reuses old chunks."""
+def default_cache_bytes(device: torch.device) -> float:
+    """Half the free memory of a GPU, a quarter of the machine's RAM otherwise."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2 ** 30
+
+
+def checkpoint_store(experiment: Experiment, config: RunConfig, plan: Plan) -> ChunkStore:
+    """Keyed by everything that decides the numbers and the job numbering, so nothing old is mixed in."""
     parts = {
         "experiment": experiment.file.text,
         "model": experiment.model.ref,
@@ -83,6 +98,8 @@ def checkpoint_store(experiment: Experiment, config: RunConfig) -> ChunkStore:
         "batch_size": config.batch_size,
         "pack": config.pack,
         "optimize": config.optimize,
+        "chunks": [len(chunk.examples) for chunk in plan.chunks],
+        "jobs": len(plan.jobs),
         "params": config.params,
         "causal": package_versions()["causal"],
     }

@@ -92,14 +92,17 @@ def make_streams(experiment: Experiment) -> dict[str, Stream]:
 
 
 def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", device_type: str = "cpu",
-                 chunk_examples: int | None = None, optimize: bool = True) -> Plan:
-    """`optimize=False` is the reference path: every row runs the whole model and all logits."""
+                 cache_bytes: float | None = None, optimize: bool = True) -> Plan:
+    """`optimize=False` is the reference path: every row runs the whole model and all logits.
+
+    `cache_bytes` bounds what the base runs of one chunk of examples keep in memory.
+    """
     streams = make_streams(experiment)
     plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [])
     for intervention in experiment.interventions:
         _record_needs(experiment, intervention, plan)
     n = experiment.n_examples
-    size = chunk_examples or n
+    size = n if cache_bytes is None else max(1, min(n, int(cache_bytes // bytes_per_example(experiment, plan))))
     for start in range(0, n, size):
         plan.chunks.append(Chunk(torch.arange(start, min(start + size, n))))
     packer = Packer(experiment, batch_size, pack, device_type)
@@ -115,6 +118,33 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
             _note_skips(intervention, jobs, plan)
             chunk.jobs.extend(jobs)
     return plan
+
+
+def bytes_per_example(experiment: Experiment, plan: Plan) -> float:
+    """An upper bound on the cache one example costs: recorded sites, block inputs and keys/values."""
+    adapter = experiment.model.adapter
+    element = torch.finfo(experiment.model.dtype).bits // 8
+    width = max(int(p.ids.shape[1]) for p in experiment.prompts.values())
+    kv_width = (adapter.n_kv_heads or 1) * (adapter.d_head or adapter.d_model)
+    per_row = adapter.n_layers * adapter.d_model + (2 * adapter.n_layers * kv_width if adapter.is_causal else 0)
+    total = 0.0
+    for name, stream in plan.streams.items():
+        recorded = sum(_site_width(adapter, site, width) for site, _ in plan.records[name])
+        total += stream.samples * width * (per_row + recorded) * element
+    return max(total, 1.0)
+
+
+def _site_width(adapter, site: str, width: int) -> int:
+    """Numbers per position of a site's activation."""
+    if site in ("z", "q"):
+        return adapter.n_heads * adapter.d_head
+    if site in ("k", "v"):
+        return adapter.n_kv_heads * adapter.d_head
+    if site == "pattern":
+        return adapter.n_heads * width
+    if site == "neuron":
+        return adapter.d_mlp or adapter.d_model
+    return adapter.d_model
 
 
 def _record_needs(experiment: Experiment, intervention: iv.Intervention, plan: Plan) -> None:

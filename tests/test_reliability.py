@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import causal
 from causal import CausalError, RunConfig
-from causal.compile import compile_plan
+from causal.compile import bytes_per_example, compile_plan
 from causal.execute import Executor
 from causal.forward import Runner
 from causal.stats import compute_stats
@@ -66,8 +66,9 @@ def test_changed_experiment_does_not_reuse_old_chunks(write_experiment, tmp_path
     causal.prepare(path, config)
     from causal.api import checkpoint_store
     experiment = causal.prepare(path, config)
-    old = checkpoint_store(experiment, config)
-    for index, job in enumerate(compile_plan(experiment, 4).jobs):  # poison every chunk of the old file
+    plan = compile_plan(experiment, 4)
+    old = checkpoint_store(experiment, config, plan)
+    for index, job in enumerate(plan.jobs):  # poison every chunk of the old file
         old.save(f"job-{index:06d}", torch.full((len(job.examples), 1), 123.0))
     path.write_text(path.read_text().replace("metric logprob(io)", "metric prob(io)"))
     result = causal.run(path, config)
@@ -75,8 +76,8 @@ def test_changed_experiment_does_not_reuse_old_chunks(write_experiment, tmp_path
     assert old.folder.exists() and len(old.completed()) > 0  # left alone, not mixed in
     # ... while the unchanged file would have picked them up:
     other = RunConfig(device="cpu", progress=False, batch_size=4, checkpoints=str(checkpoints), seed=1)
-    assert checkpoint_store(causal.prepare(path, other), other).key != checkpoint_store(
-        causal.prepare(path, config), config).key
+    assert checkpoint_store(causal.prepare(path, other), other, plan).key != checkpoint_store(
+        causal.prepare(path, config), config, plan).key
 
 
 def test_out_of_memory_halves_the_batch_and_says_so(write_experiment, monkeypatch, caplog):
@@ -215,3 +216,16 @@ def test_unwritable_output_and_checkpoint_locations(write_experiment, tmp_path):
         causal.run(write_experiment("metric logprob(io)\nablate mlp_out with zero"),
                    RunConfig(device="cpu", progress=False, checkpoints=str(blocker / "ck")))
     assert isinstance(ds, xr.Dataset)
+
+
+def test_memory_budget_splits_examples_into_chunks_with_the_same_results(write_experiment):
+    path = write_experiment(SWEEP, make_rows(n=9, ragged=True))
+    whole = causal.run(path, RunConfig(device="cpu", progress=False))
+    experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
+    per_example = bytes_per_example(experiment, compile_plan(experiment, 8))
+    budget_gb = 2.5 * per_example / 2 ** 30  # two examples' caches per chunk
+    plan = compile_plan(experiment, 8, cache_bytes=budget_gb * 2 ** 30)
+    assert [len(c.examples) for c in plan.chunks] == [2, 2, 2, 2, 1]
+    chunked = causal.run(path, RunConfig(device="cpu", progress=False, cache_gb=budget_gb))
+    for name in whole.data_vars:
+        np.testing.assert_allclose(chunked[name].values, whole[name].values, atol=1e-5, equal_nan=True)
