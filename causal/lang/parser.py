@@ -14,7 +14,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from causal.errors import CausalError, Span, did_you_mean
 from causal.lang import ast
 
-GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammars" / "causal.lark"
+GRAMMAR_PATH = Path(__file__).parent / "causal.lark"  # a link to grammars/causal.lark, packaged with the code
 
 # Readable names for the grammar's terminals in "expected ..." messages.
 _TERMINAL_NAMES = {

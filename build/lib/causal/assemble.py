@@ -1,0 +1,138 @@
+"""Raw metric tensors -> a labelled xr.Dataset (schema: docs/results.md).
+
+One variable per intervention statement with dims named after what it swept (layer,
+pos, head, ...) plus `example` (and `metric` when there are several); one baseline
+variable per run the statements compare against; token strings as coords; provenance
+in attrs. Per-example values are always kept.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import xarray as xr
+
+from causal import interventions as iv
+from causal.execute import RawResults
+from causal.experiment import Experiment
+from causal.results import package_versions
+
+
+def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Dataset:
+    effects, baselines = normalize(experiment, raw)
+    names = metric_labels(experiment)
+    several = len(names) > 1
+    textual_pos = any(isinstance(v, str) for i in experiment.interventions for v in i.sweep.coords.get("pos", []))
+    variables = []
+    for intervention in experiment.interventions:
+        variables.append(_intervention_array(intervention, intervention.name, effects[intervention.name], names,
+                                             several, textual_pos, raw.notes.get(intervention.name, {})))
+        if isinstance(intervention, iv.Attribute) and intervention.exact_name:
+            variables.append(_intervention_array(intervention, intervention.exact_name,
+                                                 effects[intervention.exact_name], names, several, textual_pos,
+                                                 {"estimated_by": intervention.name}))
+    for stream, values in baselines.items():
+        variables.append(_labelled(values.numpy(), ["example"], {}, names, several, stream,
+                                   {"kind": "baseline", "prompts": stream}))
+    dataset = xr.merge(variables, join="outer", combine_attrs="drop")
+    if textual_pos:  # the union of the statements' positions, numbers in order, then names as written
+        dataset = dataset.reindex(pos=_position_order(experiment))
+    for variable in variables:
+        dataset[variable.name].attrs = variable.attrs
+    dataset = dataset.assign_coords(example=np.arange(experiment.n_examples))
+    if "pos" in dataset.dims:
+        dataset = dataset.assign_coords(_token_coords(experiment, dataset["pos"].values))
+    dataset.attrs.update(_provenance(experiment, names, run_info))
+    return dataset
+
+
+def _position_order(experiment: Experiment) -> list[str]:
+    values = dict.fromkeys(v for i in experiment.interventions for v in i.sweep.coords.get("pos", []))
+    numbers = sorted(v for v in values if isinstance(v, int))
+    return [str(v) for v in numbers] + [v for v in values if isinstance(v, str)]
+
+
+def metric_labels(experiment: Experiment) -> list[str]:
+    return [m.name + (" normalized" if m.normalization else "") for m in experiment.metrics]
+
+
+def normalize(experiment: Experiment, raw: RawResults):
+    """Metrics declared `normalized`: (value - corrupt) / mean(clean - corrupt), per example.
+
+    Dividing by the mean gap (not each example's) keeps single examples with a tiny gap
+    from exploding; the mean over examples is the usual (patched - corrupt) / (clean - corrupt).
+    """
+    effects = {k: v.clone() for k, v in raw.effects.items()}
+    baselines = {k: v.clone() for k, v in raw.baselines.items()}
+    for m, metric in enumerate(experiment.metrics):
+        if metric.normalization is None:
+            continue
+        clean = raw.baselines[metric.normalization.clean][:, m]
+        corrupt = raw.baselines[metric.normalization.corrupt][:, m]
+        gap = float(torch.nanmean(clean - corrupt))
+        for table in (*effects.values(), *baselines.values()):
+            table[..., m] = (table[..., m] - corrupt) / gap
+    return effects, baselines
+
+
+def _intervention_array(intervention: iv.Intervention, name: str, values: torch.Tensor, names: list[str],
+                        several: bool, textual_pos: bool, notes: dict) -> xr.DataArray:
+    sweep = intervention.sweep
+    data = values.numpy().reshape(*sweep.shape, values.shape[1], values.shape[2])
+    coords = {d: [str(v) for v in c] if d == "pos" and textual_pos else list(c) for d, c in sweep.coords.items()}
+    base = intervention.noised_name if isinstance(intervention, iv.Trace) else intervention.base
+    source = getattr(intervention, "source", "") or (intervention.base if isinstance(intervention, iv.Trace) else "")
+    sites = sorted({t.site for point in sweep.points for t in point})
+    attrs = {"kind": "intervention", "method": intervention.method, "site": ",".join(sites), "prompts": base,
+             "source": source, "statement": intervention.statement,
+             **{k: json.dumps(v) if not isinstance(v, (str, int, float)) else v for k, v in notes.items()}}
+    return _labelled(data, [*sweep.dims, "example"], coords, names, several, name, attrs)
+
+
+def _labelled(data, dims, coords, names, several, name, attrs) -> xr.DataArray:
+    if several:
+        return xr.DataArray(data, dims=[*dims, "metric"], coords={**coords, "metric": names}, name=name, attrs=attrs)
+    return xr.DataArray(data[..., 0], dims=dims, coords=coords, name=name, attrs={**attrs, "metric": names[0]})
+
+
+def _token_coords(experiment: Experiment, positions: np.ndarray) -> dict:
+    """`token_<column>` (example, pos): the token each example has at each labelled position."""
+    coords = {}
+    for column, prompts in experiment.prompts.items():
+        table = [[_token_at(experiment, tokens, example, p) for p in positions]
+                 for example, tokens in enumerate(prompts.tokens)]
+        coords[f"token_{column}"] = (("example", "pos"), np.array(table, dtype=object).astype(str))
+    return coords
+
+
+def _token_at(experiment: Experiment, tokens: list[str], example: int, position) -> str:
+    if isinstance(position, str) and not position.lstrip("-").isdigit():
+        indices = experiment.positions.indices[position][example]
+        return " ".join(tokens[i] for i in indices if i < len(tokens))
+    index = int(position)
+    index = index if index >= 0 else len(tokens) + index
+    return tokens[index] if 0 <= index < len(tokens) else ""
+
+
+def _provenance(experiment: Experiment, names: list[str], run_info: dict) -> dict:
+    model = experiment.model
+    return {
+        "experiment": experiment.name,
+        "experiment_file": experiment.file.path,
+        "experiment_text": experiment.file.text,
+        "model": model.ref,
+        "model_revision": model.revision,
+        "model_class": type(model.model).__name__,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device),
+        "metrics": json.dumps(names),
+        "n_examples": experiment.n_examples,
+        "params": json.dumps({p.name: p.value for p in experiment.file.params}),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "versions": json.dumps(package_versions()),
+        **{k: (json.dumps(v) if not isinstance(v, (str, int, float)) else v) for k, v in run_info.items()},
+    }

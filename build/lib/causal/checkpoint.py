@@ -1,0 +1,63 @@
+"""Completed chunks of a run on disk, so a killed run resumes where it stopped.
+
+A checkpoint directory is named by a fingerprint of everything that decides the
+numbers (experiment text, model revision, data, seed, dtype, batch size); a changed
+file, model or setting gets a fresh directory, so old chunks are never mixed in.
+Chunks are safetensors files (no pickle) written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from causal.errors import CausalError
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class ChunkStore:
+    """`completed()` / `load(key)` / `save(key, tensor)` for finished pieces of a run, under root/<fingerprint>/."""
+
+    def __init__(self, root: str | Path, key: str, description: dict):
+        self.folder = Path(root) / key
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            manifest = self.folder / "manifest.json"
+            if not manifest.exists():
+                manifest.write_text(json.dumps(description, indent=2, default=str))
+        except OSError as exc:
+            raise CausalError(f"cannot write checkpoints under {str(root)!r}: {exc.strerror}") from None
+        self.key = key
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def completed(self) -> set[str]:
+        return {p.stem for p in self.folder.glob("*.safetensors")}
+
+    def load(self, key: str) -> torch.Tensor:
+        return load_file(self._path(key))["values"]
+
+    def save(self, key: str, values: torch.Tensor) -> None:
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file({"values": values.contiguous()}, tmp)
+            os.replace(tmp, self._path(key))
+        except OSError as exc:
+            raise CausalError(f"cannot write checkpoint to {str(self.folder)!r}: {exc.strerror}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

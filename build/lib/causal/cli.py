@@ -1,0 +1,73 @@
+"""`causal` command line: `causal run FILE [key=value ...]`, `causal run -m FILE k=a,b`, `causal plot DIR`.
+
+Runs go through Hydra so every run gets its own directory under outputs/ with the
+resolved config, and sweeps (`-m`) use Hydra's launchers.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from causal.errors import CausalError
+
+USAGE = """usage:
+  causal run FILE [key=value ...]        run one experiment (keys: the file's params, or seed, device, dtype,
+                                         batch_size, pack, progress, plots, model, resume, checkpoints)
+  causal run -m FILE key=a,b [...]       a Hydra multirun sweep
+  causal plot RUN_DIR                    re-make the plots of a finished run
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["run"]:
+            return _run(argv[1:])
+        if argv[:1] == ["plot"] and len(argv) == 2:
+            return _plot(Path(argv[1]))
+    except CausalError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(USAGE, file=sys.stderr)
+    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+
+
+def _run(args: list[str]) -> int:
+    multirun = [a for a in args if a in ("-m", "--multirun")]
+    rest = [a for a in args if a not in multirun]
+    files = [a for a in rest if "=" not in a]
+    if len(files) != 1:
+        raise CausalError(f"expected one experiment file, got {files or 'none'}\n{USAGE}")
+    path = Path(files[0])
+    if not path.is_file():
+        raise CausalError(f"no experiment file {str(path)!r}")
+    overrides = [as_hydra_override(a) for a in rest if "=" in a]
+    hydra_argv = [*multirun, f"file={path}", f"hydra.job.name={path.stem}", *overrides]
+    from causal.hydra_app import launch
+    return launch(hydra_argv)
+
+
+def run_settings() -> set[str]:
+    """The keys of causal/conf/run.yaml: everything else on the command line is an experiment parameter."""
+    from omegaconf import OmegaConf
+    return set(OmegaConf.load(Path(__file__).parent / "conf" / "run.yaml"))
+
+
+def as_hydra_override(argument: str) -> str:
+    """`n=50` -> `+params.n=50` when `n` is not a run setting (`seed=1`, `hydra.*`, `+x=...` pass through)."""
+    key = argument.split("=", 1)[0]
+    if key.startswith(("+", "~", "hydra.", "hydra/", "params.")) or key.split(".")[0] in run_settings():
+        return argument
+    return f"+params.{argument}"
+
+
+def _plot(run_dir: Path) -> int:
+    from causal.plot import plot_all
+    from causal.results import load
+    for png in plot_all(load(run_dir), run_dir / "plots"):
+        print(png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Experiment -> Plan: which runs to record, and the batched jobs that apply each intervention.
+
+Where the speed comes from, decided here (the executor just follows the plan):
+- rows of one forward pass carry different (site, example) pairs, so a sweep over k sites
+  needs about k * examples / batch_size forward passes instead of k * examples;
+- a row that only changes layer l and later starts its forward at layer l, from the base
+  run's cached residual stream;
+- a row that only changes position p and later (causal models) reuses the base run's
+  keys and values of positions < p and computes positions >= p only;
+- each prompt column is run once and its activations shared by every statement that reads
+  them; logits are computed only at the positions the metrics read.
+Rows are grouped by where they start (layer, position); neighbouring groups are merged
+when the extra work costs less than the overhead of another forward pass (`pack`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from causal import interventions as iv
+from causal.experiment import Experiment, Target
+
+CacheKey = tuple[str, int | None]  # (site, layer)
+PACKING = ("auto", "sites", "exact")
+
+
+@dataclass
+class Stream:
+    """A way to run the model on the examples: a prompt column, possibly with noised embeddings.
+
+    Stream row r is example r // samples, noise sample r % samples.
+    """
+
+    name: str
+    column: str
+    samples: int = 1
+    trace: iv.Trace | None = None
+
+
+@dataclass
+class Job:
+    """One forward pass: rows of one intervention that start at the same layer and position."""
+
+    intervention: int
+    examples: torch.Tensor  # (rows,)
+    points: torch.Tensor  # (rows,) index into the sweep's points
+    samples: torch.Tensor  # (rows,) noise sample (0 for streams without noise)
+    start_layer: int
+    start_pos: int
+
+
+@dataclass
+class Chunk:
+    """Examples whose base runs are held in memory together, and the jobs that read them."""
+
+    examples: torch.Tensor
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    batch_size: int
+    optimize: bool
+    streams: dict[str, Stream]
+    records: dict[str, set[CacheKey]]  # stream -> activations its base run must keep
+    resume_layers: dict[str, set[int]]  # stream -> layers whose input later jobs start from
+    kv_streams: set[str]  # streams whose keys/values later jobs reuse
+    chunks: list[Chunk]
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [job for chunk in self.chunks for job in chunk.jobs]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(job.examples) for job in self.jobs)
+
+
+def stream_of(intervention: iv.Intervention) -> str:
+    """The stream an intervention's rows run on."""
+    return intervention.noised_name if isinstance(intervention, iv.Trace) else intervention.base
+
+
+def make_streams(experiment: Experiment) -> dict[str, Stream]:
+    streams = {column: Stream(column, column) for column in experiment.prompts}
+    for intervention in experiment.interventions:
+        if isinstance(intervention, iv.Trace):
+            streams[intervention.noised_name] = Stream(intervention.noised_name, intervention.base,
+                                                       intervention.noise.samples, intervention)
+    return streams
+
+
+def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", device_type: str = "cpu",
+                 cache_bytes: float | None = None, optimize: bool = True) -> Plan:
+    """`optimize=False` is the reference path: every row runs the whole model and all logits.
+
+    `cache_bytes` bounds what the base runs of one chunk of examples keep in memory.
+    """
+    streams = make_streams(experiment)
+    plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [])
+    for intervention in experiment.interventions:
+        _record_needs(experiment, intervention, plan)
+    n = experiment.n_examples
+    size = n if cache_bytes is None else max(1, min(n, int(cache_bytes // bytes_per_example(experiment, plan))))
+    for start in range(0, n, size):
+        plan.chunks.append(Chunk(torch.arange(start, min(start + size, n))))
+    packer = Packer(experiment, batch_size, pack, device_type)
+    for index, intervention in enumerate(experiment.interventions):
+        if isinstance(intervention, iv.Attribute):
+            continue  # gradient runs: planned by the executor, one per batch of examples
+        for chunk in plan.chunks:
+            rows = row_starts(experiment, intervention, chunk.examples)
+            if not optimize:
+                rows.layer.zero_()
+                rows.pos.zero_()
+            jobs = packer.pack(index, rows)
+            _note_skips(intervention, jobs, plan)
+            chunk.jobs.extend(jobs)
+    return plan
+
+
+def bytes_per_example(experiment: Experiment, plan: Plan) -> float:
+    """An upper bound on the cache one example costs: recorded sites, block inputs and keys/values."""
+    adapter = experiment.model.adapter
+    element = torch.finfo(experiment.model.dtype).bits // 8
+    width = max(int(p.ids.shape[1]) for p in experiment.prompts.values())
+    kv_width = (adapter.n_kv_heads or 1) * (adapter.d_head or adapter.d_model)
+    per_row = adapter.n_layers * adapter.d_model + (2 * adapter.n_layers * kv_width if adapter.is_causal else 0)
+    total = 0.0
+    for name, stream in plan.streams.items():
+        recorded = sum(_site_width(adapter, site, width) for site, _ in plan.records[name])
+        total += stream.samples * width * (per_row + recorded) * element
+    return max(total, 1.0)
+
+
+def _site_width(adapter, site: str, width: int) -> int:
+    """Numbers per position of a site's activation."""
+    if site in ("z", "q"):
+        return adapter.n_heads * adapter.d_head
+    if site in ("k", "v"):
+        return adapter.n_kv_heads * adapter.d_head
+    if site == "pattern":
+        return adapter.n_heads * width
+    if site == "neuron":
+        return adapter.d_mlp or adapter.d_model
+    return adapter.d_model
+
+
+def _record_needs(experiment: Experiment, intervention: iv.Intervention, plan: Plan) -> None:
+    """Which activations of which base runs the intervention's writes read."""
+    keys = {(t.site, layer) for point in intervention.sweep.points for t in point for layer in t.layers}
+    if isinstance(intervention, iv.Patch):
+        plan.records[intervention.source] |= keys
+    elif isinstance(intervention, iv.Ablate) and intervention.how == "resample":
+        plan.records[intervention.reference] |= keys
+    elif isinstance(intervention, iv.Trace):
+        plan.records[intervention.base] |= keys
+        layers = range(experiment.model.adapter.n_layers)
+        plan.records[intervention.noised_name] |= {(site, l) for site in intervention.severing for l in layers}
+    elif isinstance(intervention, iv.PathPatch):
+        plan.records[intervention.source] |= keys
+        frozen = {(site, l) for site in ("z", *intervention.freezing) for l in range(experiment.model.adapter.n_layers)}
+        plan.records[intervention.base] |= frozen
+    elif isinstance(intervention, iv.Attribute):
+        plan.records[intervention.source] |= keys
+
+
+def _note_skips(intervention: iv.Intervention, jobs: list[Job], plan: Plan) -> None:
+    """Which cached block inputs and keys/values the jobs resume from."""
+    stream = stream_of(intervention)
+    for job in jobs:
+        if job.start_layer > 0:
+            plan.resume_layers[stream].add(job.start_layer)
+        if job.start_pos > 0:
+            plan.kv_streams.add(stream)
+    if plan.optimize and isinstance(intervention, iv.PathPatch) and intervention.receivers:
+        first = min(layer or 0 for target in intervention.receivers for layer in target.layers)
+        if first > 0:  # the second phase starts at the first receiver
+            plan.resume_layers[stream].add(first)
+
+
+@dataclass
+class RowStarts:
+    """Every (point, example[, sample]) row of an intervention, with where its forward may start."""
+
+    examples: torch.Tensor
+    points: torch.Tensor
+    samples: torch.Tensor
+    layer: torch.Tensor
+    pos: torch.Tensor
+
+
+def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: torch.Tensor) -> RowStarts:
+    """Rows whose positions exist in their prompt; a row starts at its first changed layer and position."""
+    adapter = experiment.model.adapter
+    prompts = experiment.prompts[intervention.base]
+    lengths = prompts.lengths[examples]
+    read_from = first_read_position(experiment, intervention.base)[examples]
+    causal = adapter.is_causal and not isinstance(intervention, (iv.PathPatch, iv.Attribute))
+    per_point = []
+    for index, point in enumerate(intervention.sweep.points):
+        valid = torch.ones(len(examples), dtype=torch.bool)
+        first = read_from.clone()
+        for target in point:
+            where, ok = target_first_position(experiment, target, examples, lengths)
+            valid &= ok
+            first = torch.minimum(first, where)
+        layer = min((l or 0) for t in point for l in t.layers) if point else 0
+        pos = first if causal else torch.zeros_like(first)
+        keep = valid.nonzero()[:, 0]
+        per_point.append((torch.full((len(keep),), index), examples[keep], torch.full((len(keep),), layer),
+                          pos[keep]))
+    points, rows_examples, layers, positions = (torch.cat(parts) for parts in zip(*per_point))
+    samples = intervention.noise.samples if isinstance(intervention, iv.Trace) else 1
+    sample_ids = torch.arange(samples).repeat(len(points))
+    expand = lambda t: t.repeat_interleave(samples)  # noqa: E731
+    return RowStarts(expand(rows_examples), expand(points), sample_ids, expand(layers), expand(positions))
+
+
+def first_read_position(experiment: Experiment, column: str) -> torch.Tensor:
+    """(examples,) the first position any metric reads in each prompt of `column`."""
+    masks = [m.positions[column] for m in experiment.metrics if column in m.positions]
+    if not masks or any(m.kind == "similarity" for m in experiment.metrics):
+        return torch.zeros(experiment.n_examples, dtype=torch.long)
+    union = torch.stack(masks).any(0)
+    return union.float().argmax(1)  # first True
+
+
+def target_first_position(experiment: Experiment, target: Target, examples: torch.Tensor,
+                          lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first position the target writes, whether the example has that position) per example."""
+    if target.pos is None:
+        return torch.zeros_like(lengths), torch.ones_like(lengths, dtype=torch.bool)
+    if isinstance(target.pos, str):
+        first = torch.tensor([min(experiment.positions.indices[target.pos][int(e)]) for e in examples])
+        return first, torch.ones_like(lengths, dtype=torch.bool)
+    absolute = lengths + target.pos if target.pos < 0 else torch.full_like(lengths, target.pos)
+    ok = (absolute >= 0) & (absolute < lengths)
+    return absolute.clamp(min=0), ok
+
+
+class Packer:
+    """Groups rows into jobs: same start (layer, position), merged while that is cheaper than a forward.
+
+    Cost of a job, in token-layers: rows * (layers computed) * (positions computed), plus
+    the fixed overhead of one forward pass, estimated from the model size and the device.
+    """
+
+    def __init__(self, experiment: Experiment, batch_size: int, pack: str, device_type: str):
+        self.batch_size, self.mode = batch_size, pack
+        adapter = experiment.model.adapter
+        self.n_layers = adapter.n_layers
+        self.width = max(int(p.ids.shape[1]) for p in experiment.prompts.values())
+        self.overhead = call_overhead(adapter.d_model, device_type) if pack == "auto" else (
+            float("inf") if pack == "sites" else 0.0)
+
+    def cost(self, rows: int, layer: int, pos: int) -> float:
+        return rows * (self.n_layers - layer) * (self.width - pos)
+
+    def pack(self, intervention: int, rows: RowStarts) -> list[Job]:
+        order = torch.argsort(rows.layer * (self.width + 1) + rows.pos, stable=True)
+        keys = torch.stack([rows.layer[order], rows.pos[order]], 1)
+        groups = torch.unique_consecutive(keys, dim=0, return_counts=True)[1].tolist()
+        jobs, start = [], 0
+        current: list[int] = []  # row indices (into order) of the job being filled
+        for count in groups:
+            group = list(range(start, start + count))
+            start += count
+            if current and self._merge_pays(keys, current, group):
+                current += group
+            else:
+                jobs += self._cut(intervention, rows, order, keys, current)
+                current = group
+        jobs += self._cut(intervention, rows, order, keys, current)
+        return jobs
+
+    def _merge_pays(self, keys: torch.Tensor, current: list[int], group: list[int]) -> bool:
+        if len(current) + len(group) > self.batch_size:
+            return len(current) < self.batch_size and self.mode == "sites"
+        layer_a, pos_a = int(keys[current, 0].min()), int(keys[current, 1].min())
+        layer_b, pos_b = int(keys[group[0], 0]), int(keys[group[0], 1])
+        merged = self.cost(len(current) + len(group), min(layer_a, layer_b), min(pos_a, pos_b))
+        separate = self.cost(len(current), layer_a, pos_a) + self.cost(len(group), layer_b, pos_b) + self.overhead
+        return merged <= separate
+
+    def _cut(self, intervention: int, rows: RowStarts, order: torch.Tensor, keys: torch.Tensor,
+             members: list[int]) -> list[Job]:
+        jobs = []
+        for start in range(0, len(members), self.batch_size):
+            chosen = members[start:start + self.batch_size]
+            index = order[chosen]
+            jobs.append(Job(intervention, rows.examples[index], rows.points[index], rows.samples[index],
+                            int(keys[chosen, 0].min()), int(keys[chosen, 1].min())))
+        return jobs
+
+
+def call_overhead(d_model: int, device_type: str) -> float:
+    """The fixed cost of one more forward pass, in token-layers of this model.
+
+    About 3 ms of Python and kernel launches per call; a token-layer costs ~24 d^2
+    FLOPs; a CPU does ~5e10 FLOP/s, a GPU ~1e14.
+    """
+    flops_per_token_layer = 24 * d_model ** 2
+    throughput = 1e14 if device_type == "cuda" else 5e10
+    return 3e-3 * throughput / flops_per_token_layer

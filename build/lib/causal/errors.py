@@ -1,0 +1,57 @@
+"""The one error type users see, with the source location it concerns."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a construct stands in an experiment file (1-based line and column)."""
+
+    file: str
+    line: int
+    column: int
+    end_line: int | None = None
+    end_column: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+class CausalError(Exception):
+    """Raised for every user-facing failure: bad experiment file, data, model or environment.
+
+    With a span and the source text, the message shows file:line:col, the offending
+    line and a caret under the column, so the user can act without a traceback.
+    """
+
+    def __init__(self, message: str, span: Span | None = None, source: str | None = None,
+                 hint: str | None = None):
+        self.message = message
+        self.span = span
+        self.source = source
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        parts = [f"{self.span}: error: {self.message}" if self.span else f"error: {self.message}"]
+        if self.span and self.source is not None:
+            lines = self.source.splitlines()
+            if 1 <= self.span.line <= len(lines):
+                text = lines[self.span.line - 1]
+                width = 1
+                if self.span.end_line == self.span.line and self.span.end_column:
+                    width = max(1, self.span.end_column - self.span.column)
+                parts.append(f"    {text}")
+                parts.append("    " + " " * (self.span.column - 1) + "^" * width)
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """The closest valid name, phrased for a hint, or None when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}?" if close else None

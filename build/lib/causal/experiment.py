@@ -1,0 +1,85 @@
+"""The resolved experiment: what the resolver hands to the compiler, every name and index checked.
+
+Indices here are final: layers and heads are 0-based and in range; positions are either
+an integer (negative counts from each prompt's end), a named position (resolved per
+example), or None for every position of the prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from causal.data import Examples, Prompts
+from causal.lang import ast
+from causal.models import LoadedModel
+
+Position = int | str | None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One site to intervene on in a forward row: a site at some layers, a position, and a slice of its extra dims."""
+
+    site: str
+    layers: tuple[int | None, ...]  # (None,) for sites without layers (embed)
+    pos: Position
+    extra: tuple[tuple[int, ...] | None, ...] = ()  # per extra dim of the site (head, neuron, ...): indices or all
+
+
+@dataclass
+class Sweep:
+    """Points of an intervention, row-major over `dims`; each point is the targets applied together."""
+
+    dims: tuple[str, ...]
+    coords: dict[str, list]
+    points: list[tuple[Target, ...]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(self.coords[d]) for d in self.dims)
+
+
+@dataclass
+class Metric:
+    name: str  # label, e.g. "logit_diff(io, s)"
+    kind: str
+    answers: tuple[torch.Tensor, ...]  # per answer column, (examples,) token ids
+    next_token: bool
+    reference: str | None  # prompt column whose unpatched output kl/similarity compare against
+    positions: dict[str, torch.Tensor]  # base column -> (examples, width) bool mask of positions read
+    normalization: ast.Normalization | None = None
+
+
+@dataclass
+class NamedPositions:
+    """Named positions per example, located in the anchor column's prompts."""
+
+    anchor: str | None
+    indices: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # name -> per example
+    lengths: torch.Tensor | None = None  # the anchor prompts' lengths, to check other prompts line up
+
+    def mask(self, name: str, width: int) -> torch.Tensor:
+        """(examples, width) bool: where `name` falls in each example."""
+        rows = self.indices[name]
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for example, positions in enumerate(rows):
+            mask[example, list(positions)] = True
+        return mask
+
+
+@dataclass
+class Experiment:
+    file: ast.ExperimentFile
+    name: str
+    model: LoadedModel
+    examples: Examples
+    prompts: dict[str, Prompts]
+    positions: NamedPositions
+    metrics: list[Metric]
+    interventions: list  # causal.interventions.Intervention
+    seed: int = 0
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.examples)

@@ -1,0 +1,152 @@
+"""One forward pass of the unmodified HF model, whole or resumed part-way.
+
+Resuming is how sweeps skip work (see causal.compile): blocks below `start_layer` are
+swapped, for the duration of the call, for stand-ins that return the base run's cached
+residual stream; positions below `start_pos` are not recomputed at all, their keys and
+values come from the base run's cache through HF's own `past_key_values`. Everything
+else (masks, position ids, rotary embeddings, the blocks from `start_layer` on) is the
+model's own forward.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from causal.models import LoadedModel
+
+ActivationFn = Callable[[torch.Tensor, int], torch.Tensor | None]
+
+
+@dataclass
+class Resume:
+    """Where a forward starts and what it starts from (rows of the base run's cache)."""
+
+    layer: int = 0
+    pos: int = 0
+    hidden: torch.Tensor | None = None  # (rows, seq - pos, d): input of block `layer` at positions >= pos
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, positions < pos
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor | None  # (rows, k, vocab) at the read positions
+    hidden: torch.Tensor | None  # (rows, seq, d) final hidden states (encoders)
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer, when recorded
+
+
+class _Replay(nn.Module):
+    """Stands in for a skipped block: returns the residual stream the real block produced."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+class Runner:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.adapter = loaded.adapter
+        self.blocks_return_tuple: bool | None = None
+        self.lm_head = self.model.get_output_embeddings() if loaded.head == "lm" else None
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, hooks: dict[tuple, ActivationFn],
+                resume: Resume | None = None, read: torch.Tensor | None = None, record_kv: bool = False,
+                grad: bool = False) -> Output:
+        """`read`: (rows, k) absolute positions whose logits to compute (lm models)."""
+        resume = resume or Resume()
+        device = self.loaded.device
+        ids, attention_mask = ids.to(device), attention_mask.to(device)
+        cache = self._prefix_cache(resume.keys_values) if resume.pos else None
+        if record_kv and cache is None:
+            cache = DynamicCache(config=self.model.config)
+        kwargs = {"input_ids": ids[:, resume.pos:], "attention_mask": attention_mask}
+        if cache is not None:
+            kwargs.update(past_key_values=cache, use_cache=True)
+        elif self.adapter.is_causal:
+            kwargs["use_cache"] = False
+        context = torch.enable_grad() if grad else torch.inference_mode()
+        with context, self.adapter.hooks(hooks, start=resume.pos), self._skipping(resume), \
+                self._reading(read, resume.pos):
+            out = self.model(**kwargs)
+        if self.lm_head is None:
+            return Output(None, out.last_hidden_state, None)
+        logits = out.logits
+        recorded = [(layer.keys, layer.values) for layer in out.past_key_values.layers] if record_kv else None
+        return Output(logits, None, recorded)
+
+    def _prefix_cache(self, keys_values) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in enumerate(keys_values):
+            cache.update(keys, values, layer)
+        return cache
+
+    @contextmanager
+    def _skipping(self, resume: Resume) -> Iterator[None]:
+        if resume.layer == 0:
+            yield
+            return
+        blocks = self.adapter.blocks
+        real = [blocks[i] for i in range(resume.layer)]
+        stand_in = _Replay(resume.hidden, bool(self.blocks_return_tuple))
+        try:
+            for i in range(resume.layer):
+                blocks[i] = stand_in
+            yield
+        finally:
+            for i, block in enumerate(real):
+                blocks[i] = block
+
+    @contextmanager
+    def _reading(self, read: torch.Tensor | None, start: int) -> Iterator[None]:
+        """Apply the unembedding only at the read positions (it is a large share of a small model's cost).
+
+        The model's own forward still does whatever follows the unembedding (e.g. Gemma's soft-capping).
+        """
+        if read is None or self.lm_head is None:
+            yield
+            return
+        index = (read - start).clamp(min=0).to(self.loaded.device)
+
+        def gather(_module, args):
+            hidden = args[0]
+            return (hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+        with _temporary_pre_hook(self.lm_head, gather):
+            yield
+
+    def note_block_output(self) -> "contextmanager":
+        """During a whole forward, learn whether blocks return a tuple (stand-ins must match)."""
+        if self.blocks_return_tuple is not None:
+            return nullcontext()
+
+        def seen(_module, _args, output):
+            self.blocks_return_tuple = isinstance(output, tuple)
+
+        return _temporary_hook(self.adapter.blocks[0], seen)
+
+
+@contextmanager
+def _temporary_pre_hook(module: nn.Module, fn) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _temporary_hook(module: nn.Module, fn) -> Iterator[None]:
+    handle = module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()

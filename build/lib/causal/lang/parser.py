@@ -1,0 +1,445 @@
+"""Experiment text -> ExperimentFile, or a CausalError pointing at the offending text.
+
+Parameters (`param n = 200`) are substituted here, after command-line overrides are
+applied, so later stages only ever see plain values.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from causal.errors import CausalError, Span, did_you_mean
+from causal.lang import ast
+
+GRAMMAR_PATH = Path(__file__).parent / "causal.lark"  # a link to grammars/causal.lark, packaged with the code
+
+# Readable names for the grammar's terminals in "expected ..." messages.
+_TERMINAL_NAMES = {
+    "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'", "COMMA": "','", "LBRACE": "'{'",
+    "RBRACE": "'}'", "EQUAL": "'='", "STAR": "'*'", "DOT": "'.'", "PLUS": "'+'", "MINUS": "'-'",
+    "NAME": "a name", "STRING": 'a "string"', "INT": "an integer", "SIGNED_INT": "an integer",
+    "SIGNED_NUMBER": "a number", "POSITION_FN": "first(...), last(...) or span(...)", "SIGMA": "'sigma'",
+    "LOGITS": "'logits'", "__ANON_0": "'..'", "__ANON_1": "'->'",
+}
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(GRAMMAR_PATH.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def parse_file(path: str | Path, params: dict[str, object] | None = None) -> ast.ExperimentFile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CausalError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CausalError(f"experiment file {str(path)!r} is not UTF-8 text") from None
+    return parse_text(text, str(path), params)
+
+
+def parse_text(text: str, path: str = "<experiment>", params: dict[str, object] | None = None) -> ast.ExperimentFile:
+    """`params` override the file's `param` declarations (e.g. from `causal run file.cx n=50`)."""
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, text, path) from None
+    values = _parameters(tree, text, path, params or {})
+    try:
+        statements = _ToAst(path, text, values).transform(tree).children
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, CausalError):
+            raise exc.orig_exc from None
+        raise
+    return _assemble(statements, text, path)
+
+
+def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CausalError:
+    line, column = max(exc.line, 1), max(exc.column, 1)
+    if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
+        found = "end of file"
+        lines = text.rstrip().splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    elif isinstance(exc, UnexpectedToken):
+        found = repr(str(exc.token))
+    elif isinstance(exc, UnexpectedCharacters):
+        found = repr(text[exc.pos_in_stream]) if exc.pos_in_stream < len(text) else "end of file"
+    else:
+        found = "this"
+    expected = set(getattr(exc, "expected", None) or ()) or set(getattr(exc, "allowed", None) or ())
+    message = f"syntax error: unexpected {found}"
+    if expected:
+        message += "; expected " + ", ".join(sorted({_TERMINAL_NAMES.get(t, _keyword(t)) for t in expected}))
+    return CausalError(message, Span(path, line, column), text)
+
+
+def _keyword(terminal: str) -> str:
+    """Lark names a keyword's terminal after the keyword itself, in upper case."""
+    return f"'{terminal.lower()}'" if terminal.isalpha() else terminal
+
+
+def _span(path: str, meta_or_token) -> Span:
+    return Span(path, meta_or_token.line, meta_or_token.column,
+                getattr(meta_or_token, "end_line", None), getattr(meta_or_token, "end_column", None))
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+def _parameters(tree: Tree, text: str, path: str, overrides: dict[str, object]) -> dict[str, object]:
+    """The file's declared parameters with overrides applied, each keeping its declared type."""
+    declared: dict[str, tuple[object, Span]] = {}
+    for stmt in tree.children:
+        if isinstance(stmt, Tree) and stmt.data == "param_stmt":
+            name_token, literal = stmt.children
+            span = _span(path, name_token)
+            if str(name_token) in declared:
+                raise CausalError(f"parameter {str(name_token)!r} is declared twice", span, text)
+            declared[str(name_token)] = (_literal_value(literal), span)
+    values = {name: value for name, (value, _) in declared.items()}
+    for name, raw in overrides.items():
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise CausalError(f"unknown parameter {name!r} on the command line; {path} declares: {known}",
+                              hint=did_you_mean(name, declared))
+        values[name] = _convert(name, raw, declared[name][0])
+    return values
+
+
+def _literal_value(tree: Tree):
+    token = tree.children[0]
+    if tree.data == "number":
+        return _number(str(token))
+    if tree.data == "string":
+        return str(token)[1:-1]
+    return str(token)
+
+
+def _number(text: str) -> int | float:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _convert(name: str, raw: object, default: object) -> object:
+    """Command-line values arrive as text (or as Hydra's guess); keep the declared type."""
+    try:
+        if isinstance(default, bool) or isinstance(default, str):
+            return str(raw)
+        if isinstance(default, int):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
+        return float(raw)
+    except (TypeError, ValueError):
+        kind = type(default).__name__
+        raise CausalError(f"parameter {name!r} must be {'an' if kind == 'int' else 'a'} {kind} "
+                          f"(its default is {default!r}), got {raw!r}") from None
+
+
+# --- tree -> AST -----------------------------------------------------------------------------
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Builds AST nodes bottom-up; statements come out as (kind, node, span) triples."""
+
+    def __init__(self, path: str, text: str, params: dict[str, object]):
+        super().__init__()
+        self.path, self.text, self.params = path, text, params
+
+    def _s(self, item) -> Span:
+        return _span(self.path, item)
+
+    def _error(self, message: str, item, hint: str | None = None) -> CausalError:
+        return CausalError(message, self._s(item), self.text, hint)
+
+    def _param(self, token: Token, kinds: tuple[type, ...], what: str):
+        name = str(token)
+        if name not in self.params:
+            raise self._error(f"{name!r} is not a parameter; {what}", token,
+                              hint=did_you_mean(name, self.params) or "declare it with: param "
+                                   f"{name} = ...")
+        value = self.params[name]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise self._error(f"parameter {name!r} is {value!r}, but {what}", token)
+        return value
+
+    # values
+    def number(self, meta, items):
+        return _number(str(items[0]))
+
+    def string(self, meta, items):
+        return str(items[0])[1:-1]
+
+    def word(self, meta, items):
+        name = str(items[0])
+        return self.params.get(name, name)
+
+    def int_value(self, meta, items):
+        return int(items[0])
+
+    def name_value(self, meta, items):
+        return self._param(items[0], (int,), "a whole number is needed here")
+
+    def kwarg(self, meta, items):
+        return (str(items[0]), items[1], self._s(meta))
+
+    # index sets
+    def int_index(self, meta, items):
+        return int(items[0])
+
+    def name_index(self, meta, items):
+        token = items[0]
+        if str(token) in self.params:
+            return self._param(token, (int,), "an index must be a whole number")
+        return ast.Name(str(token), self._s(token))
+
+    def all_indices(self, meta, _):
+        return ast.AllIndices(self._s(meta))
+
+    def index_range(self, meta, items):
+        return ast.IndexRange(items[0], items[1], self._s(meta))
+
+    def single_index(self, meta, items):
+        return ast.SingleIndex(items[0], self._s(meta))
+
+    def index_list(self, meta, items):
+        return ast.IndexList(tuple(items), self._s(meta))
+
+    # sites
+    def window(self, meta, items):
+        if items[0] < 1:
+            raise self._error(f"a window must cover at least one layer, got {items[0]}", meta)
+        return ("window", items[0])
+
+    def selector(self, meta, items):
+        window = items[2][1] if len(items) > 2 and items[2] else None
+        return ast.Selector(str(items[0]), items[1], window, self._s(meta))
+
+    def selectors(self, meta, items):
+        return tuple(items)
+
+    def named_site(self, meta, items):
+        return ast.SiteRef(str(items[0]), items[1] if len(items) > 1 else (), self._s(meta))
+
+    def module_site(self, meta, items):
+        path = str(items[0])[1:-1]
+        if not path:
+            raise self._error("module(\"...\") needs a module path, e.g. module(\"transformer.h.{layer}.mlp\")", meta)
+        return ast.SiteRef(f"module:{path}", items[1] if len(items) > 1 else (), self._s(meta))
+
+    def sites(self, meta, items):
+        return tuple(i for i in items if isinstance(i, ast.SiteRef))
+
+    # clauses
+    def limit(self, meta, items):
+        return ("limit", items[0])
+
+    def label(self, meta, items):
+        return ("label", str(items[0]), self._s(items[0]))
+
+    def on_clause(self, meta, items):
+        return ("on", str(items[0]), self._s(items[0]))
+
+    def over_clause(self, meta, items):
+        return ("over", str(items[0]), self._s(items[0]))
+
+    def at_clause(self, meta, items):
+        return ("at", items[0])
+
+    def normalized(self, meta, items):
+        names = [str(t) for t in items if t is not None]
+        clean, corrupt = names if names else ("clean", "corrupt")
+        return ("normalized", ast.Normalization(clean, corrupt, self._s(meta)))
+
+    def sever(self, meta, items):
+        return ("severing", tuple((str(t), self._s(t)) for t in items))
+
+    def freeze(self, meta, items):
+        return ("freezing", tuple((str(t), self._s(t)) for t in items))
+
+    def verify(self, meta, items):
+        if items[0] < 1:
+            raise self._error(f"verify top needs at least 1 site, got {items[0]}", meta)
+        return ("verify", items[0])
+
+    def noise(self, meta, items):
+        scale = items[0]
+        relative = any(isinstance(i, Token) and i.type == "SIGMA" for i in items[1:])
+        options = tuple(i for i in items[1:] if isinstance(i, tuple))
+        return ast.Noise(float(scale), relative, options, self._s(meta))
+
+    def offset(self, meta, items):
+        sign = -1 if str(items[0]) == "-" else 1
+        return sign * int(items[1])
+
+    # steering expressions
+    def param_ref(self, meta, items):
+        return self._param(items[0], (int, float), "a number is needed here")
+
+    def mean_of(self, meta, items):
+        return ast.MeanOf(str(items[0]), items[1] if len(items) > 1 else None, self._s(meta))
+
+    def add(self, meta, items):
+        return ast.BinaryOp("+", items[0], items[2], self._s(meta))
+
+    def sub(self, meta, items):
+        return ast.BinaryOp("-", items[0], items[2], self._s(meta))
+
+    def mul(self, meta, items):
+        return ast.BinaryOp("*", items[0], items[1], self._s(meta))
+
+    def neg(self, meta, items):
+        return ast.BinaryOp("*", -1, items[1], self._s(meta))
+
+    # statements
+    def experiment_stmt(self, meta, items):
+        return ("experiment", str(items[0]), self._s(meta))
+
+    def model_stmt(self, meta, items):
+        return ("model", ast.ModelDecl(str(items[0])[1:-1], self._s(items[0])), self._s(meta))
+
+    def param_stmt(self, meta, items):
+        return ("param", ast.ParamDecl(str(items[0]), self.params[str(items[0])], self._s(meta)), self._s(meta))
+
+    def data_file(self, meta, items):
+        limit = items[1][1] if len(items) > 1 and items[1] else None
+        return ("data", ast.DataFile(str(items[0])[1:-1], limit, self._s(meta)), self._s(meta))
+
+    def data_generator(self, meta, items):
+        kwargs = tuple(i for i in items[1:] if isinstance(i, tuple) and len(i) == 3)
+        limit = next((i[1] for i in items[1:] if isinstance(i, tuple) and len(i) == 2), None)
+        return ("data", ast.DataGenerator(str(items[0]), kwargs, limit, self._s(meta)), self._s(meta))
+
+    def positions_stmt(self, meta, items):
+        anchor = next(((str(t), self._s(t)) for t in items if isinstance(t, Token)), None)
+        return ("positions", (anchor, tuple(i for i in items if isinstance(i, ast.PositionDef))), self._s(meta))
+
+    def fixed_position(self, meta, items):
+        return (None, None, int(items[0]))
+
+    def anchored_position(self, meta, items):
+        return (str(items[0]), str(items[1]), items[2] if len(items) > 2 and items[2] is not None else 0)
+
+    def position_def(self, meta, items):
+        anchor, column, offset = items[1]
+        return ast.PositionDef(str(items[0]), anchor, column, offset, self._s(meta))
+
+    def metric_stmt(self, meta, items):
+        clauses = dict(i for i in items[1:] if isinstance(i, tuple))
+        args = tuple((str(t), self._s(t)) for t in items[1:] if isinstance(t, Token))
+        node = ast.MetricDecl(str(items[0]), args, clauses.get("at"), clauses.get("normalized"), self._s(meta))
+        return ("metric", node, self._s(meta))
+
+    def _clauses(self, items) -> dict[str, tuple]:
+        return {i[0]: i[1:] for i in items if isinstance(i, tuple)}
+
+    def patch_stmt(self, meta, items):
+        sites, source, base = items[0], items[1], items[2]
+        label = self._clauses(items[3:]).get("label", (None,))[0]
+        node = ast.Patch(sites, str(source), str(base), label, self._s(meta), self._s(source), self._s(base))
+        return ("intervention", node, self._s(meta))
+
+    def ablate_stmt(self, meta, items):
+        sites, method = items[0], items[1]
+        c = self._clauses(items[2:])
+        over, on = c.get("over", (None, None)), c.get("on", (None, None))
+        node = ast.Ablate(sites, str(method), over[0], on[0], c.get("label", (None,))[0], self._s(meta),
+                          self._s(method), over[1], on[1])
+        return ("intervention", node, self._s(meta))
+
+    def steer_stmt(self, meta, items):
+        c = self._clauses(items[2:])
+        on = c.get("on", (None, None))
+        node = ast.Steer(items[0], items[1], on[0], c.get("label", (None,))[0], self._s(meta), on[1])
+        return ("intervention", node, self._s(meta))
+
+    def trace_stmt(self, meta, items):
+        noise, noised, sites = items[0], items[1], items[2]
+        c = self._clauses(items[3:])
+        on = c.get("on", (None, None))
+        node = ast.Trace(noise, noised, sites, c.get("severing", ((),))[0], on[0], c.get("label", (None,))[0],
+                         self._s(meta), on[1])
+        return ("intervention", node, self._s(meta))
+
+    def path_stmt(self, meta, items):
+        senders, receivers, source, base = items[0], items[1], items[2], items[3]
+        c = self._clauses(items[4:])
+        receivers = None if isinstance(receivers, Token) else receivers
+        node = ast.PathPatch(senders, receivers, str(source), str(base), c.get("freezing", ((),))[0],
+                             c.get("label", (None,))[0], self._s(meta), self._s(source), self._s(base))
+        return ("intervention", node, self._s(meta))
+
+    def attribute_stmt(self, meta, items):
+        sites, source, base = items[0], items[1], items[2]
+        c = self._clauses(items[3:])
+        node = ast.Attribute(sites, str(source), str(base), c.get("verify", (None,))[0],
+                             c.get("label", (None,))[0], self._s(meta), self._s(source), self._s(base))
+        return ("intervention", node, self._s(meta))
+
+
+def _assemble(statements: list, text: str, path: str) -> ast.ExperimentFile:
+    singles: dict[str, tuple] = {}
+    metrics, interventions, params, positions = [], [], [], []
+    anchor: tuple[str, Span] | None = None
+    for kind, node, span in statements:
+        if kind == "metric":
+            metrics.append(node)
+        elif kind == "intervention":
+            interventions.append(node)
+        elif kind == "param":
+            params.append(node)
+        elif kind == "positions":
+            if node[0] is not None and anchor is not None and node[0][0] != anchor[0]:
+                raise CausalError(f"positions are located in {anchor[0]!r} (line {anchor[1].line}); one anchor "
+                                  "column per experiment", node[0][1], text)
+            anchor = node[0] or anchor
+            positions.extend(node[1])
+        elif kind in singles:
+            first = singles[kind][1]
+            raise CausalError(f"'{kind}' is declared twice (first at line {first.line})", span, text)
+        else:
+            singles[kind] = (node, span)
+    _check_unique_positions(positions, params, text)
+    start = Span(path, 1, 1)
+    for required in ("model", "data"):
+        if required not in singles:
+            raise CausalError(f"the experiment has no '{required}' statement", start, text,
+                              hint=f"add a line such as: {_EXAMPLES[required]}")
+    if not metrics:
+        raise CausalError("the experiment has no 'metric' statement", start, text,
+                          hint=f"add a line such as: {_EXAMPLES['metric']}")
+    if not interventions:
+        raise CausalError("the experiment has no intervention (patch, ablate, steer, trace, path or attribute)",
+                          start, text, hint=f"add a line such as: {_EXAMPLES['intervention']}")
+    return ast.ExperimentFile(
+        path=path, text=text,
+        name=singles["experiment"][0] if "experiment" in singles else None,
+        model=singles["model"][0], data=singles["data"][0], params=tuple(params), positions=tuple(positions),
+        positions_in=anchor,
+        metrics=tuple(metrics), interventions=tuple(interventions), span=start,
+    )
+
+
+def _check_unique_positions(positions: list[ast.PositionDef], params: list[ast.ParamDecl], text: str) -> None:
+    seen: dict[str, ast.PositionDef] = {}
+    param_names = {p.name for p in params}
+    for position in positions:
+        if position.name in seen:
+            raise CausalError(f"position {position.name!r} is defined twice (first at line "
+                              f"{seen[position.name].span.line})", position.span, text)
+        if position.name in param_names:
+            raise CausalError(f"{position.name!r} is both a parameter and a position name; rename one",
+                              position.span, text)
+        seen[position.name] = position
+
+
+_EXAMPLES = {
+    "model": 'model "zoo:attn-only-2l"',
+    "data": 'data "prompts.jsonl"',
+    "metric": "metric logit_diff(answer, wrong) at -1",
+    "intervention": "patch resid_pre[layer=*, pos=*] from corrupt into clean",
+}

@@ -1,0 +1,135 @@
+"""Resolve a model reference to a loaded model.
+
+References: `zoo:<name>` (a toy model shipped here), `pkg:<python_package>[/<subfolder>]`
+(a folder inside an installed Python package, e.g. a model packaged on PyPI for offline
+use), a local folder, or a HF hub id. HF models are used exactly as published: no weight
+conversion, `trust_remote_code` off unless asked. Hub ids need network access; offline,
+they load from the local HF cache. Decoders load with their LM head; encoders load with
+their masked-LM head when the checkpoint has one, else as the bare encoder (never with a
+randomly initialised head).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
+                          PreTrainedTokenizerBase)
+from transformers.utils import logging as hf_logging
+
+from causal.errors import CausalError, Span, did_you_mean
+from causal.models.adapter import ARCHITECTURES, ModelAdapter, adapter_for
+from causal.zoo import zoo_names, zoo_path
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    ref: str
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+    head: str = "lm"  # "lm": the model returns vocabulary logits; "encoder": it returns hidden states
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CausalError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CausalError(f"device {name!r} was asked for but CUDA is not available here")
+    return device
+
+
+def resolve_reference(ref: str, span: Span | None = None, source: str | None = None) -> str:
+    """The folder or hub id that `from_pretrained` should receive."""
+    if ref.startswith("zoo:"):
+        name = ref[4:]
+        if name not in zoo_names():
+            raise CausalError(f"no toy model {name!r} in the zoo; available: {', '.join(zoo_names())}",
+                              span, source, hint=did_you_mean(name, zoo_names()))
+        return str(zoo_path(name))
+    if ref.startswith("pkg:"):
+        return str(package_folder(ref, span, source))
+    return ref
+
+
+def package_folder(ref: str, span: Span | None = None, source: str | None = None) -> Path:
+    """`pkg:<package>[/<subfolder>]` -> that folder of the installed package (found without importing it)."""
+    package, _, subfolder = ref[len("pkg:"):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        hint = (f"Python package names use underscores: try 'pkg:{package.replace('-', '_')}'"
+                if "-" in package else "install it with pip, or check the name")
+        raise CausalError(f"no installed Python package {package!r} (model reference {ref!r})", span, source,
+                          hint=hint)
+    root = Path(next(iter(spec.submodule_search_locations)))
+    folder = root / subfolder
+    if not folder.is_dir():
+        folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+        raise CausalError(f"no folder {subfolder!r} in Python package {package!r} at {root} "
+                          f"(model reference {ref!r})", span, source,
+                          hint=did_you_mean(subfolder, folders) or f"folders there: {', '.join(folders) or 'none'}")
+    return folder
+
+
+def model_class_for(config) -> tuple[type, str]:
+    """Which Auto class loads the checkpoint without inventing weights, and what its forward returns."""
+    names = config.architectures or []
+    if any(name.endswith("ForMaskedLM") for name in names):
+        return AutoModelForMaskedLM, "lm"
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if spec is not None and not spec.is_causal:
+        return AutoModel, "encoder"
+    return AutoModelForCausalLM, "lm"
+
+
+def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None,
+               source: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    if dtype not in DTYPES:
+        raise CausalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    target = resolve_reference(ref, span, source)
+    torch_device = pick_device(device)
+    hf_logging.disable_progress_bar()  # our own progress bar covers the run; theirs is noise per load
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+        model_class, head = model_class_for(config)
+        model = model_class.from_pretrained(target, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CausalError(f"cannot load model {ref!r}: {first_line}", span, source,
+                          hint="use a local folder, a 'zoo:' or 'pkg:' model, or a hub id with network access "
+                               "or a filled HF cache") from None
+    model.eval().to(torch_device)
+    adapter = adapter_for(model)
+    return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device,
+                       DTYPES[dtype], head)
+
+
+def _revision(target: str, model: torch.nn.Module) -> str:
+    """A commit hash for hub models; a content hash of the weights for local folders."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = Path(target)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not weights:
+        return "unknown"
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,93 @@
+"""Seaborn figures for a results Dataset: one PNG per intervention variable (and metric)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from causal.summary import effect  # noqa: E402
+
+
+def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, variable in dataset.data_vars.items():
+        if variable.attrs.get("kind") != "intervention":
+            continue
+        change = effect(dataset, name)
+        metrics = list(change["metric"].values) if "metric" in change.dims else [None]
+        for metric in metrics:
+            one = change.sel(metric=metric) if metric is not None else change
+            label = metric or variable.attrs.get("metric", "metric")
+            suffix = "" if metric is None else "_" + "".join(c if c.isalnum() else "_" for c in metric)
+            written.append(plot_effect(one, dataset, f"{name}: Δ {label}", folder / f"{name}{suffix}.png"))
+    return written
+
+
+def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Path) -> Path:
+    for dim in [d for d in change.dims if d != "example"]:  # the merged Dataset's union of positions, etc.
+        change = change.dropna(dim, how="all")
+    single = [d for d in change.dims if d != "example" and change.sizes[d] == 1]
+    if single:  # a one-value axis is a label, not a plot dimension
+        title += " (" + ", ".join(f"{d}={change[d].values[0]}" for d in single) + ")"
+        change = change.squeeze(single, drop=True)
+    mean = change.mean("example")
+    swept = [d for d in mean.dims]
+    fig, ax = plt.subplots(figsize=_size(mean))
+    if len(swept) >= 2:
+        rows, cols = swept[0], swept[1]
+        grid = mean.mean([d for d in swept[2:]]) if len(swept) > 2 else mean
+        grid = grid.transpose(rows, cols)
+        limit = float(np.nanmax(np.abs(grid.values))) or 1.0
+        sns.heatmap(grid.values, ax=ax, cmap="RdBu_r", center=0, vmin=-limit, vmax=limit,
+                    xticklabels=_labels(dataset, cols, grid[cols].values),
+                    yticklabels=_labels(dataset, rows, grid[rows].values),
+                    annot=grid.size <= 64, fmt=".2f", cbar_kws={"label": "mean change"})
+        ax.set_xlabel(cols)
+        ax.set_ylabel(rows)
+    elif len(swept) == 1:
+        dim = swept[0]
+        frame = change.to_dataframe(name="change").reset_index()
+        if _ordered(change[dim]):  # layers, positions: a line over them
+            sns.lineplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), marker="o")
+            ax.set_xticks(change[dim].values)
+        else:  # heads, neurons, named positions: separate bars
+            sns.barplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), color="tab:blue")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_ylabel("change (95% CI over examples)")
+    else:
+        sns.histplot(change.values, ax=ax)
+        ax.set_xlabel("change per example")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ordered(coord: xr.DataArray) -> bool:
+    return coord.name in ("layer", "pos") and np.issubdtype(coord.dtype, np.number)
+
+
+def _labels(dataset: xr.Dataset, dim: str, values) -> list[str]:
+    if dim != "pos":
+        return [str(v) for v in values]
+    base = next((c for c in dataset.coords if c.startswith("token_")), None)
+    if base is None:
+        return [str(v) for v in values]
+    tokens = dataset[base].sel(pos=values).values  # (example, pos)
+    shared = (tokens == tokens[:1]).all(0)
+    return [f"{p} {t}" if same else f"{p} {t}…" for p, t, same in zip(values, tokens[0], shared)]
+
+
+def _size(mean: xr.DataArray) -> tuple[float, float]:
+    if mean.ndim < 2:
+        return (6, 4)
+    return (min(max(5.0, 2 + 0.6 * mean.shape[1]), 18), min(max(2.5, 1.5 + 0.5 * mean.shape[0]), 12))

@@ -1,0 +1,207 @@
+"""Site references with selectors -> a Sweep of points, checked against the model's sizes.
+
+A selector names the values a dimension is swept over; a dimension left out is
+intervened on all at once. Sites joined with '+' share dimensions of the same name (a
+shared dimension is one axis, so `resid_pre[layer=*, pos=S1] + resid_pre[layer=*, pos=S2]`
+patches both positions at each layer); other dimensions multiply.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from causal.errors import CausalError, Span, did_you_mean
+from causal.experiment import NamedPositions, Position, Sweep, Target
+from causal.lang import ast
+from causal.models import ModelAdapter
+
+
+@dataclass
+class _Part:
+    """One site of a '+' combination: its swept dims and the target for given dim values."""
+
+    site: str
+    dims: list[str]
+    coords: dict[str, list]
+    windows: dict[int, tuple[int, ...]]  # layer -> the layers its window covers
+    extra_names: tuple[str, ...]
+    fixed: dict[str, object]  # values of dims that are not swept (None: all at once)
+    per_layer: bool
+
+    def target(self, values: dict[str, object]) -> Target:
+        chosen = {**self.fixed, **{d: values[d] for d in self.dims}}
+        if not self.per_layer:
+            layers: tuple[int | None, ...] = (None,)
+        elif chosen.get("layer") is None:
+            layers = tuple(self.windows)  # every layer at once
+        else:
+            layers = self.windows[chosen["layer"]]
+        extra = tuple(_as_tuple(chosen.get(d)) for d in self.extra_names)
+        return Target(self.site, layers, chosen.get("pos"), extra)
+
+
+def _as_tuple(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+class SweepBuilder:
+    """Resolves site references for one experiment; positions are checked against `lengths`."""
+
+    def __init__(self, adapter: ModelAdapter, positions: NamedPositions, source: str):
+        self.adapter, self.positions, self.source = adapter, positions, source
+
+    def error(self, message: str, span: Span, hint: str | None = None) -> CausalError:
+        return CausalError(message, span, self.source, hint)
+
+    def sweep(self, sites: tuple[ast.SiteRef, ...], lengths: tuple[int, int],
+              allowed: tuple[str, ...] | None = None) -> Sweep:
+        """`lengths`: the (shortest, longest) prompt the sites will be applied to."""
+        parts = [self.part(site, lengths, allowed) for site in sites]
+        _fix_distinct_singletons(parts)
+        dims: list[str] = []
+        coords: dict[str, list] = {}
+        for part, site in zip(parts, sites):
+            for dim in part.dims:
+                if dim in coords and coords[dim] != part.coords[dim]:
+                    raise self.error(f"the sites joined with '+' both sweep {dim!r} but over different values "
+                                     f"({_show(coords[dim])} and {_show(part.coords[dim])}); a shared dimension is "
+                                     "one axis", site.span)
+                if dim not in coords:
+                    dims.append(dim)
+                    coords[dim] = part.coords[dim]
+        points = []
+        for combo in itertools.product(*(coords[d] for d in dims)):
+            values = dict(zip(dims, combo))
+            points.append(tuple(part.target(values) for part in parts))
+        return Sweep(tuple(dims), coords, points)
+
+    def part(self, site: ast.SiteRef, lengths: tuple[int, int], allowed: tuple[str, ...] | None) -> _Part:
+        info = self.site_info(site, allowed)
+        extra_names = tuple(name for name, _ in info.extra_dims)
+        sizes = {name: size for name, size in info.extra_dims}
+        dims_allowed = (["layer"] if info.per_layer else []) + ["pos", *extra_names]
+        layers = list(range(self.adapter.n_layers))
+        windows: dict[int, tuple[int, ...]] = {l: (l,) for l in layers} if info.per_layer else {}
+        swept: list[str] = []
+        coords: dict[str, list] = {}
+        fixed: dict[str, object] = {}
+        for sel in site.selectors:
+            if sel.dim not in dims_allowed:
+                raise self.error(f"site {site.name!r} has no dimension {sel.dim!r}; it has "
+                                 f"{', '.join(dims_allowed)}", sel.span, did_you_mean(sel.dim, dims_allowed))
+            if sel.dim in coords or sel.dim in fixed:
+                raise self.error(f"dimension {sel.dim!r} is selected twice", sel.span)
+            if sel.window is not None:
+                if sel.dim != "layer":
+                    raise self.error(f"'window' applies to layers, not to {sel.dim!r}", sel.span)
+                windows = {l: rome_window(l, sel.window, self.adapter.n_layers) for l in layers}
+            if sel.dim == "pos":
+                values = self.positions_of(sel.indices, lengths)
+            else:
+                size = self.adapter.n_layers if sel.dim == "layer" else sizes[sel.dim]
+                values = self.indices_of(sel, size if size is not None else lengths[0], site.name)
+            swept.append(sel.dim)
+            coords[sel.dim] = values
+        for dim in dims_allowed:
+            if dim not in coords:
+                fixed[dim] = None
+        return _Part(site.name, swept, coords, windows, extra_names, fixed, info.per_layer)
+
+    def site_info(self, site: ast.SiteRef, allowed: tuple[str, ...] | None):
+        if allowed is not None and site.name not in allowed:
+            raise self.error(f"site {site.name!r} cannot be used here; use one of {', '.join(allowed)}", site.span)
+        try:
+            return self.adapter.site_info(site.name)
+        except CausalError as exc:
+            raise self.error(exc.message, site.span, exc.hint) from None
+
+    def indices_of(self, sel: ast.Selector, size: int, site: str) -> list[int]:
+        """Layer, head and other model indices, normalised to 0..size-1."""
+        if isinstance(sel.indices, ast.AllIndices):
+            return list(range(size))
+        values = expand(sel.indices, self.source)
+        for v in values:
+            if isinstance(v, ast.Name):
+                raise self.error(f"{v.name!r} is not a number; {sel.dim} indices are whole numbers "
+                                 "(names stand for positions, in pos=...)", v.span)
+            if not -size <= v < size:
+                raise self.error(f"{sel.dim} {v} is out of range: {self.range_phrase(sel.dim, size, site)} "
+                                 f"(valid: 0..{size - 1}, or -{size}..-1 from the end)", sel.indices.span)
+        return [v % size for v in values]
+
+    def range_phrase(self, dim: str, size: int, site: str) -> str:
+        if dim == "layer":
+            return f"the model has {size} layers"
+        if dim == "head" and site in ("k", "v") and size != self.adapter.n_heads:
+            return (f"the model has {size} key/value heads per layer (grouped-query attention; "
+                    f"{self.adapter.n_heads} query heads)")
+        if dim == "head":
+            return f"the model has {size} heads per layer"
+        return f"{site} has {size} {dim}s"
+
+    def positions_of(self, indices: ast.IndexSet, lengths: tuple[int, int]) -> list[Position]:
+        """Integer positions (negative from the end) must exist in every prompt; names must be defined.
+
+        `*` sweeps every position of the longest prompt; shorter prompts get NaN where they end.
+        """
+        shortest, longest = lengths
+        if isinstance(indices, ast.AllIndices):
+            return list(range(longest))
+        values = expand(indices, self.source)
+        out: list[Position] = []
+        for v in values:
+            if isinstance(v, ast.Name):
+                self.check_position_name(v)
+                out.append(v.name)
+            elif not -shortest <= v < shortest:
+                raise self.error(f"position {v} is outside the prompt: the shortest prompt has {shortest} tokens "
+                                 f"(valid: {-shortest}..{shortest - 1})", indices.span)
+            else:
+                out.append(v)
+        return out
+
+    def check_position_name(self, name: ast.Name) -> None:
+        known = self.positions.indices
+        if name.name not in known:
+            listed = ", ".join(known) or "none (declare them with positions { NAME = first(column), ... })"
+            raise self.error(f"unknown position {name.name!r}; named positions: {listed}", name.span,
+                             did_you_mean(name.name, known))
+
+
+def _fix_distinct_singletons(parts: list[_Part]) -> None:
+    """`z[layer=9, head=6] + z[layer=10, head=0]`: single values that differ between parts are not an
+    axis but each part's own fixed choice (nothing is swept along them)."""
+    for dim in {d for part in parts for d in part.dims}:
+        having = [p for p in parts if dim in p.dims]
+        values = [p.coords[dim] for p in having]
+        if len(having) > 1 and all(len(v) == 1 for v in values) and len({repr(v) for v in values}) > 1:
+            for part in having:
+                part.fixed[dim] = part.coords.pop(dim)[0]
+                part.dims.remove(dim)
+
+
+def rome_window(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
+    """The layers ROME restores together around `layer` (causal_trace.py's window rule)."""
+    return tuple(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+def expand(indices: ast.IndexSet, source: str | None = None) -> list:
+    """The values an index set names; ranges are inclusive and must be numeric."""
+    if isinstance(indices, ast.SingleIndex):
+        return [indices.value]
+    if isinstance(indices, ast.IndexList):
+        return list(indices.values)
+    if isinstance(indices, ast.IndexRange):
+        if isinstance(indices.start, ast.Name) or isinstance(indices.stop, ast.Name):
+            raise CausalError(f"a range needs numbers at both ends, got {indices.describe()}", indices.span, source)
+        if indices.stop < indices.start:
+            raise CausalError(f"empty range {indices.describe()}: the end comes before the start", indices.span,
+                              source)
+        return list(range(indices.start, indices.stop + 1))
+    raise TypeError(indices)
+
+
+def _show(values: list) -> str:
+    return "[" + ", ".join(map(str, values[:6])) + (", ..." if len(values) > 6 else "") + "]"
