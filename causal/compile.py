@@ -197,7 +197,8 @@ def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: 
     prompts = experiment.prompts[intervention.base]
     lengths = prompts.lengths[examples]
     read_from = first_read_position(experiment, intervention.base)[examples]
-    causal = adapter.is_causal and not isinstance(intervention, (iv.PathPatch, iv.Attribute))
+    causal = (adapter.is_causal and adapter.supports_kv_prefix(int(prompts.ids.shape[1]))
+              and not isinstance(intervention, (iv.PathPatch, iv.Attribute)))
     per_point = []
     for index, point in enumerate(intervention.sweep.points):
         valid = torch.ones(len(examples), dtype=torch.bool)
@@ -272,17 +273,22 @@ class Packer:
             else:
                 jobs += self._cut(intervention, rows, order, keys, current)
                 current = group
+            while len(current) >= self.batch_size:  # full batches go; the rest keeps filling
+                jobs += self._cut(intervention, rows, order, keys, current[:self.batch_size])
+                current = current[self.batch_size:]
         jobs += self._cut(intervention, rows, order, keys, current)
         return jobs
 
     def _merge_pays(self, keys: torch.Tensor, current: list[int], group: list[int]) -> bool:
-        if len(current) + len(group) > self.batch_size:
-            return len(current) < self.batch_size and self.mode == "sites"
+        """Whether one pass over both costs less than two; `sites` always fills the batch."""
+        if self.mode == "sites":
+            return True
         layer_a, pos_a = int(keys[current, 0].min()), int(keys[current, 1].min())
         layer_b, pos_b = int(keys[group[0], 0]), int(keys[group[0], 1])
-        merged = self.cost(len(current) + len(group), min(layer_a, layer_b), min(pos_a, pos_b))
+        rows = len(current) + len(group)
+        merged = self.cost(rows, min(layer_a, layer_b), min(pos_a, pos_b))
         separate = self.cost(len(current), layer_a, pos_a) + self.cost(len(group), layer_b, pos_b) + self.overhead
-        return merged <= separate
+        return rows <= self.batch_size and merged <= separate
 
     def _cut(self, intervention: int, rows: RowStarts, order: torch.Tensor, keys: torch.Tensor,
              members: list[int]) -> list[Job]:
