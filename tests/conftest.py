@@ -91,6 +91,16 @@ def cpu_config() -> RunConfig:
     return RunConfig(device="cpu", progress=False, batch_size=7)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny matrices: a second intra-op thread only adds synchronisation (10-100x slower on a busy machine).
+    Subprocesses the tests start (the CLI) keep torch's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     """Keep Hydra run dirs and checkpoints that default to ./outputs out of the repository."""

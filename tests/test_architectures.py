@@ -55,15 +55,6 @@ ARCHS = list(CONFIGS)
 DECODERS = [a for a in ARCHS if a != "bert"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronisation (10-100x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def build(arch: str):
     torch.manual_seed(0)

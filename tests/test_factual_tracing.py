@@ -25,15 +25,6 @@ WORLD = ROOT / "experiments" / "data" / "facts_toy_world.jsonl"
 SAMPLES = 3  # noise samples per example (the file's default is 10); 21 examples x 3 draws average enough
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronisation (10-100x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(**params) -> causal.RunConfig:
     return causal.RunConfig(device="cpu", progress=False, params=params)
 

@@ -36,15 +36,6 @@ CONFIGS = [(pack, batch) for pack in ("exact", "auto", "sites") for batch in (SM
 CHEAP_CALLS = 30.0  # token-layers: an `auto` overhead at which the cost model merges some start groups only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(**changes) -> causal.RunConfig:
     return causal.RunConfig(device="cpu", progress=False, **changes)
 

@@ -53,7 +53,10 @@ def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(write_exp
     total = len(compile_plan(causal.prepare(path, config), 2).jobs)
     assert re.search(rf"resuming: {done} of {total} batches already done", resumed.stderr + resumed.stdout)
     assert not folder.exists(), "checkpoints are removed once the results are saved"
-    fresh = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=2))
+    uninterrupted = [a.replace(str(tmp_path / "run"), str(tmp_path / "fresh")).replace(str(checkpoints), str(
+        tmp_path / "ck2")) for a in command]  # same process settings (threads) as the killed run
+    assert subprocess.run(uninterrupted, capture_output=True, timeout=300).returncode == 0
+    fresh = causal.load(tmp_path / "fresh")
     back = causal.load(tmp_path / "run")
     for name in ("patch_resid_pre", "ablate_z", "clean", "corrupt"):
         np.testing.assert_array_equal(back[name].values, fresh[name].values)
