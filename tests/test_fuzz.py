@@ -11,6 +11,7 @@ a torch error) is a bug: a user would see a traceback instead of file:line:col.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -103,7 +104,7 @@ NAMES = ["embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
          "neuron", "layer", "pos", "head", "key_pos", "clean", "corrupt", "io", "s", "subject", "other", "next",
          "logprob", "prob", "logit_diff", "rank", "accuracy", "kl", "similarity", "zero", "mean", "resample",
          "mlp", "attn", "S1", "S2", "END", "A", "B", "n", "alpha", "k", "induction", "ioi", "counterfact", "nope"]
-NUMBERS = ["0", "1", "-1", "2", "-2", "3", "7", "-7", "48", "63", "64", "-64", "1000000", "-1000000",
+NUMBERS = ["0", "1", "-1", "2", "-2", "3", "7", "-7", "48", "63", "64", "-64", "4096", "-4096",
            "99999999999999999999", "-99999999999999999999", "0.0", "2.5", "-0.5", "1e308", "1e999", "-1e999", "1e-320"]
 PUNCT = ["[", "]", "(", ")", "{", "}", ",", "=", "*", "..", "->", "+", "-", '"', "#", "\n", " ", "@", "\\", "\x00",
          "é", "\t"]
@@ -211,7 +212,8 @@ def test_seed_files_are_valid(world):
             resolve(parse_text(text, str(folder / "fuzz.cx")), models[kind])
 
 
-FUZZ = settings(max_examples=int(__import__('os').environ.get('FUZZN', 120)), deadline=None, derandomize=True, database=None,
+EXAMPLES = int(os.environ.get("CAUSAL_FUZZ_EXAMPLES", 300))  # raise it for a longer hunt; CI keeps 300
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -229,15 +231,31 @@ def test_mutated_files_on_a_grouped_query_llama(world, text):
     front_end(text, folder, models["llama"])
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@st.composite
+def extreme_numbers(draw, seeds: list[str]) -> str:
+    """A seed file with some of its numbers (indices, ranges, limits, noise scales, seeds) made extreme."""
+    toks = tokens_of(draw(st.sampled_from(seeds)))
+    numbers = [i for i, t in enumerate(toks) if re.fullmatch(r"-?\d.*", t)]
+    for _ in range(draw(st.integers(1, 3))):
+        toks[draw(st.sampled_from(numbers))] = draw(st.sampled_from(NUMBERS))
+    return "".join(toks)
+
+
+@FUZZ
+@given(text=extreme_numbers(SEEDS["toy"] + SEEDS["llama"]))
+def test_extreme_numbers(world, text):
+    folder, models = world
+    front_end(text, folder, models["llama" if text.startswith('model "llama"') else "toy"])
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)
 @given(text=st.one_of(st.sampled_from(SEEDS["toy"]), mutated(SEEDS["toy"])), params=OVERRIDES)
 def test_parameter_overrides(world, text, params):
     folder, models = world
     front_end(text, folder, models["toy"], params)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@settings(FUZZ, max_examples=EXAMPLES // 2)
 @given(text=st.text(alphabet=st.sampled_from(list("[](){},=*.+-\"#\n :->0123456789abcdefklmnoprstxz_")), max_size=80))
 def test_random_text_only_syntax_errors(text):
     """Text that is mostly punctuation never gets past the parser with anything but a CausalError."""

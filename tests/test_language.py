@@ -17,6 +17,7 @@ import causal
 from causal import CausalError
 from causal.lang import ast
 from causal.lang.parser import parse_text
+from causal.models import load_model
 from causal.sweeps import rome_window
 from causal.zoo import word_tokenizer
 from tests.conftest import VOCAB
@@ -62,6 +63,21 @@ def config(**changes) -> causal.RunConfig:
 
 def prepare(path: Path, **changes):
     return causal.prepare(path, config(**changes))
+
+
+_LOADED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _load_each_model_once(monkeypatch):
+    """`causal.prepare`/`run` load through causal.api.load_model; reuse what an earlier test loaded."""
+    def load(ref, device="auto", dtype="float32", span=None, source=None, **kwargs):
+        key = (str(ref), device, dtype)
+        if key not in _LOADED:
+            _LOADED[key] = load_model(ref, device, dtype, span, source, **kwargs)
+        return _LOADED[key]
+
+    monkeypatch.setattr("causal.api.load_model", load)
 
 
 @pytest.fixture
@@ -725,3 +741,322 @@ def test_semantic_errors_name_the_place_before_any_forward(tmp_path, no_forward,
         assert hint in (err.hint or "")
     line = int(where.split(":")[0])
     assert str(err).splitlines()[1].strip() == (path.read_text().splitlines()[line - 1]).strip()
+
+
+def test_misaligned_prompts_name_the_first_example_that_differs(tmp_path, no_forward):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["corrupt"] += " t9"
+    path = write(tmp_path, "metric logprob(io)\npatch resid_pre[layer=0, pos=*] from corrupt into clean", rows)
+    assert str(run_error(path, no_forward)).startswith(
+        f"{path}:4:1: error: patching needs 'corrupt' and 'clean' prompts of equal token length; example 1 has 8 and 7 "
+        "tokens (1 example(s) differ)")
+
+
+def test_positions_in_patches_on_prompts_of_different_lengths_across_examples(tmp_path):
+    """Alignment is per example: clean and corrupt must match each other, not other examples."""
+    rows = [dict(r, clean=r["clean"] + " t1" * i, corrupt=r["corrupt"] + " t1" * i) for i, r in enumerate(ROWS)]
+    path = write(tmp_path, "positions { S = last(s) }\nmetric logprob(io)\n"
+                           "patch resid_pre[layer=0, pos=[S, -1]] from corrupt into clean", rows)
+    assert prepare(path).interventions[0].sweep.coords["pos"] == ["S", -1]
+
+
+# --------------------------------------------------------------------------------- grouped-query attention
+
+@pytest.mark.parametrize("statement, where, message", [
+    ("ablate k[layer=0, head=2] with zero", "3:24",
+     "head 2 is out of range: the model has 2 key/value heads per layer (grouped-query attention; 4 query heads) "
+     "(valid: 0..1, or -2..-1 from the end)"),
+    ("ablate v[layer=0, head=-3] with zero", "3:24", "head -3 is out of range: the model has 2 key/value heads"),
+    ("ablate q[layer=0, head=4] with zero", "3:24", "head 4 is out of range: the model has 4 heads per layer"),
+    ("ablate q[layer=0, head=*] + k[layer=0, head=*] with zero", "3:29",
+     "the sites joined with '+' both sweep 'head' but over different values ([0, 1, 2, 3] and [0, 1])"),
+    ("ablate neuron[layer=0, neuron=64] with zero", "3:31", "neuron 64 is out of range"),
+])
+def test_grouped_query_head_ranges(tmp_path, no_forward, gqa_llama, statement, where, message):
+    path = write(tmp_path, statement.replace("ablate", "metric logprob(io)\nablate", 1), model=gqa_llama)
+    path.write_text(path.read_text().replace("metric logprob(io)\n", "", 1).replace(
+        'data "data.jsonl"\n', 'data "data.jsonl"\nmetric logprob(io)\n'))
+    where = f"{int(where.split(':')[0]) + 1}:{where.split(':')[1]}"
+    assert str(run_error(path, no_forward)).startswith(f"{path}:{where}: error: {message}")
+
+
+def test_grouped_query_heads_resolve_per_site(tmp_path, gqa_llama):
+    sweep = sweep_of(tmp_path, "patch q[layer=0, head=3] + k[layer=0, head=1] from corrupt into clean", gqa_llama)
+    assert targets(sweep) == [[("q", (0,), None, ((3,),)), ("k", (0,), None, ((1,),))]]
+    assert sweep_of(tmp_path, "patch v[layer=*, head=*] from corrupt into clean", gqa_llama).coords["head"] == [0, 1]
+    assert sweep_of(tmp_path, "ablate neuron[layer=1, neuron=-1] with zero", gqa_llama).coords["neuron"] == [63]
+
+
+# --------------------------------------------------------------------------------- encoders
+
+ENCODER_ROWS = [{"clean": "the cat sat on the mat", "corrupt": "the dog sat on the mat", "io": "cat"}] * 2
+
+
+@pytest.mark.parametrize("metric", ["logprob(io)", "logit_diff(io, io)", "rank(io)", "accuracy(io)", "prob(io)",
+                                    "kl(clean)"])
+def test_logit_metrics_on_an_encoder(tmp_path, no_forward, metric):
+    path = write(tmp_path, f"metric {metric}\npatch z[layer=0] from corrupt into clean", ENCODER_ROWS, MINILM)
+    err = run_error(path, no_forward)
+    name = metric.split("(")[0]
+    assert str(err).startswith(f"{path}:3:1: error: metric {name!r} reads next-token logits, but this model is an "
+                               "encoder without a language-model head")
+    assert err.hint == "use similarity(column) to compare sentence embeddings"
+
+
+def test_similarity_takes_no_positions(tmp_path, no_forward):
+    path = write(tmp_path, "metric similarity(clean) at -1\npatch z[layer=0] from corrupt into clean", ENCODER_ROWS,
+                 MINILM)
+    assert str(run_error(path, no_forward)).startswith(
+        f"{path}:3:29: error: similarity compares whole-sentence embeddings (mean over tokens); it takes no 'at'")
+
+
+def test_encoder_layer_range(tmp_path, no_forward):
+    path = write(tmp_path, "metric similarity(clean)\npatch resid_pre[layer=6] from corrupt into clean", ENCODER_ROWS,
+                 MINILM)
+    assert "layer 6 is out of range: the model has 6 layers" in str(run_error(path, no_forward))
+
+
+# --------------------------------------------------------------------------------- data sources
+
+def test_file_formats_give_the_same_examples(tmp_path):
+    body = "metric logit_diff(io, s)\npatch resid_pre[layer=0] from corrupt into clean"
+    keys = ["clean", "corrupt", "io", "s"]
+    (tmp_path / "d.json").write_text(json.dumps([{k: r[k] for k in keys} for r in ROWS]))
+    (tmp_path / "d.csv").write_text("clean, corrupt ,io,s\n" + "".join(",".join(r[k] for k in keys) + "\n" for r in ROWS))
+    (tmp_path / "d.tsv").write_text("\t".join(keys) + "\n" + "".join("\t".join(r[k] for k in keys) + "\n" for r in ROWS))
+    ids = []
+    for data in ('data "data.jsonl"', 'data "d.json"', 'data "d.csv"', 'data "d.tsv"'):
+        experiment = prepare(write(tmp_path, body, data=data))
+        assert {"clean", "corrupt", "io", "s"} <= set(experiment.examples.columns)
+        ids.append((experiment.prompts["clean"].ids.tolist(), experiment.metrics[0].answers[0].tolist()))
+    assert all(i == ids[0] for i in ids)
+
+
+def test_limit_takes_the_first_examples(tmp_path):
+    experiment = prepare(write(tmp_path, "metric logprob(io)\nablate z with zero", data='data "data.jsonl" limit 2'))
+    assert experiment.n_examples == 2 and experiment.examples.columns["io"] == ["t6", "t12"]
+
+
+def test_token_id_prompts_and_answers(tmp_path):
+    rows = [{"clean": [0, 5, 6], "corrupt": [0, 7, 6], "io": 9}]
+    experiment = prepare(write(tmp_path, "metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean", rows))
+    assert experiment.prompts["clean"].ids.tolist() == [[0, 5, 6]] and experiment.metrics[0].answers[0].tolist() == [9]
+
+
+def test_induction_generator(tmp_path):
+    path = write(tmp_path, "metric logprob(next) at 6..9\nablate z[layer=*, head=*] with mean",
+                 data="data induction(n=4, length=5, seed=1) limit 3")
+    experiment = prepare(path)
+    assert list(experiment.examples.columns) == ["clean", "corrupt"] and experiment.n_examples == 3
+    clean, corrupt = experiment.prompts["clean"].ids, torch.tensor(experiment.examples.columns["corrupt"])
+    assert clean.shape == (3, 11) and (clean[:, 0] == 0).all()
+    assert torch.equal(clean[:, 1:6], clean[:, 6:]) and torch.equal(clean[:, :6], corrupt[:, :6])
+
+
+@pytest.mark.parametrize("data, where, message", [
+    ('data "d.txt"', "2:1", "unsupported extension '.txt'; supported: .csv, .json, .jsonl, .tsv"),
+    ('data "missing.jsonl"', "2:1", "cannot read data file"),
+    ('data "data.jsonl" limit 0', "2:1", "the data has no examples"),
+    ("data inducton(n=2)", "2:1", "unknown data generator 'inducton'; available: counterfact, induction, ioi"),
+    ("data induction(m=2)", "2:16", "generator 'induction' takes no argument 'm'; it takes n (an integer >= 1; "
+     "default 64), length (an integer >= 1; default 10), seed (an integer >= 0; default 0)"),
+    ("data induction(n=0)", "2:16", "argument 'n' of 'induction' must be an integer >= 1, got 0"),
+    ("data induction(n=2, n=3)", "2:21", "argument 'n' is given twice"),
+    ("data counterfact(n=2)", "2:1", "generator 'counterfact' needs argument(s) path"),
+    ('data counterfact(path="none.json")', "2:18", "argument 'path' of 'counterfact' must be a file path"),
+    ("data ioi(n=2)", "2:1", "ioi: this tokenizer encodes 0 of the 99 IOI first names as a single token"),
+    ("data ioi(templates=abba)", "2:10", "argument 'templates' of 'ioi' must be one of 'mixed', 'ABBA', 'BABA'"),
+])
+def test_data_statement_errors(tmp_path, no_forward, data, where, message):
+    (tmp_path / "d.txt").write_text("clean\n")
+    path = write(tmp_path, "metric logprob(next) at 1\nablate z with zero", data=data)
+    err = str(run_error(path, no_forward))
+    assert err.startswith(f"{path}:{where}: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("change, where, message", [
+    ({"clean": ""}, "4:27", "column 'clean', example 1: the prompt is empty"),
+    ({"io": ""}, "3:16", "column 'io', example 1: answer '' is 0 tokens [], not one"),
+    ({"clean": [0, 5, 64]}, "4:27", "column 'clean', example 1: token id outside the vocabulary (0..63)"),
+    ({"clean": 5}, "4:27", "column 'clean', example 1: expected text or a list of token ids, got 5"),
+])
+def test_bad_values_in_data_columns(tmp_path, no_forward, change, where, message):
+    rows = [dict(r) for r in ROWS]
+    rows[1].update(change)
+    path = write(tmp_path, "metric logprob(io)\npatch z from corrupt into clean", rows)
+    assert str(run_error(path, no_forward)).startswith(f"{path}:{where}: error: {message}")
+
+
+def test_records_with_other_columns(tmp_path, no_forward):
+    rows = [dict(r) for r in ROWS]
+    del rows[2]["s"]
+    path = write(tmp_path, "metric logprob(io)\nablate z with zero", rows)
+    assert "data.jsonl:3: columns ['clean', 'corrupt', 'io', 'subject'] differ from the first record's" in str(
+        run_error(path, no_forward))
+
+
+def test_no_clean_column_needs_an_explicit_base(tmp_path, no_forward):
+    rows = [{"prompt": r["clean"], "io": r["io"]} for r in ROWS]
+    err = run_error(write(tmp_path, "metric logprob(io)\nablate z with zero", rows), no_forward)
+    assert "which prompts does this run on? the data has no 'clean' column" in str(err)
+    assert err.hint == "add 'on <column>' (columns: prompt, io)"
+
+
+# --------------------------------------------------------------------------------- syntax errors
+
+@pytest.mark.parametrize("text, where, expected", [
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate z[layer=0] with zero as\n', "4:31", "expected a name"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate z[layer=0]\n', "4:18", "expected 'with'"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate z[] with zero\n', "4:10", "unexpected ']'; expected a name"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate z[layer] with zero\n', "4:15", "unexpected ']'; expected '='"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate z[layer=1..] with zero\n', "4:19", "expected a name, an integer"),
+    ('model "m"\ndata "d"\npositions { P = middle(s) }\n', "3:17",
+     "unexpected 'middle'; expected an integer, first(...), last(...) or span(...)"),
+    ('model "m"\ndata "d"\ntrace noise(sigma) on 1 restore z\n', "3:13", "unexpected 'sigma'; expected a number"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate z with zero @\n', "4:20", "unexpected '@'"),
+])
+def test_syntax_errors(text, where, expected):
+    err = parse_error(text)
+    assert str(err).startswith(f"x.cx:{where}: error: syntax error"), str(err)
+    assert expected in str(err)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('data "d"\nmetric logprob(io)\nablate z with zero\n', "x.cx:1:1: error: the experiment has no 'model' statement"),
+    ('model "m"\nmetric logprob(io)\nablate z with zero\n', "the experiment has no 'data' statement"),
+    ('model "m"\ndata "d"\nablate z with zero\n', "the experiment has no 'metric' statement"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\n',
+     "the experiment has no intervention (patch, ablate, steer, trace, path or attribute)"),
+    ('model "m"\ndata "d"\ndata "e"\n', "x.cx:3:1: error: 'data' is declared twice (first at line 2)"),
+    ('model "m"\ndata "d"\nmetric logprob(io)\nablate module("")[layer=0] with zero\n', "x.cx:4:8: error: module(\"...\") "
+     "needs a module path"),
+])
+def test_structural_errors(text, message):
+    assert message in str(parse_error(text))
+
+
+# --------------------------------------------------------------------------------- result variables
+
+def test_result_variables_of_each_statement(tmp_path):
+    path = write(tmp_path, "\n".join([
+        "positions { END = -1, SUBJ = span(subject) }",
+        "metric logit_diff(io, s) at END normalized",
+        "metric kl(clean) at END",
+        "patch resid_pre[layer=*, pos=[SUBJ, 3]] from corrupt into clean",
+        "ablate z[layer=1, head=*] with mean as heads",
+        "steer resid_pre[layer=1] by 2 * mean(corrupt at END)",
+        "trace noise(3 sigma, samples=2) on SUBJ restore resid_post[layer=* window 2]",
+        "path z[layer=0, head=*] -> q[layer=1] from corrupt into clean",
+        "attribute z[layer=*, head=*] from corrupt into clean verify top 2",
+    ]))
+    ds = causal.run(path, config())
+    expected = {
+        "patch_resid_pre": ("layer", "pos", "example", "metric"),
+        "heads": ("layer", "head", "example", "metric"),
+        "steer_resid_pre": ("layer", "example", "metric"),
+        "trace_resid_post": ("layer", "example", "metric"),
+        "path_z": ("layer", "head", "example", "metric"),
+        "attribute_z": ("layer", "head", "example", "metric"),
+        "attribute_z_exact": ("layer", "head", "example", "metric"),
+        "clean": ("example", "metric"), "corrupt": ("example", "metric"),
+        "trace_resid_post_noised": ("example", "metric"),
+    }
+    assert {name: ds[name].dims for name in ds.data_vars} == expected
+    assert list(ds.metric.values) == ["logit_diff(io, s) normalized", "kl(clean)"]
+    assert list(ds.pos.values) == ["SUBJ", "3"] and list(ds["head"].values) == [0, 1, 2, 3]
+    assert ds.heads.attrs["method"] == "mean" and ds.trace_resid_post.attrs["prompts"] == "trace_resid_post_noised"
+    assert ds.attribute_z_exact.attrs["estimated_by"] == "attribute_z"
+    exact = ds.attribute_z_exact.isel(metric=0, example=0).values
+    assert (~torch.isnan(torch.tensor(exact))).sum() == 2  # only the top 2 sites are patched exactly
+    normalized = ds.clean.sel(metric="logit_diff(io, s) normalized")
+    assert float(normalized.mean()) == pytest.approx(1.0, abs=1e-5)
+    assert float(abs(ds.corrupt.sel(metric="logit_diff(io, s) normalized")).max()) == 0.0
+    assert float(abs(ds.clean.sel(metric="kl(clean)")).max()) == 0.0
+
+
+# --------------------------------------------------------------------------------- what should be an error but is not
+
+def test_next_token_answer_only_in_the_first_slot_of_a_metric(tmp_path, no_forward):
+    """`logit_diff(next, io)` has no second answer to compare with; it must fail at resolve, not in the run."""
+    path = write(tmp_path, "metric logit_diff(next, io) at 2\nablate z[layer=0] with zero")
+    err = run_error(path, no_forward)
+    assert str(err).startswith(f"{path}:3:") and "next" in err.message
+
+
+def test_a_duplicate_metric_is_reported_where_it_is_repeated(tmp_path, no_forward):
+    path = write(tmp_path, "metric kl(clean) at -1\nmetric kl(clean) at -2\nmetric logprob(io)\nablate z with zero")
+    err = run_error(path, no_forward)
+    assert str(err).startswith(f"{path}:4:1: error:") and "kl(clean)" in err.message
+
+
+@pytest.mark.parametrize("label", ["layer", "pos", "head", "example", "metric", "token_clean"])
+def test_labels_that_are_names_of_result_dims_or_coords(tmp_path, no_forward, label):
+    """A variable named like a dim or coordinate of the Dataset cannot be stored next to it."""
+    path = write(tmp_path, f"metric logprob(io)\nmetric prob(io)\npatch resid_pre[layer=*, pos=*, ] from corrupt into "
+                           f"clean as {label}".replace(", ]", "]"))
+    err = run_error(path, no_forward)
+    assert str(err).startswith(f"{path}:5:") and label in err.message
+
+
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("body", [
+    f"metric logprob(io) at {HUGE}\nablate z with zero",
+    f"metric logprob(io) at [0, {HUGE}]\nablate z with zero",
+    f"metric logprob(next) at 0..{HUGE}\nablate z with zero",
+    f"metric logprob(io)\nablate z[layer=0..{HUGE}] with zero",
+    f"metric logprob(io)\nablate z[pos=-{HUGE}..0] with zero",
+    f"metric logprob(io)\nsteer resid_pre by mean(clean at {HUGE})",
+    f"metric logprob(io)\ntrace noise(1, seed={HUGE}) on 1 restore z",
+    "metric logprob(io)\ntrace noise(1, samples=2, samples=3) on 1 restore z",
+])
+def test_extreme_or_repeated_values_are_reported(tmp_path, no_forward, body):
+    path = write(tmp_path, body)
+    assert str(run_error(path, no_forward)).startswith(f"{path}:")
+
+
+@pytest.mark.parametrize("body, where", [
+    ("metric logprob(io)\ntrace noise(1e999) on 1 restore z", "4:7"),
+    ("metric logprob(io)\nsteer resid_pre by 1e999 * mean(clean)", "4:20"),
+    ("param alpha = -1e999\nmetric logprob(io)\nsteer resid_pre by alpha * mean(clean)", "3:7"),
+])
+def test_numbers_too_large_for_a_float_are_reported_where_written(tmp_path, no_forward, body, where):
+    path = write(tmp_path, body)
+    err = run_error(path, no_forward)
+    assert str(err).startswith(f"{path}:{where}: error:") and "1e999" in err.message
+
+
+@pytest.mark.parametrize("argument", [f"n={HUGE}", f"length={HUGE}", f"seed={HUGE}"])
+def test_generator_arguments_too_large_to_generate(tmp_path, no_forward, argument):
+    path = write(tmp_path, "metric logprob(next) at 1\nablate z with zero", data=f"data induction({argument})")
+    assert str(run_error(path, no_forward)).startswith(f"{path}:2:")
+
+
+def test_fixed_position_out_of_range_names_the_written_value(tmp_path, no_forward):
+    path = write(tmp_path, "positions { P = -9 }\nmetric logprob(io)\nablate z with zero")
+    err = run_error(path, no_forward)
+    assert str(err).startswith(f"{path}:3:13: error:") and "-9" in err.message
+
+
+@pytest.mark.parametrize("answer", [64, -1, True, "Mary"])
+def test_answers_outside_the_vocabulary(tmp_path, no_forward, answer):
+    """A token id the model does not have, or a word the tokenizer only knows as its unknown token."""
+    rows = [dict(r) for r in ROWS]
+    rows[1]["io"] = answer
+    path = write(tmp_path, "metric logprob(io)\nablate z with zero", rows)
+    assert str(run_error(path, no_forward)).startswith(f"{path}:3:16: error: column 'io', example 1")
+
+
+def test_named_positions_without_any_prompt_column(tmp_path, no_forward):
+    rows = [{"a": 1, "b": 2}]
+    path = write(tmp_path, "positions { P = 1 }\nmetric logprob(a)\nablate z with zero on a", rows)
+    assert str(run_error(path, no_forward)).startswith(f"{path}:3:")
+
+
+def test_steering_with_the_mean_of_shorter_prompts(tmp_path):
+    """mean(column) only needs the column's activations: its prompts need not have the metric's positions."""
+    rows = [dict(r, positive="t1 t2") for r in ROWS]
+    path = write(tmp_path, "metric logprob(io) at 5\nsteer resid_pre[layer=0] by 4 * mean(positive)", rows)
+    steer = prepare(path).interventions[0]
+    assert [t.column for t in steer.terms] == ["positive"] and steer.terms[0].mask.sum() == 6
