@@ -112,7 +112,7 @@ def parse_error(text: str, params: dict | None = None) -> CausalError:
 
 
 def save_tiny(folder: Path, model) -> Path:
-    torch.manual_seed(0)
+    """A randomly initialised model saved as an ordinary HF folder, with the toy word tokenizer."""
     model.save_pretrained(folder)
     word_tokenizer(VOCAB).save_pretrained(folder)
     return folder
@@ -762,22 +762,19 @@ def test_positions_in_patches_on_prompts_of_different_lengths_across_examples(tm
 
 # --------------------------------------------------------------------------------- grouped-query attention
 
-@pytest.mark.parametrize("statement, where, message", [
-    ("ablate k[layer=0, head=2] with zero", "3:24",
+@pytest.mark.parametrize("statement, column, message", [
+    ("ablate k[layer=0, head=2] with zero", 24,
      "head 2 is out of range: the model has 2 key/value heads per layer (grouped-query attention; 4 query heads) "
      "(valid: 0..1, or -2..-1 from the end)"),
-    ("ablate v[layer=0, head=-3] with zero", "3:24", "head -3 is out of range: the model has 2 key/value heads"),
-    ("ablate q[layer=0, head=4] with zero", "3:24", "head 4 is out of range: the model has 4 heads per layer"),
-    ("ablate q[layer=0, head=*] + k[layer=0, head=*] with zero", "3:29",
+    ("ablate v[layer=0, head=-3] with zero", 24, "head -3 is out of range: the model has 2 key/value heads"),
+    ("ablate q[layer=0, head=4] with zero", 24, "head 4 is out of range: the model has 4 heads per layer"),
+    ("ablate q[layer=0, head=*] + k[layer=0, head=*] with zero", 29,
      "the sites joined with '+' both sweep 'head' but over different values ([0, 1, 2, 3] and [0, 1])"),
-    ("ablate neuron[layer=0, neuron=64] with zero", "3:31", "neuron 64 is out of range"),
+    ("ablate neuron[layer=0, neuron=64] with zero", 31, "neuron 64 is out of range"),
 ])
-def test_grouped_query_head_ranges(tmp_path, no_forward, gqa_llama, statement, where, message):
-    path = write(tmp_path, statement.replace("ablate", "metric logprob(io)\nablate", 1), model=gqa_llama)
-    path.write_text(path.read_text().replace("metric logprob(io)\n", "", 1).replace(
-        'data "data.jsonl"\n', 'data "data.jsonl"\nmetric logprob(io)\n'))
-    where = f"{int(where.split(':')[0]) + 1}:{where.split(':')[1]}"
-    assert str(run_error(path, no_forward)).startswith(f"{path}:{where}: error: {message}")
+def test_grouped_query_head_ranges(tmp_path, no_forward, gqa_llama, statement, column, message):
+    path = write(tmp_path, "metric logprob(io)\n" + statement, model=gqa_llama)
+    assert str(run_error(path, no_forward)).startswith(f"{path}:4:{column}: error: {message}")
 
 
 def test_grouped_query_heads_resolve_per_site(tmp_path, gqa_llama):
@@ -992,8 +989,8 @@ def test_a_duplicate_metric_is_reported_where_it_is_repeated(tmp_path, no_forwar
 @pytest.mark.parametrize("label", ["layer", "pos", "head", "example", "metric", "token_clean"])
 def test_labels_that_are_names_of_result_dims_or_coords(tmp_path, no_forward, label):
     """A variable named like a dim or coordinate of the Dataset cannot be stored next to it."""
-    path = write(tmp_path, f"metric logprob(io)\nmetric prob(io)\npatch resid_pre[layer=*, pos=*, ] from corrupt into "
-                           f"clean as {label}".replace(", ]", "]"))
+    path = write(tmp_path, f"metric logprob(io)\nmetric prob(io)\n"
+                           f"patch resid_pre[layer=*, pos=*] from corrupt into clean as {label}")
     err = run_error(path, no_forward)
     assert str(err).startswith(f"{path}:5:") and label in err.message
 
@@ -1016,15 +1013,16 @@ def test_extreme_or_repeated_values_are_reported(tmp_path, no_forward, body):
     assert str(run_error(path, no_forward)).startswith(f"{path}:")
 
 
-@pytest.mark.parametrize("body, where", [
-    ("metric logprob(io)\ntrace noise(1e999) on 1 restore z", "4:7"),
-    ("metric logprob(io)\nsteer resid_pre by 1e999 * mean(clean)", "4:20"),
-    ("param alpha = -1e999\nmetric logprob(io)\nsteer resid_pre by alpha * mean(clean)", "3:7"),
+@pytest.mark.parametrize("body, line", [
+    ("metric logprob(io)\ntrace noise(1e999) on 1 restore z", 4),
+    ("metric logprob(io)\nsteer resid_pre by 1e999 * mean(clean)", 4),
+    ("param alpha = -1e999\nmetric logprob(io)\nsteer resid_pre by alpha * mean(clean)", 3),
 ])
-def test_numbers_too_large_for_a_float_are_reported_where_written(tmp_path, no_forward, body, where):
+def test_numbers_too_large_for_a_float_are_reported_where_written(tmp_path, no_forward, body, line):
+    """1e999 is infinity as a float: noise or a steering vector of it is NaN in every run."""
     path = write(tmp_path, body)
     err = run_error(path, no_forward)
-    assert str(err).startswith(f"{path}:{where}: error:") and "1e999" in err.message
+    assert str(err).startswith(f"{path}:{line}:") and "1e999" in err.message
 
 
 @pytest.mark.parametrize("argument", [f"n={HUGE}", f"length={HUGE}", f"seed={HUGE}"])
