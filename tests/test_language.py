@@ -1058,3 +1058,18 @@ def test_steering_with_the_mean_of_shorter_prompts(tmp_path):
     path = write(tmp_path, "metric logprob(io) at 5\nsteer resid_pre[layer=0] by 4 * mean(positive)", rows)
     steer = prepare(path).interventions[0]
     assert [t.column for t in steer.terms] == ["positive"] and steer.terms[0].mask.sum() == 6
+
+
+@pytest.mark.parametrize("statement", [
+    "path z[layer=1, head=*] -> q[layer=0] from corrupt into clean",  # the receiver runs before the sender
+    "path z[layer=*, head=0] -> v[layer=0, head=1] from corrupt into clean",
+])
+def test_path_receivers_that_no_sender_reaches(tmp_path, statement):
+    """A sender at or after the receivers' layer has no path to them: a file error, or no effect; never a crash."""
+    path = write(tmp_path, f"metric logprob(io)\n{statement}")
+    try:
+        ds = causal.run(path, config())
+    except CausalError as err:
+        assert str(err).startswith(f"{path}:4:")
+        return
+    assert float(abs(ds.path_z - ds.clean).max()) == 0.0
