@@ -1073,3 +1073,19 @@ def test_path_receivers_that_no_sender_reaches(tmp_path, statement):
         assert str(err).startswith(f"{path}:4:")
         return
     assert float(abs(ds.path_z - ds.clean).max()) == 0.0
+
+
+def test_path_patching_to_receivers_alone_in_a_file(tmp_path):
+    """Run 2 starts at the receivers' layer; that must work without other statements that happen to cache it."""
+    path = write(tmp_path, "metric logprob(io)\npath z[layer=0, head=*] -> q[layer=1, head=*] from corrupt into clean")
+    fast = causal.run(path, config())
+    reference = causal.run(path, config(optimize=False))
+    assert fast.path_z.dims == ("layer", "head", "example")
+    assert float(abs(fast.path_z - reference.path_z).max()) < 1e-5
+
+
+def test_attribution_of_a_site_that_is_constant(tmp_path):
+    """The toy's mlp_out is a zero stand-in: patching it changes nothing, so its estimate is the base metric."""
+    path = write(tmp_path, "metric logprob(io)\nattribute mlp_out[layer=*] from corrupt into clean")
+    ds = causal.run(path, config())
+    assert float(abs(ds.attribute_mlp_out - ds.clean).max()) == 0.0
