@@ -1089,3 +1089,20 @@ def test_attribution_of_a_site_that_is_constant(tmp_path):
     path = write(tmp_path, "metric logprob(io)\nattribute mlp_out[layer=*] from corrupt into clean")
     ds = causal.run(path, config())
     assert float(abs(ds.attribute_mlp_out - ds.clean).max()) == 0.0
+
+
+def test_restoring_the_site_that_is_severed(tmp_path):
+    """`restore attn_out ... severing attn` asks for attn_out both clean and noised at the restored token.
+
+    Either the file is rejected, or one rule decides, the same however rows are batched (fast path =
+    reference path).
+    """
+    path = write(tmp_path, "metric logprob(io)\n"
+                           "trace noise(3 sigma, samples=2) on [1, 2] restore attn_out[layer=*, pos=*] severing attn")
+    try:
+        fast = causal.run(path, config())
+    except CausalError as err:
+        assert str(err).startswith(f"{path}:4:")
+        return
+    reference = causal.run(path, config(optimize=False))
+    assert float(abs(fast.trace_attn_out - reference.trace_attn_out).max()) < 1e-5
