@@ -1097,12 +1097,14 @@ def test_restoring_the_site_that_is_severed(tmp_path):
     Either the file is rejected, or one rule decides, the same however rows are batched (fast path =
     reference path).
     """
-    path = write(tmp_path, "metric logprob(io)\n"
-                           "trace noise(3 sigma, samples=2) on [1, 2] restore attn_out[layer=*, pos=*] severing attn")
+    rows = [{"clean": f"t0 t{10 + i} t{30 + i} t5 t{10 + i} t7 t8", "corrupt": f"t0 t{11 + i} t{31 + i} t5 t{11 + i} t7 t8",
+             "io": f"t{30 + i}", "s": f"t{10 + i}"} for i in range(6)]
+    path = write(tmp_path, "metric logit_diff(io, s)\nmetric logprob(next) at 1..3\n"
+                           "trace noise(3 sigma, samples=2) on [1, 2] restore attn_out[layer=*, pos=*] severing attn", rows)
     try:
         fast = causal.run(path, config())
     except CausalError as err:
-        assert str(err).startswith(f"{path}:4:")
+        assert str(err).startswith(f"{path}:5:")
         return
     reference = causal.run(path, config(optimize=False))
     assert float(abs(fast.trace_attn_out - reference.trace_attn_out).max()) < 1e-5
