@@ -38,7 +38,7 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
         variables.append(_labelled(values.numpy(), ["example"], {}, names, several, stream,
                                    {"kind": "baseline", "prompts": stream}))
     dataset = xr.merge(variables, join="outer", combine_attrs="drop")
-    if textual_pos:  # the union of the statements' positions, numbers in order, then names as written
+    if textual_pos:  # the union of the statements' positions, in the order they are written
         dataset = dataset.reindex(pos=_position_order(experiment))
     for variable in variables:
         dataset[variable.name].attrs = variable.attrs
@@ -50,9 +50,8 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
 
 
 def _position_order(experiment: Experiment) -> list[str]:
-    values = dict.fromkeys(v for i in experiment.interventions for v in i.sweep.coords.get("pos", []))
-    numbers = sorted(v for v in values if isinstance(v, int))
-    return [str(v) for v in numbers] + [v for v in values if isinstance(v, str)]
+    """Positions in the order the statements first name them."""
+    return [str(v) for v in dict.fromkeys(v for i in experiment.interventions for v in i.sweep.coords.get("pos", []))]
 
 
 def metric_labels(experiment: Experiment) -> list[str]:

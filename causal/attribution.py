@@ -61,11 +61,11 @@ class AttributionRun:
             values = metric_values(experiment, output, intervention.base, examples, slots,
                                    executor.references_for(examples), mask)
             grads = []
+            live = [k for k in sorted(watched, key=str) if kept[k].requires_grad]  # a constant site has no gradient
             for m in range(values.shape[1]):
-                tensors = [kept[k] for k in sorted(watched, key=str)]
-                got = torch.autograd.grad(values[:, m].sum(), tensors, retain_graph=m < values.shape[1] - 1,
-                                          allow_unused=True)
-                grads.append(dict(zip(sorted(watched, key=str), got)))
+                got = torch.autograd.grad(values[:, m].sum(), [kept[k] for k in live],
+                                          retain_graph=m < values.shape[1] - 1, allow_unused=True) if live else ()
+                grads.append({k: None for k in watched} | dict(zip(live, got)))
         base_values = values.detach().cpu()
         builder = WriteBuilder(experiment, caches, executor.stats)
         out = torch.zeros((len(intervention.sweep.points), len(examples), values.shape[1]))

@@ -83,7 +83,7 @@ def stream_of(intervention: iv.Intervention) -> str:
 
 
 def make_streams(experiment: Experiment) -> dict[str, Stream]:
-    streams = {column: Stream(column, column) for column in experiment.prompts}
+    streams = {column: Stream(column, column) for column in experiment.runs or experiment.prompts}
     for intervention in experiment.interventions:
         if isinstance(intervention, iv.Trace):
             streams[intervention.noised_name] = Stream(intervention.noised_name, intervention.base,
@@ -208,6 +208,8 @@ def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: 
             valid &= ok
             first = torch.minimum(first, where)
         layer = min((l or 0) for t in point for l in t.layers) if point else 0
+        if isinstance(intervention, iv.PathPatch) and intervention.receivers:  # receivers read in the first pass
+            layer = min([layer, *((l or 0) for t in intervention.receivers for l in t.layers)])
         pos = first if causal else torch.zeros_like(first)
         keep = valid.nonzero()[:, 0]
         per_point.append((torch.full((len(keep),), index), examples[keep], torch.full((len(keep),), layer),

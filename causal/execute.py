@@ -220,8 +220,9 @@ class Executor:
         for start in range(0, n, self.plan.batch_size):
             examples = torch.arange(start, min(start + self.plan.batch_size, n))
             bound = {key: _bind(fn, examples) for key, fn in hooks.items()}
+            last = (prompts.lengths[examples] - 1)[:, None]  # statistics need no logits: unembed one position
             self.guarded(lambda: self.runner.forward(prompts.ids[examples], prompts.attention_mask[examples], bound,
-                                                     read=read_slots(self.experiment, column, examples)[0]),
+                                                     read=last),
                          f"{len(examples)} '{column}' prompts for statistics")
 
     # jobs

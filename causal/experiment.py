@@ -79,6 +79,7 @@ class Experiment:
     metrics: list[Metric]
     interventions: list  # causal.interventions.Intervention
     seed: int = 0
+    runs: list[str] = field(default_factory=list)  # prompt columns the model runs on (each gets a baseline)
 
     @property
     def n_examples(self) -> int:

@@ -53,8 +53,10 @@ def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Exam
 
 def _within(position: int, length: int, example: int, definition: ast.PositionDef, source: str) -> int:
     if not 0 <= position < length:
-        raise CausalError(f"position {definition.name} is {position} in example {example}, outside its prompt of "
-                          f"{length} tokens", definition.span, source)
+        written = (f"{definition.anchor}({definition.column})" + (f"{definition.offset:+d}" if definition.offset else "")
+                   if definition.anchor else str(definition.offset))
+        raise CausalError(f"position {definition.name} = {written} is {position} in example {example}, outside its "
+                          f"prompt of {length} tokens (valid: 0..{length - 1})", definition.span, source)
     return position
 
 

@@ -29,6 +29,7 @@ PATH_SENDERS = ("z", "attn_out", "mlp_out")
 PATH_RECEIVERS = ("q", "k", "v")
 ATTRIBUTABLE = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "neuron")
 DEFAULT_NOISE = {"samples": 10, "seed": None}
+RESERVED = {"layer", "pos", "head", "neuron", "key_pos", "example", "metric"}  # result dims: not variable names
 
 
 class _Resolver:
@@ -36,6 +37,7 @@ class _Resolver:
         self.file, self.model, self.examples, self.seed = file, model, examples, seed
         self.adapter = model.adapter
         self.prompts: dict[str, Prompts] = {}
+        self.runs: set[str] = set()
         self.named = NamedPositions(None)
         self.sites = SweepBuilder(self.adapter, self.named, file.text)
 
@@ -49,6 +51,11 @@ class _Resolver:
             raise self.error(f"no data column {name!r}; the data has {', '.join(columns)}", span,
                              did_you_mean(name, columns))
         return columns[name]
+
+    def run_prompt(self, name: str, span: Span) -> Prompts:
+        """A column the model is run on (and that gets a baseline), not only averaged over."""
+        self.runs.add(name)
+        return self.prompt(name, span)
 
     def prompt(self, name: str, span: Span) -> Prompts:
         if name not in self.prompts:
@@ -85,6 +92,9 @@ class _Resolver:
         if "clean" in self.examples.columns:
             return "clean"
         texts = [c for c, values in self.examples.columns.items() if isinstance(values[0], (str, list))]
+        if not texts:
+            raise self.error("named positions are located in a prompt column, and the data has none (columns: "
+                             f"{', '.join(self.examples.columns)})", self.file.positions[0].span)
         return texts[0]
 
     # sweeps
@@ -104,6 +114,9 @@ class _Resolver:
 
     def name_for(self, node, kind: str, site: str, taken: set[str]) -> str:
         label = node.label or f"{kind}_{site.split(':')[0]}"
+        if node.label and (node.label in RESERVED or node.label.startswith("token_")):
+            raise self.error(f"{node.label!r} names a dimension or coordinate of the results; choose another label",
+                             node.span)
         if node.label and node.label in taken:
             raise self.error(f"the name {node.label!r} is already used (by a data column or another statement)",
                              node.span)
@@ -117,8 +130,8 @@ class _Resolver:
         return " ".join(line.split("#")[0].strip() for line in lines)
 
     def patch(self, node: ast.Patch, taken: set[str]) -> iv.Patch:
-        self.prompt(node.base, node.base_span)
-        self.prompt(node.source, node.source_span)
+        self.run_prompt(node.base, node.base_span)
+        self.run_prompt(node.source, node.source_span)
         self.check_aligned(node.source, node.base, node.span)
         sweep = self.sweep(node.sites, node.base)
         return iv.Patch(self.name_for(node, "patch", node.sites[0].name, taken), self.statement(node.span), node.base,
@@ -129,12 +142,12 @@ class _Resolver:
             raise self.error(f"unknown ablation {node.method!r}; use one of {', '.join(ABLATIONS)}",
                              node.method_span, did_you_mean(node.method, ABLATIONS))
         base = node.base or self.default_base(node.span)
-        self.prompt(base, node.base_span or node.span)
+        self.run_prompt(base, node.base_span or node.span)
         reference = node.over or base
         if node.over and node.method == "zero":
             raise self.error("'over' names the reference prompts of a mean or resample ablation; zero needs none",
                              node.over_span)
-        self.prompt(reference, node.over_span or node.span)
+        self.run_prompt(reference, node.over_span or node.span)
         if node.method == "mean":
             self.check_reference_covers(reference, base, node.over_span or node.span)
         if node.method == "resample":
@@ -160,7 +173,7 @@ class _Resolver:
 
     def steer(self, node: ast.Steer, taken: set[str]) -> iv.Steer:
         base = node.base or self.default_base(node.span)
-        self.prompt(base, node.base_span or node.span)
+        self.run_prompt(base, node.base_span or node.span)
         terms = tuple(self.mean_term(coef, mean) for coef, mean in linear_terms(node.vector, node.span, self.file.text))
         sweep = self.sweep(node.sites, base)
         return iv.Steer(self.name_for(node, "steer", node.sites[0].name, taken), self.statement(node.span), base,
@@ -173,7 +186,7 @@ class _Resolver:
 
     def trace(self, node: ast.Trace, taken: set[str]) -> iv.Trace:
         base = node.base or self.default_base(node.span)
-        prompts = self.prompt(base, node.base_span or node.span)
+        prompts = self.run_prompt(base, node.base_span or node.span)
         options = dict(DEFAULT_NOISE)
         for key, value, span in node.noise.options:
             if key not in options:
@@ -192,6 +205,11 @@ class _Resolver:
                 raise self.error(f"cannot sever {kind!r}; choose from {', '.join(SEVERABLE)}", span,
                                  did_you_mean(kind, SEVERABLE))
             severing.append(self.require_site(SEVERABLE[kind], span))
+        restored = {site.name for site in node.sites}
+        for site, (kind, span) in zip(severing, node.severing):
+            if site in restored:
+                raise self.error(f"severing {kind} freezes {site} at the noised values at the restored token, the "
+                                 f"very site this statement restores there; restore another site", span)
         seed = self.seed if options["seed"] is None else options["seed"]
         noise = iv.NoiseSpec(node.noise.scale, node.noise.relative, options["samples"], seed, noised)
         sweep = self.sweep(node.sites, base)
@@ -205,8 +223,8 @@ class _Resolver:
         return site
 
     def path(self, node: ast.PathPatch, taken: set[str]) -> iv.PathPatch:
-        self.prompt(node.base, node.base_span)
-        self.prompt(node.source, node.source_span)
+        self.run_prompt(node.base, node.base_span)
+        self.run_prompt(node.source, node.source_span)
         self.check_aligned(node.source, node.base, node.span, "path patching")
         sweep = self.sweep(node.senders, node.base, PATH_SENDERS)
         receivers = None
@@ -224,8 +242,8 @@ class _Resolver:
                          f"freeze: {', '.join(FREEZABLE)}", span, did_you_mean(kind, FREEZABLE))
 
     def attribute(self, node: ast.Attribute, taken: set[str]) -> iv.Attribute:
-        self.prompt(node.base, node.base_span)
-        self.prompt(node.source, node.source_span)
+        self.run_prompt(node.base, node.base_span)
+        self.run_prompt(node.source, node.source_span)
         self.check_aligned(node.source, node.base, node.span, "attribution patching")
         sweep = self.sweep(node.sites, node.base, ATTRIBUTABLE)
         if node.verify_top is not None and node.verify_top > len(sweep.points):
@@ -239,10 +257,10 @@ class _Resolver:
     def metric_columns(self, node: ast.MetricDecl) -> None:
         """Tokenize the prompt columns a metric compares with, so they get baselines and positions."""
         if node.name in ("kl", "similarity") and len(node.args) == 1:
-            self.prompt(*node.args[0])
+            self.run_prompt(*node.args[0])
         if node.normalized:
             for column in (node.normalized.clean, node.normalized.corrupt):
-                self.prompt(column, node.normalized.span)
+                self.run_prompt(column, node.normalized.span)
 
     def metric(self, node: ast.MetricDecl, bases: list[str]) -> Metric:
         if node.name not in METRICS:
@@ -253,6 +271,9 @@ class _Resolver:
         if len(node.args) != arity:
             raise self.error(f"metric {node.name!r} takes {arity} answer column(s), got {len(node.args)}", node.span)
         next_token = node.name not in ("kl", "similarity") and node.args[0][0] == NEXT_TOKEN
+        if any(name == NEXT_TOKEN for name, _ in node.args) and (arity != 1 or node.name in ("kl", "similarity")):
+            raise self.error(f"'next' (each prompt's own next token) is an answer for logprob, prob, rank and "
+                             f"accuracy, not for {node.name}", node.span)
         reference = None
         answers: tuple = ()
         if node.name in ("kl", "similarity"):
@@ -327,10 +348,16 @@ def resolve(file: ast.ExperimentFile, model: LoadedModel, seed: int = 0) -> Expe
     interventions = [resolver.intervention(node, taken) for node in file.interventions]
     for node in file.metrics:
         resolver.metric_columns(node)
-    bases = sorted(resolver.prompts)
+    bases = sorted(resolver.runs)
     metrics = [resolver.metric(node, bases) for node in file.metrics]
-    labels = [m.name + (" normalized" if m.normalization else "") for m in metrics]
-    if len(set(labels)) != len(labels):
-        raise CausalError("the same metric is declared twice", file.metrics[-1].span, file.text)
+    labels: dict[str, ast.MetricDecl] = {}
+    for metric, node in zip(metrics, file.metrics):
+        label = metric.name + (" normalized" if metric.normalization else "")
+        if label in labels:
+            raise CausalError(f"a second metric labelled {label!r} (the first is at line {labels[label].span.line}); "
+                              "results could not tell them apart", node.span, file.text,
+                              hint="read several positions with one metric: at [-1, -2]")
+        labels[label] = node
     name = file.name or Path(file.path).stem
-    return Experiment(file, name, model, examples, resolver.prompts, resolver.named, metrics, interventions, seed)
+    return Experiment(file, name, model, examples, resolver.prompts, resolver.named, metrics, interventions, seed,
+                      bases)

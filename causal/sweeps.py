@@ -139,7 +139,11 @@ class SweepBuilder:
                     f"{self.adapter.n_heads} query heads)")
         if dim == "head":
             return f"the model has {size} heads per layer"
-        return f"{site} has {size} {dim}s"
+        if dim == "neuron":
+            return f"the model has {size} MLP neurons per layer"
+        if dim == "key_pos":
+            return f"the shortest prompt has {size} tokens to attend to"
+        return f"{site} has {size} values of {dim}"
 
     def positions_of(self, indices: ast.IndexSet, lengths: tuple[int, int]) -> list[Position]:
         """Integer positions (negative from the end) must exist in every prompt; names must be defined.

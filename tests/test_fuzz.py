@@ -68,7 +68,7 @@ metric rank(s) normalized by clean, corrupt
 metric accuracy(next) at *
 ablate attn_out[layer=-1, pos=[0, A, C]] with zero as zeroed
 ablate embed[pos=1..2] with mean
-trace noise(0.5, seed=3) on [1, 2] restore attn_out[layer=0 window 1] + mlp_out[layer=0] severing attn on corrupt
+trace noise(0.5, seed=3) on [1, 2] restore attn_out[layer=0 window 1] + resid_post[layer=0] severing mlp on corrupt
 attribute q[layer=1, head=*, pos=B] + k[layer=1, pos=B] from clean into corrupt
 """
 

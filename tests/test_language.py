@@ -621,9 +621,9 @@ SEMANTIC = [
     ("positions in corrupt { P = first(s) }\nmetric logprob(io)\nablate z with zero", "3:24",
      "example 0: 't5' does not occur in the prompt 't0 t8 t6 t7 t8 t9 t3'", None),
     ("positions { P = last(s) + 3 }\nmetric logprob(io)\nablate z with zero", "3:13",
-     "position P is 7 in example 0, outside its prompt of 7 tokens", None),
+     "position P = last(s)+3 is 7 in example 0, outside its prompt of 7 tokens", None),
     ("positions { P = first(s) - 2 }\nmetric logprob(io)\nablate z with zero", "3:13",
-     "position P is -1 in example 0, outside its prompt of 7 tokens", None),
+     "position P = first(s)-2 is -1 in example 0, outside its prompt of 7 tokens", None),
     ("positions in nope { P = 1 }\nmetric logprob(io)\nablate z with zero", "3:14", "no data column 'nope'", None),
     ("positions { P = 1, P = 2 }\nmetric logprob(io)\nablate z with zero", "3:20",
      "position 'P' is defined twice (first at line 3)", None),
@@ -656,7 +656,7 @@ SEMANTIC = [
      "language-model head", None),
     ("metric kl(subject)\nablate z with zero", "3:1",
      "kl compares with the 'subject' run at the same positions, but they differ from the 'clean' prompts'", None),
-    ("metric logprob(io)\nmetric logprob(io)\nablate z with zero", "4:1", "the same metric is declared twice", None),
+    ("metric logprob(io)\nmetric logprob(io)\nablate z with zero", "4:1", "a second metric labelled 'logprob(io)' (the first is at line 3)", None),
     # patching and alignment
     ("metric logprob(io)\npatch z from corupt into clean", "4:14", "no data column 'corupt'", "did you mean 'corrupt'?"),
     ("metric logprob(io)\npatch z from subject into clean", "4:1",
@@ -1072,7 +1072,7 @@ def test_path_receivers_that_no_sender_reaches(tmp_path, statement):
     except CausalError as err:
         assert str(err).startswith(f"{path}:4:")
         return
-    assert float(abs(ds.path_z - ds.clean).max()) == 0.0
+    assert float(abs(ds.path_z - ds.clean).max()) < 1e-5  # float32 rounding of differently batched runs
 
 
 def test_path_patching_to_receivers_alone_in_a_file(tmp_path):

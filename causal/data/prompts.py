@@ -75,7 +75,13 @@ def answer_ids(values: list, tokenizer, name: str, span: Span | None = None,
     """One token id per example; an answer that is not exactly one token is an error."""
     out = []
     for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise CausalError(f"column {name!r}, example {index}: an answer is text or a token id, got {value!r}",
+                              span, source)
         if isinstance(value, int):
+            if not 0 <= value < len(tokenizer):
+                raise CausalError(f"column {name!r}, example {index}: token id {value} is outside the vocabulary "
+                                  f"(0..{len(tokenizer) - 1})", span, source)
             out.append(value)
             continue
         ids = tokenizer(str(value), add_special_tokens=False)["input_ids"]
@@ -85,6 +91,10 @@ def answer_ids(values: list, tokenizer, name: str, span: Span | None = None,
                               f"{pieces}, not one", span, source,
                               hint="answers are compared as single tokens; GPT-2 style tokenizers "
                                    "usually need a leading space (' Mary')")
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        if unknown is not None and ids[0] == unknown and value.strip() != tokenizer.unk_token:
+            raise CausalError(f"column {name!r}, example {index}: answer {value!r} is not in the vocabulary (the "
+                              f"tokenizer reads it as its unknown token {tokenizer.unk_token!r})", span, source)
         out.append(ids[0])
     return torch.tensor(out)
 

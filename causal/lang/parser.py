@@ -5,6 +5,7 @@ applied, so later stages only ever see plain values.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,11 +71,25 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CausalError:
         found = repr(text[exc.pos_in_stream]) if exc.pos_in_stream < len(text) else "end of file"
     else:
         found = "this"
-    expected = set(getattr(exc, "expected", None) or ()) or set(getattr(exc, "allowed", None) or ())
+    expected = _acceptable(exc)
     message = f"syntax error: unexpected {found}"
-    if expected:
-        message += "; expected " + ", ".join(sorted({_TERMINAL_NAMES.get(t, _keyword(t)) for t in expected}))
-    return CausalError(message, Span(path, line, column), text)
+    readable = sorted({_TERMINAL_NAMES.get(t, _keyword(t)) for t in expected})
+    if readable:
+        message += "; expected " + ", ".join(readable)
+    keywords = [name.strip("'") for name in readable if name.startswith("'") and name.strip("'").isalpha()]
+    hint = did_you_mean(found.strip("'"), keywords) if found.startswith("'") else None
+    return CausalError(message, Span(path, line, column), text, hint)
+
+
+def _acceptable(exc: UnexpectedInput) -> set[str]:
+    """The terminals the parser could take here: exact from its state when Lark keeps it."""
+    parser = getattr(exc, "interactive_parser", None)
+    if parser is not None:
+        try:
+            return {t for t in parser.accepts() if t != "$END"}
+        except Exception:  # noqa: BLE001 -- fall back to Lark's own (wider) list
+            pass
+    return set(getattr(exc, "expected", None) or ()) or set(getattr(exc, "allowed", None) or ())
 
 
 def _keyword(terminal: str) -> str:
@@ -99,7 +114,11 @@ def _parameters(tree: Tree, text: str, path: str, overrides: dict[str, object]) 
             span = _span(path, name_token)
             if str(name_token) in declared:
                 raise CausalError(f"parameter {str(name_token)!r} is declared twice", span, text)
-            declared[str(name_token)] = (_literal_value(literal), span)
+            value = _literal_value(literal)
+            problem = _checked(value, str(literal.children[0])) if literal.data == "number" else None
+            if problem:
+                raise CausalError(problem, _span(path, literal.children[0]), text)
+            declared[str(name_token)] = (value, span)
     values = {name: value for name, (value, _) in declared.items()}
     for name, raw in overrides.items():
         if name not in declared:
@@ -119,8 +138,20 @@ def _literal_value(tree: Tree):
     return str(token)
 
 
+LARGEST = 2 ** 31 - 1  # indices, counts and seeds beyond this are typos, and overflow torch
+
+
 def _number(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _checked(value: int | float, written: str) -> str | None:
+    """Why a number cannot be used, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"the number {written} is too large (it is {value} as a float)"
+    if isinstance(value, int) and abs(value) > LARGEST:
+        return f"the number {written} is too large (at most {LARGEST})"
+    return None
 
 
 def _convert(name: str, raw: object, default: object) -> object:
@@ -128,12 +159,18 @@ def _convert(name: str, raw: object, default: object) -> object:
     try:
         if isinstance(default, bool) or isinstance(default, str):
             return str(raw)
+        if isinstance(raw, bool):
+            raise ValueError
         if isinstance(default, int):
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
-            return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
-        return float(raw)
-    except (TypeError, ValueError):
+            value = int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
+        else:
+            value = float(raw)
+        if _checked(value, str(raw)):
+            raise ValueError
+        return value
+    except (TypeError, ValueError, OverflowError):
         kind = type(default).__name__
         raise CausalError(f"parameter {name!r} must be {'an' if kind == 'int' else 'a'} {kind} "
                           f"(its default is {default!r}), got {raw!r}") from None
@@ -169,7 +206,14 @@ class _ToAst(Transformer):
 
     # values
     def number(self, meta, items):
-        return _number(str(items[0]))
+        return self._bounded(items[0])
+
+    def _bounded(self, token: Token) -> int | float:
+        value = _number(str(token))
+        problem = _checked(value, str(token))
+        if problem:
+            raise self._error(problem, token)
+        return value
 
     def string(self, meta, items):
         return str(items[0])[1:-1]
@@ -179,7 +223,7 @@ class _ToAst(Transformer):
         return self.params.get(name, name)
 
     def int_value(self, meta, items):
-        return int(items[0])
+        return self._bounded(items[0])
 
     def name_value(self, meta, items):
         return self._param(items[0], (int,), "a whole number is needed here")
@@ -189,7 +233,7 @@ class _ToAst(Transformer):
 
     # index sets
     def int_index(self, meta, items):
-        return int(items[0])
+        return self._bounded(items[0])
 
     def name_index(self, meta, items):
         token = items[0]
@@ -270,11 +314,16 @@ class _ToAst(Transformer):
         scale = items[0]
         relative = any(isinstance(i, Token) and i.type == "SIGMA" for i in items[1:])
         options = tuple(i for i in items[1:] if isinstance(i, tuple))
+        seen: set[str] = set()
+        for key, _, span in options:
+            if key in seen:
+                raise CausalError(f"noise option {key!r} is given twice", span, self.text)
+            seen.add(key)
         return ast.Noise(float(scale), relative, options, self._s(meta))
 
     def offset(self, meta, items):
         sign = -1 if str(items[0]) == "-" else 1
-        return sign * int(items[1])
+        return sign * self._bounded(items[1])
 
     # steering expressions
     def param_ref(self, meta, items):
@@ -319,7 +368,7 @@ class _ToAst(Transformer):
         return ("positions", (anchor, tuple(i for i in items if isinstance(i, ast.PositionDef))), self._s(meta))
 
     def fixed_position(self, meta, items):
-        return (None, None, int(items[0]))
+        return (None, None, self._bounded(items[0]))
 
     def anchored_position(self, meta, items):
         return (str(items[0]), str(items[1]), items[2] if len(items) > 2 and items[2] is not None else 0)
