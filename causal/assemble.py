@@ -100,11 +100,22 @@ def _labelled(data, dims, coords, names, several, name, attrs) -> xr.DataArray:
 def _token_coords(experiment: Experiment, positions: np.ndarray) -> dict:
     """`token_<column>` (example, pos): the token each example has at each labelled position."""
     coords = {}
+    readable = _readable(experiment.model.tokenizer)
     for column, prompts in experiment.prompts.items():
-        table = [[_token_at(experiment, tokens, example, p) for p in positions]
+        table = [[_token_at(experiment, [readable(t) for t in tokens], example, p) for p in positions]
                  for example, tokens in enumerate(prompts.tokens)]
         coords[f"token_{column}"] = (("example", "pos"), np.array(table, dtype=object).astype(str))
     return coords
+
+
+def _readable(tokenizer):
+    """'ĠMary' -> ' Mary': tokens as text, as the tokenizer would print them."""
+    def show(token: str) -> str:
+        try:
+            return tokenizer.convert_tokens_to_string([token])
+        except Exception:  # noqa: BLE001 -- a tokenizer that cannot: keep its own spelling
+            return token
+    return show
 
 
 def _token_at(experiment: Experiment, tokens: list[str], example: int, position) -> str:
