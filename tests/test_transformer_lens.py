@@ -133,3 +133,31 @@ def assert_agree(ours: np.ndarray, theirs: torch.Tensor, results, what: str) -> 
     baseline = results["corrupt"].values
     moved = np.abs(ours - (baseline if ours.shape[-1] == baseline.shape[0] else baseline.mean())).max()
     assert moved > 10 * TOLERANCE, f"{what}: no patch moves the metric (largest change {moved:.2e})"
+
+
+def test_benchmark_smoke_run_agrees_and_fails_on_disagreement(capsys):
+    """benchmarks/sweep.py --quick: all three methods agree; a zero tolerance makes it exit non-zero."""
+    from benchmarks import sweep
+
+    small = ["--quick", "--repeats", "1", "--examples", "2", "--tokens", "5", "--device", "cpu"]
+    assert sweep.main(small) == 0
+    out = capsys.readouterr().out
+    assert out.count("agreement") == 6 and "TOO LARGE" not in out and "floor ratio" in out
+    assert sweep.main([*small, "--sweeps", "head", "--tolerance", "0"]) == 1
+
+
+def test_flop_floor_counts_only_the_work_a_patch_changes():
+    from benchmarks.sweep import block_flops, flop_ratio, full_forward_flops, site_floor_flops
+
+    layers, heads, d, vocab, tokens = 3, 2, 8, 10, 4
+    full = full_forward_flops(layers, d, vocab, tokens)
+    one_logit_row = 2 * d * vocab
+    shape = (layers, d, vocab, tokens)
+    # patching the first position of the first layer redoes the whole trunk, but needs one logit row
+    assert site_floor_flops("resid_pre", 0, 0, *shape) == full - (tokens - 1) * one_logit_row
+    # the last layer at the last position: one block at one position
+    assert site_floor_flops("resid_pre", layers - 1, tokens - 1, *shape) == block_flops(d, tokens - 1) + one_logit_row
+    # a head in the last layer: that layer's output projection (2d^2) and MLP (16d^2) at one position
+    assert site_floor_flops("head", layers - 1, tokens - 1, *shape) == 18 * d * d + one_logit_row
+    naive, floor, ratio = flop_ratio("resid_pre", layers, heads, d, vocab, tokens)
+    assert naive == (1 + layers * tokens) * full and 1 < ratio == naive / floor
