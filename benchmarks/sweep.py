@@ -36,7 +36,8 @@ import torch
 from transformer_lens import patching
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+if not __package__:  # run as a script: make `causal` (this checkout's) and `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import causal  # noqa: E402
 from benchmarks.references import (  # noqa: E402
