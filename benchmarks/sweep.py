@@ -111,17 +111,22 @@ def causal_sweep(experiment, config: causal.RunConfig, sweep: str) -> np.ndarray
 
 # ---- timing ----
 
-def timed(compute: Callable[[], np.ndarray], repeats: int, warmup: int, device) -> tuple[np.ndarray, list[float]]:
+def timed(methods: dict[str, Callable[[], np.ndarray]], repeats: int, warmup: int,
+          device) -> dict[str, tuple[np.ndarray, list[float]]]:
+    """Each method's last result and its run times. Repeats go round-robin over the methods, so a
+    change in machine load (other processes) spreads over all of them instead of hitting one."""
     for _ in range(warmup):
-        compute()
-    times, result = [], None
+        for compute in methods.values():
+            compute()
+    out: dict[str, tuple[np.ndarray, list[float]]] = {name: (None, []) for name in methods}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        result = compute()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return result, times
+        for name, compute in methods.items():
+            synchronize(device)
+            start = time.perf_counter()
+            result = compute()
+            synchronize(device)
+            out[name] = (result, [*out[name][1], time.perf_counter() - start])
+    return out
 
 
 def synchronize(device) -> None:
@@ -221,8 +226,8 @@ def main(argv=None) -> int:
     shape = TINY if args.quick else GPT2_SMALL
     print(f"machine: {machine(args.device)}")
     print(f"model: random GPT-2 {shape}, float32, seed {args.seed}; {args.examples} examples x {args.tokens} "
-          f"tokens; causal batch_size {args.batch_size}; median of {args.repeats} repeat(s) after "
-          f"{args.warmup} warm-up run(s)")
+          f"tokens; causal batch_size {args.batch_size}; median of {args.repeats} repeat(s) (round-robin "
+          f"over the methods) after {args.warmup} warm-up run(s)")
     model = build_gpt2(**shape, seed=args.seed)
     inputs = make_inputs(args.examples, args.tokens, shape["vocab"], args.seed)
     failures = []
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
                 "naive loop": lambda: naive_sweep(model, inputs, sweep, args.device),
                 "causal": lambda: causal_sweep(experiment, config, sweep),
             }
-            results = {name: timed(fn, args.repeats, args.warmup, args.device) for name, fn in methods.items()}
+            results = timed(methods, args.repeats, args.warmup, args.device)
             failures += report(sweep, results, shape, args)
             del experiment
     for failure in failures:
