@@ -33,10 +33,10 @@ def cli(*args: str) -> list[str]:
 
 
 def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(write_experiment, tmp_path):
-    path = write_experiment(SWEEP, make_rows(n=40))
+    path = write_experiment(SWEEP, make_rows(n=16))
     checkpoints = tmp_path / "ck"
     command = cli(str(path), f"hydra.run.dir={tmp_path / 'run'}", f"checkpoints={checkpoints}", "batch_size=2",
-                  "device=cpu", "progress=false", "plots=false")
+                  "pack=exact", "device=cpu", "progress=false", "plots=false")
     victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while len(list(checkpoints.glob("*/job-*.safetensors"))) < 5:
@@ -49,8 +49,8 @@ def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(write_exp
     done = len(list(folder.glob("job-*.safetensors")))
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    config = RunConfig(device="cpu", progress=False, batch_size=2)
-    total = len(compile_plan(causal.prepare(path, config), 2).jobs)
+    config = RunConfig(device="cpu", progress=False, batch_size=2, pack="exact")
+    total = len(compile_plan(causal.prepare(path, config), 2, "exact").jobs)
     assert re.search(rf"resuming: {done} of {total} batches already done", resumed.stderr + resumed.stdout)
     assert not folder.exists(), "checkpoints are removed once the results are saved"
     uninterrupted = [a.replace(str(tmp_path / "run"), str(tmp_path / "fresh")).replace(str(checkpoints), str(
