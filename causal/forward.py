@@ -18,8 +18,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from causal.models import LoadedModel
+from causal.models.adapter import ActivationFn
 
-ActivationFn = Callable[[torch.Tensor, int], torch.Tensor | None]
+
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Runner:
             hidden = args[0]
             return (hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1])), *args[1:])
 
-        with _temporary_pre_hook(self.lm_head, gather):
+        with _temporary_hook(self.lm_head, gather, pre=True):
             yield
 
     def note_block_output(self) -> "contextmanager":
@@ -135,17 +136,8 @@ class Runner:
 
 
 @contextmanager
-def _temporary_pre_hook(module: nn.Module, fn) -> Iterator[None]:
-    handle = module.register_forward_pre_hook(fn)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _temporary_hook(module: nn.Module, fn) -> Iterator[None]:
-    handle = module.register_forward_hook(fn)
+def _temporary_hook(module: nn.Module, fn, pre: bool = False) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
     try:
         yield
     finally:
