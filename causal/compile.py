@@ -236,7 +236,7 @@ def target_first_position(experiment: Experiment, target: Target, examples: torc
     if target.pos is None:
         return torch.zeros_like(lengths), torch.ones_like(lengths, dtype=torch.bool)
     if isinstance(target.pos, str):
-        first = torch.tensor([min(experiment.positions.indices[target.pos][int(e)]) for e in examples])
+        first = experiment.positions.first(target.pos)[examples]
         return first, torch.ones_like(lengths, dtype=torch.bool)
     absolute = lengths + target.pos if target.pos < 0 else torch.full_like(lengths, target.pos)
     ok = (absolute >= 0) & (absolute < lengths)

@@ -58,14 +58,22 @@ class NamedPositions:
     anchor: str | None
     indices: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # name -> per example
     lengths: torch.Tensor | None = None  # the anchor prompts' lengths, to check other prompts line up
+    _masks: dict = field(default_factory=dict, repr=False)
 
     def mask(self, name: str, width: int) -> torch.Tensor:
-        """(examples, width) bool: where `name` falls in each example."""
-        rows = self.indices[name]
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for example, positions in enumerate(rows):
-            mask[example, list(positions)] = True
-        return mask
+        """(examples, width) bool: where `name` falls in each example (built once per width)."""
+        key = (name, width)
+        if key not in self._masks:
+            rows = self.indices[name]
+            mask = torch.zeros(len(rows), width, dtype=torch.bool)
+            for example, positions in enumerate(rows):
+                mask[example, list(positions)] = True
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def first(self, name: str) -> torch.Tensor:
+        """(examples,) the first position `name` covers in each example."""
+        return torch.tensor([min(positions) for positions in self.indices[name]])
 
 
 @dataclass
