@@ -221,7 +221,8 @@ def test_empty_json_file(write_experiment, tmp_path, no_forward):
     path = write_experiment(BODY)
     path.write_text(path.read_text().replace('data "data.jsonl"', 'data "d.json"'))
     (tmp_path / "d.json").write_text("")
-    assert str(error_of(path)).startswith(f"{path}:3:1: error: {tmp_path / 'd.json'}:1:1: invalid JSON: Expecting value")
+    assert str(error_of(path)).startswith(
+        f"{path}:3:1: error: {tmp_path / 'd.json'}:1:1: invalid JSON: Expecting value")
 
 
 def test_data_path_that_is_a_folder(write_experiment, tmp_path, no_forward):
@@ -317,7 +318,7 @@ def test_model_override_that_cannot_be_loaded(write_experiment, tmp_path, no_for
 
 
 def test_hub_model_without_network_or_cache(write_experiment, monkeypatch, no_forward):
-    """Offline (HF_HUB_OFFLINE=1) a hub id fails at once; with the variable unset, the hub client retries ~25 s first."""
+    """Offline (HF_HUB_OFFLINE=1) a hub id fails at once; with the variable unset the hub client retries for ~45 s."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     path = write_experiment(BODY, model="someorg/some-model")
@@ -424,7 +425,8 @@ def test_steering_that_overflows_names_the_statement(write_experiment):
     path = write_experiment("metric logprob(io)\nsteer resid_pre[layer=*] by 1e38 * mean(clean)")
     assert str(error_of(path)) == (
         "error: NaN or inf first appears in resid_post of layer 0 for example 0 while running "
-        "'steer resid_pre[layer=*] by 1e38 * mean(clean)' at layer=0\nhint: with float16, try dtype=bfloat16 or float32")
+        "'steer resid_pre[layer=*] by 1e38 * mean(clean)' at layer=0\n"
+        "hint: with float16, try dtype=bfloat16 or float32")
 
 
 def test_logits_that_overflow_with_finite_layers(write_experiment, tiny_models, tmp_path):
