@@ -51,13 +51,28 @@ def prepare(path: str | Path, config: RunConfig) -> Experiment:
 
 
 def run(path: str | Path, config: RunConfig | None = None) -> xr.Dataset:
-    config = config or RunConfig()
+    dataset, checkpoints = run_keeping_checkpoints(path, config or RunConfig())
+    if checkpoints:
+        checkpoints.clear()
+    return dataset
+
+
+def run_keeping_checkpoints(path: str | Path, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
+    """`run`, leaving the checkpoints for the caller to clear once the results are saved."""
     torch.manual_seed(config.seed)
-    return run_prepared(prepare(path, config), config)
+    experiment = prepare(path, config)
+    return _compute(experiment, config)
 
 
 def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
     """The compute half of `run`: for callers (benchmarks, notebooks) that prepare once and run many times."""
+    dataset, checkpoints = _compute(experiment, config)
+    if checkpoints:
+        checkpoints.clear()
+    return dataset
+
+
+def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
     if config.pack not in PACKING:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
     if config.batch_size < 1:
@@ -68,10 +83,7 @@ def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
     store = checkpoint_store(experiment, config, plan) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
-    dataset = assemble(experiment, raw, info)
-    if store:
-        store.clear()
-    return dataset
+    return assemble(experiment, raw, info), store
 
 
 def default_cache_bytes(device: torch.device) -> float:

@@ -41,7 +41,15 @@ def _run(args: list[str]) -> int:
     path = Path(files[0])
     if not path.is_file():
         raise CausalError(f"no experiment file {str(path)!r}")
-    overrides = [as_hydra_override(a) for a in rest if "=" in a]
+    given = [a for a in rest if "=" in a]
+    check_keys(path, given)
+    for argument in given:
+        key, value = argument.split("=", 1)
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            check_folder(Path(value))
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in given):
+        check_folder(Path("outputs"))
+    overrides = [as_hydra_override(a) for a in given]
     hydra_argv = [*multirun, f"file={path}", f"hydra.job.name={path.stem}", *overrides]
     from causal.hydra_app import launch
     return launch(hydra_argv)
@@ -59,6 +67,35 @@ def as_hydra_override(argument: str) -> str:
     if key.startswith(("+", "~", "hydra.", "hydra/", "params.")) or key.split(".")[0] in run_settings():
         return argument
     return f"+params.{argument}"
+
+
+def check_keys(path: Path, arguments: list[str]) -> None:
+    """Every key is a run setting, a Hydra key, or a parameter the file declares."""
+    from causal.errors import did_you_mean
+    from causal.lang.parser import parse_file
+    settings = run_settings() - {"file", "hydra", "params"}
+    declared = None
+    for argument in arguments:
+        key = argument.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("hydra.", "hydra/", "params.")) or key.split(".")[0] in settings:
+            continue
+        if declared is None:
+            declared = [p.name for p in parse_file(path).params]
+        if key not in declared:
+            raise CausalError(f"unknown parameter {key!r} on the command line; {path} declares: "
+                              f"{', '.join(declared) or 'none'}; run settings: {', '.join(sorted(settings))} "
+                              f"(got {argument})",
+                              hint=did_you_mean(key, [*declared, *settings]))
+
+
+def check_folder(folder: Path) -> None:
+    """Hydra creates the run folder before the run: a file in its way would be a raw traceback there."""
+    for ancestor in [folder, *folder.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise CausalError(f"cannot write results under {str(folder)!r}: {str(ancestor)!r} is a file "
+                                  "(Not a directory)")
+            return
 
 
 def _plot(run_dir: Path) -> int:

@@ -81,7 +81,14 @@ class Executor:
         attribution_runs = [AttributionRun(self.experiment, x) for _, x in attributions]
         for chunk_index, chunk in enumerate(self.plan.chunks):
             indices = [next(numbered) for _ in chunk.jobs]
-            pending = [(k, job) for k, job in zip(indices, chunk.jobs) if f"job-{k:06d}" not in done]
+            pending = []
+            for k, job in zip(indices, chunk.jobs):
+                saved = self.saved(f"job-{k:06d}", done)
+                if saved is None:
+                    pending.append((k, job))
+                else:
+                    self.collect(job, saved)
+                    bar.update(1)
             caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(attribution_runs))
             for k, job in pending:
                 values = self.backoff.run(lambda j: self.run_job(j, caches), job)
@@ -89,10 +96,6 @@ class Executor:
                     self.store.save(f"job-{k:06d}", values)
                 self.collect(job, values)
                 bar.update(1)
-            for k, job in zip(indices, chunk.jobs):
-                if f"job-{k:06d}" in done:
-                    self.collect(job, self.store.load(f"job-{k:06d}"))
-                    bar.update(1)
             for run in attribution_runs:
                 run.chunk(self, chunk, caches)
                 bar.update(1)
@@ -105,6 +108,16 @@ class Executor:
             self.notes.update(run.notes())
         return RawResults(self.baselines, effects, self.notes)
 
+    def saved(self, key: str, done: set[str]) -> torch.Tensor | None:
+        """A finished piece from the checkpoint store; a damaged one is recomputed, not trusted."""
+        if key not in done:
+            return None
+        try:
+            return self.store.load(key)
+        except Exception as exc:  # noqa: BLE001 -- any unreadable file: compute it again
+            log.warning("checkpoint %s is damaged (%s); recomputing it", self.store.folder / key, exc)
+            return None
+
     def collect(self, job: Job, values: torch.Tensor) -> None:
         intervention = self.experiment.interventions[job.intervention]
         self.sums[intervention.name].add(job.points, job.examples, values)
@@ -114,11 +127,12 @@ class Executor:
         """Each stream once over the chunk: metric baselines, and what later jobs read from it."""
         plan = self.plan
         caches = Caches(int(chunk.examples[0]), {name: s.samples for name, s in plan.streams.items()})
-        self.references: dict[int, torch.Tensor] = {}
+        self.references: dict[int, dict[int, torch.Tensor]] = {}  # metric -> example -> what it compares with
         for stream in self.stream_order():
             key = f"base-{chunk_index:04d}-{stream.name}"
-            if not need and key in done and not self.is_reference(stream):
-                self.baselines[stream.name][chunk.examples] = self.store.load(key)
+            saved = None if need or self.is_reference(stream) else self.saved(key, done)
+            if saved is not None:
+                self.baselines[stream.name][chunk.examples] = saved
                 continue
             values = self.base_run(stream, chunk.examples, caches)
             if self.store:

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from causal.api import RunConfig, run
+from causal.api import RunConfig, run_keeping_checkpoints
 from causal.errors import CausalError
 from causal.plot import plot_all
 from causal.results import save
@@ -22,19 +22,44 @@ def _task(cfg: DictConfig) -> None:
     global _exit_code
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
-    config = RunConfig(seed=cfg.seed, model=cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                       pack=cfg.pack, params=dict(cfg.params), progress=cfg.progress,
-                       checkpoints=cfg.checkpoints if cfg.resume else None,
-                       trust_remote_code=cfg.trust_remote_code, overrides=overrides)
     try:
-        dataset = run(cfg.file, config)
+        config = run_config(cfg, overrides)
+        dataset, checkpoints = run_keeping_checkpoints(cfg.file, config)
         results = save(dataset, out_dir / "results.nc")
+        if checkpoints:  # only once the results are safely on disk
+            checkpoints.clear()
         plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
     except CausalError as exc:
         print(exc, file=sys.stderr)
         _exit_code = 2
         return
     print(summary(dataset, results, plots))
+
+
+SETTING_TYPES = {"seed": int, "batch_size": int, "progress": bool, "plots": bool, "resume": bool,
+                 "trust_remote_code": bool, "cache_gb": float}
+
+
+def run_config(cfg: DictConfig, overrides: list[str]) -> RunConfig:
+    """RunConfig from the Hydra config, each setting checked: Hydra would pass `batch_size=abc` through."""
+    values = {}
+    for key, kind in SETTING_TYPES.items():
+        value = cfg.get(key)
+        if value is None and key == "cache_gb":
+            values[key] = None
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise CausalError(f"setting {key}={value!r} must be {'true or false' if kind is bool else kind.__name__}")
+        values[key] = value
+    if values["cache_gb"] is not None and values["cache_gb"] <= 0:
+        raise CausalError(f"setting cache_gb={values['cache_gb']} must be positive (or null for the default)")
+    return RunConfig(seed=values["seed"], model=cfg.model, device=str(cfg.device), dtype=str(cfg.dtype),
+                     batch_size=values["batch_size"], pack=str(cfg.pack), params=dict(cfg.params),
+                     progress=values["progress"], checkpoints=cfg.checkpoints if values["resume"] else None,
+                     cache_gb=values["cache_gb"], trust_remote_code=values["trust_remote_code"], overrides=overrides)
 
 
 def summary(dataset, results: Path, plots: list[Path]) -> str:
@@ -47,6 +72,9 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
         mean = effect(dataset, name).mean("example")
         if "metric" in mean.dims:
             mean = mean.isel(metric=0)
+        if not mean.dims:  # nothing swept: one number
+            lines.append(f"{name} ({variable.attrs['statement']}): mean effect {float(mean):+.3f}")
+            continue
         flat = mean.to_series().dropna().abs().sort_values(ascending=False).head(3)
         top = ", ".join(f"{_where(k, mean.dims)}: {mean.to_series()[k]:+.3f}" for k in flat.index)
         lines.append(f"{name} ({variable.attrs['statement']}): largest mean effects {top}")
@@ -65,6 +93,8 @@ def launch(argv: list[str]) -> int:
     sys.argv = ["causal", *argv]
     try:
         _task()
+    except SystemExit as exc:  # Hydra's own errors (a bad override) print their message and exit
+        return 2 if exc.code else _exit_code
     finally:
         sys.argv = saved
     return _exit_code

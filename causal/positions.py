@@ -61,7 +61,8 @@ def _within(position: int, length: int, example: int, definition: ast.PositionDe
 
 
 def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedPositions, source: str,
-                   default_last: bool = True, shift: int = 0, what: str = "position") -> torch.Tensor:
+                   default_last: bool = True, shift: int = 0, what: str = "position",
+                   span: Span | None = None) -> torch.Tensor:
     """(examples, width) bool mask of the positions an index set names in each prompt.
 
     None means the last token (or every token when `default_last` is False). `shift`
@@ -70,6 +71,10 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
     n, width = prompts.ids.shape
     lengths = prompts.lengths
     usable = lengths - shift
+    if (usable < 1).any():
+        i = int((usable < 1).nonzero()[0])
+        raise CausalError(f"example {i} has {int(lengths[i])} token(s): a next-token metric needs a token after the "
+                          "position it reads", indices.span if indices is not None else span, source)
     mask = torch.zeros(n, width, dtype=torch.bool)
     if indices is None and default_last:
         mask[torch.arange(n), usable - 1] = True

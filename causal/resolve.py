@@ -59,9 +59,28 @@ class _Resolver:
 
     def prompt(self, name: str, span: Span) -> Prompts:
         if name not in self.prompts:
-            self.prompts[name] = tokenize_column(self.column(name, span), self.model.tokenizer, name, span,
-                                                 self.file.text)
+            prompts = tokenize_column(self.column(name, span), self.model.tokenizer, name, span, self.file.text)
+            self.check_fits_model(name, prompts, span)
+            self.prompts[name] = prompts
         return self.prompts[name]
+
+    def check_fits_model(self, name: str, prompts: Prompts, span: Span) -> None:
+        """Token ids the model has embeddings for, and no more positions than it was built for."""
+        model = self.model.model
+        rows = model.get_input_embeddings().num_embeddings
+        too_big = (prompts.ids >= rows).nonzero()
+        if len(too_big):
+            i, p = (int(v) for v in too_big[0])
+            raise self.error(f"column {name!r}, example {i}: token id {int(prompts.ids[i, p])} "
+                             f"({prompts.tokens[i][p]!r}) at position {p} has no embedding: the model has {rows} "
+                             "(its tokenizer knows more tokens than the model)", span)
+        config = model.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        longest = int(prompts.lengths.max())
+        if context and longest > context:
+            i = int(prompts.lengths.argmax())
+            raise self.error(f"column {name!r}, example {i} has {longest} tokens, more than the {context} positions "
+                             "the model was built for", span)
 
     def default_base(self, span: Span) -> str:
         if "clean" in self.examples.columns:
@@ -286,7 +305,8 @@ class _Resolver:
             raise self.error("similarity compares whole-sentence embeddings (mean over tokens); it takes no 'at'",
                              node.positions.span)
         positions = {b: position_masks(node.positions, self.prompts[b], self.named, self.file.text,
-                                       shift=1 if next_token else 0, what="metric position") for b in bases}
+                                       shift=1 if next_token else 0, what="metric position", span=node.span)
+                     for b in bases}
         if reference and node.name == "kl":
             bases = [b for b in bases if b != reference]
             for b in bases:

@@ -42,7 +42,7 @@ def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None
     for index, value in enumerate(values):
         if isinstance(value, str):
             row, row_offsets = _encode(value, tokenizer)
-        elif isinstance(value, list) and all(isinstance(v, int) for v in value):
+        elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             row, row_offsets = value, None
         else:
             raise CausalError(f"column {name!r}, example {index}: expected text or a list of token ids, "

@@ -35,7 +35,7 @@ def _parser() -> Lark:
 def parse_file(path: str | Path, params: dict[str, object] | None = None) -> ast.ExperimentFile:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of the file
     except OSError as exc:
         raise CausalError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError:

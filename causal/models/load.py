@@ -108,16 +108,33 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
         model_class, head = model_class_for(config)
-        model = model_class.from_pretrained(target, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+        model, info = model_class.from_pretrained(target, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                  output_loading_info=True)
+    except CausalError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- whatever a broken folder or weights file raises, say so plainly
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CausalError(f"cannot load model {ref!r}: {first_line}", span, source,
                           hint="use a local folder, a 'zoo:' or 'pkg:' model, or a hub id with network access "
-                               "or a filled HF cache") from None
+                               "or a filled HF cache; models that ship their own code need trust_remote_code=true"
+                          ) from None
+    _check_complete(ref, info, tokenizer, span, source)
     model.eval().to(torch_device)
     adapter = adapter_for(model)
     return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device,
                        DTYPES[dtype], head)
+
+
+def _check_complete(ref: str, info: dict, tokenizer, span: Span | None, source: str | None) -> None:
+    """HF fills missing weights with random values and only logs it: every number after that would be noise."""
+    missing = list(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                        for k in info.get("mismatched_keys") or []]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CausalError(f"cannot load model {ref!r}: its weights lack or mis-shape {shown}", span, source)
+    if len(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)) == 0:
+        raise CausalError(f"cannot load model {ref!r}: its tokenizer is empty (no tokenizer files in the folder?)",
+                          span, source)
 
 
 def _revision(target: str, model: torch.nn.Module) -> str:
