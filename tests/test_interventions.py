@@ -108,3 +108,16 @@ def test_patching_every_position_of_resid_pre_at_layer0_recovers_source(arch, wr
     path = write_experiment("metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean", model=arch[1])
     ds = causal.run(path, cpu_config)
     np.testing.assert_allclose(ds["patch_resid_pre"].squeeze("layer").values, ds["corrupt"].values, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_follow_float32(dtype, write_experiment):
+    """Asked-for half precision: the same sweep, every value finite and near the float32 one."""
+    path = write_experiment("metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\n"
+                            "ablate z[layer=*, head=*] with mean\nattribute mlp_out[layer=*] from corrupt into clean")
+    full = causal.run(path, causal.RunConfig(device="cpu", progress=False))
+    half = causal.run(path, causal.RunConfig(device="cpu", progress=False, dtype=dtype))
+    assert half.attrs["dtype"] == dtype
+    for name in ("patch_resid_pre", "ablate_z", "attribute_mlp_out", "clean"):
+        assert np.isfinite(half[name].values).all()
+        np.testing.assert_allclose(half[name].values, full[name].values, atol=0.1)
