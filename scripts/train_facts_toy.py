@@ -35,7 +35,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from causal.zoo import zoo_path
+from causal.zoo import save_zoo_model, zoo_path
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_FACTS = ROOT / "experiments" / "data" / "facts_counterfact.json"
@@ -354,10 +354,7 @@ def train(args: argparse.Namespace) -> dict:
         "train_seconds": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
         "log": log,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    save_zoo_model(args.out, model, tokenizer, record)
     args.world.write_text("".join(json.dumps(r) + "\n" for r in world_records(facts)))
     return record
 

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerFast
 
 from causal.tasks import ioi
 from causal.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
-from causal.zoo import zoo_path
+from causal.zoo import save_zoo_model, zoo_path
 from causal.zoo.attn_only import AttnOnlyConfig, AttnOnlyForCausalLM
 
 SPECIAL = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS, padding, and the unknown word
@@ -152,10 +152,7 @@ def train(steps: int, batch: int, lr: float, weight_decay: float, seed: int, lay
         "train_seconds": round(time.time() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_zoo_model(out, model, tokenizer, record)
     return record
 
 

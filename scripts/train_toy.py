@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from causal.zoo import word_tokenizer, zoo_path
+from causal.zoo import save_zoo_model, word_tokenizer, zoo_path
 from causal.zoo.attn_only import AttnOnlyConfig, AttnOnlyForCausalLM
 
 VOCAB = 64
@@ -84,10 +84,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path) -> dict:
         "train_seconds": round(time.time() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    word_tokenizer(VOCAB).save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_zoo_model(out, model, word_tokenizer(VOCAB), record)
     return record
 
 

@@ -91,6 +91,19 @@ def cpu_config() -> RunConfig:
     return RunConfig(device="cpu", progress=False, batch_size=7)
 
 
+@pytest.fixture
+def no_forward(monkeypatch) -> list:
+    """Fails the test if a forward pass runs before the error it expects is raised."""
+    calls: list = []
+
+    def forward(self, *args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a forward pass ran before the error was reported")
+
+    monkeypatch.setattr("causal.forward.Runner.forward", forward)
+    return calls
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny matrices: a second intra-op thread only adds synchronisation (10-100x slower on a busy machine).

@@ -34,19 +34,6 @@ BODY = "metric logprob(io)\nablate mlp_out[layer=*] with zero"  # lines 4-5 of t
 SWEEP = "metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean"
 
 
-@pytest.fixture
-def no_forward(monkeypatch) -> list:
-    """Fails the test if a forward pass runs before the error is raised."""
-    calls: list = []
-
-    def forward(self, *args, **kwargs):
-        calls.append(args)
-        raise AssertionError("a forward pass ran before the error was reported")
-
-    monkeypatch.setattr(Runner, "forward", forward)
-    return calls
-
-
 def error_of(path: Path, **settings) -> CausalError:
     with pytest.raises(CausalError) as info:
         causal.run(path, RunConfig(**{"device": "cpu", "progress": False, **settings}))

@@ -80,19 +80,6 @@ def _load_each_model_once(monkeypatch):
     monkeypatch.setattr("causal.api.load_model", load)
 
 
-@pytest.fixture
-def no_forward(monkeypatch) -> list:
-    """Records every forward pass; error tests assert that the list stays empty."""
-    calls: list = []
-
-    def forward(self, *args, **kwargs):
-        calls.append(args)
-        raise AssertionError("a forward pass ran before the error was reported")
-
-    monkeypatch.setattr("causal.forward.Runner.forward", forward)
-    return calls
-
-
 def run_error(path: Path, no_forward: list, **changes) -> CausalError:
     """The CausalError that `causal.run` raises for this file, with no forward pass run."""
     with pytest.raises(CausalError) as info:
@@ -357,7 +344,7 @@ def test_command_line_overrides_reach_the_file_params(tmp_path, monkeypatch):
         seen.append(run_config)
         raise CausalError("stop here")
 
-    monkeypatch.setattr("causal.hydra_app.run", fake_run)
+    monkeypatch.setattr("causal.hydra_app.run_keeping_checkpoints", fake_run)
     from causal.cli import main
     try:
         main(["run", str(path), f"hydra.run.dir={tmp_path / 'out'}", "n=2"])

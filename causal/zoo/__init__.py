@@ -16,6 +16,15 @@ def zoo_path(name: str) -> Path:
     return ZOO_DIR / name
 
 
+def save_zoo_model(folder: Path, model, tokenizer, record: dict) -> None:
+    """A zoo entry: an ordinary HF checkpoint (so it loads like any model) plus how it was trained."""
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def word_tokenizer(vocab_size: int):
     """Word-level tokenizer over `t0 .. t{n-1}` (t0 doubles as BOS), so toy prompts are readable text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
