@@ -21,7 +21,7 @@ from causal.experiment import Experiment
 from causal.forward import Output, Resume, Runner
 from causal.health import NonFiniteWatch
 from causal.metrics import metric_values, read_slots, reference_logprobs, sentence_embedding
-from causal.stats import Stats, compute_stats
+from causal.stats import compute_stats
 from causal.writes import Caches, Write, WriteBuilder, as_hook
 
 log = logging.getLogger(__name__)

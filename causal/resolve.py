@@ -12,7 +12,7 @@ import torch
 from causal import interventions as iv
 from causal.data import Examples, Prompts, answer_ids, load_examples, tokenize_column
 from causal.errors import CausalError, Span, did_you_mean
-from causal.experiment import Experiment, Metric, NamedPositions, Sweep, Target
+from causal.experiment import Experiment, Metric, NamedPositions, Sweep
 from causal.lang import ast
 from causal.models import LoadedModel
 from causal.positions import check_anchor_alignment, position_masks, resolve_positions

@@ -11,7 +11,6 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
 from causal.errors import CausalError

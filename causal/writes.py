@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from causal import interventions as iv
-from causal.compile import CacheKey, Job, stream_of
+from causal.compile import CacheKey, Job
 from causal.experiment import Experiment, Target
 
 ZERO = None
@@ -189,4 +189,4 @@ def intervention_base(experiment: Experiment, job: Job) -> str:
     return experiment.interventions[job.intervention].base
 
 
-__all__ = ["Caches", "Write", "WriteBuilder", "as_hook", "stream_of"]
+__all__ = ["Caches", "Write", "WriteBuilder", "as_hook"]

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
 import transformers as T
 
 import causal
