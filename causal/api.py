@@ -72,14 +72,19 @@ def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
     return dataset
 
 
-def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
+def plan_run(experiment: Experiment, config: RunConfig) -> Plan:
+    """The batched forward passes a run of `experiment` under `config` makes."""
     if config.pack not in PACKING:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
     if config.batch_size < 1:
         raise CausalError(f"batch_size must be at least 1, got {config.batch_size}")
     budget = config.cache_gb * 2 ** 30 if config.cache_gb else default_cache_bytes(experiment.model.device)
-    plan = compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type, budget,
+    return compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type, budget,
                         optimize=config.optimize)
+
+
+def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
+    plan = plan_run(experiment, config)
     store = checkpoint_store(experiment, config, plan) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}

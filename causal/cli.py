@@ -1,4 +1,5 @@
-"""`causal` command line: `causal run FILE [key=value ...]`, `causal run -m FILE k=a,b`, `causal plot DIR`.
+"""`causal` command line: `causal run FILE [key=value ...]`, `causal run -m FILE k=a,b`, `causal check FILE`,
+`causal plot DIR`.
 
 Runs go through Hydra so every run gets its own directory under outputs/ with the
 resolved config, and sweeps (`-m`) use Hydra's launchers.
@@ -14,6 +15,7 @@ USAGE = """usage:
   causal run FILE [key=value ...]        run one experiment (keys: the file's params, or seed, device, dtype,
                                          batch_size, pack, progress, plots, model, resume, checkpoints)
   causal run -m FILE key=a,b [...]       a Hydra multirun sweep
+  causal check FILE [key=value ...]      validate against the model and data and show the plan, running nothing
   causal plot RUN_DIR                    re-make the plots of a finished run
 """
 
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["run"]:
             return _run(argv[1:])
+        if argv[:1] == ["check"]:
+            return _check(argv[1:])
         if argv[:1] == ["plot"] and len(argv) == 2:
             return _plot(Path(argv[1]))
     except CausalError as exc:
@@ -34,15 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     multirun = [a for a in args if a in ("-m", "--multirun")]
-    rest = [a for a in args if a not in multirun]
-    files = [a for a in rest if "=" not in a]
-    if len(files) != 1:
-        raise CausalError(f"expected one experiment file, got {files or 'none'}\n{USAGE}")
-    path = Path(files[0])
-    if not path.is_file():
-        raise CausalError(f"no experiment file {str(path)!r}")
-    given = [a for a in rest if "=" in a]
-    check_keys(path, given)
+    path, given = file_and_overrides([a for a in args if a not in multirun])
     for argument in given:
         key, value = argument.split("=", 1)
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -53,6 +49,30 @@ def _run(args: list[str]) -> int:
     hydra_argv = [*multirun, f"file={path}", f"hydra.job.name={path.stem}", *overrides]
     from causal.hydra_app import launch
     return launch(hydra_argv)
+
+
+def _check(args: list[str]) -> int:
+    from causal.api import plan_run, prepare
+    from causal.check import describe
+    from causal.hydra_app import compose_config
+    path, given = file_and_overrides(args)
+    config = compose_config(path, [as_hydra_override(a) for a in given if not a.startswith("hydra")])
+    experiment = prepare(path, config)
+    print(describe(experiment, plan_run(experiment, config)))
+    return 0
+
+
+def file_and_overrides(args: list[str]) -> tuple[Path, list[str]]:
+    """The one experiment file and its `key=value` arguments, each key known."""
+    files = [a for a in args if "=" not in a]
+    if len(files) != 1:
+        raise CausalError(f"expected one experiment file, got {files or 'none'}\n{USAGE}")
+    path = Path(files[0])
+    if not path.is_file():
+        raise CausalError(f"no experiment file {str(path)!r}")
+    given = [a for a in args if "=" in a]
+    check_keys(path, given)
+    return path, given
 
 
 def run_settings() -> set[str]:

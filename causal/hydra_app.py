@@ -62,6 +62,18 @@ def run_config(cfg: DictConfig, overrides: list[str]) -> RunConfig:
                      cache_gb=values["cache_gb"], trust_remote_code=values["trust_remote_code"], overrides=overrides)
 
 
+def compose_config(path: Path, overrides: list[str]) -> RunConfig:
+    """The RunConfig `causal run` would use, composed by Hydra without starting a run."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    try:
+        with initialize_config_module("causal.conf", version_base="1.3"):
+            cfg = compose("run", overrides=[f"file={path}", *overrides])
+    except HydraException as exc:  # a malformed override, or a sweep (a,b) where one value is needed
+        raise CausalError(f"bad setting on the command line: {exc}") from None
+    return run_config(cfg, overrides)
+
+
 def summary(dataset, results: Path, plots: list[Path]) -> str:
     lines = [f"results: {results}"]
     if plots:

@@ -4,9 +4,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import xarray as xr
 
 import causal
+from causal import RunConfig
+from causal.api import plan_run, prepare
+from causal.check import block_work
 from causal.cli import main
 
 
@@ -50,3 +54,39 @@ def test_errors_exit_2_without_traceback(write_experiment, tmp_path):
     assert f"{path}:5:23: error: layer 9 is out of range" in result.stderr
     missing = subprocess.run([sys.executable, "-m", "causal.cli", "run", "nope.cx"], capture_output=True, text=True)
     assert missing.returncode == 2 and "no experiment file 'nope.cx'" in missing.stderr
+
+
+def test_check_shows_the_plan_without_running_anything(write_experiment, no_forward, capsys):
+    path = write_experiment("metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean")
+    assert main(["check", str(path), "device=cpu", "batch_size=7", "pack=exact"]) == 0
+    experiment = prepare(path, RunConfig(device="cpu"))
+    plan = plan_run(experiment, RunConfig(device="cpu", batch_size=7, pack="exact"))
+    layers, width, n = 3, int(experiment.prompts["clean"].ids.shape[1]), experiment.n_examples
+    assert plan.rows == layers * width * n
+    printed = capsys.readouterr().out
+    assert f"{path}: ok, nothing run" in printed and "3 layers, 4 heads, d_model 32" in printed
+    assert f"layer {layers} x pos {width} = {layers * width} points; {plan.rows} rows in" in printed
+    assert f"{len(plan.jobs) + 2} forward passes of up to 7 rows" in printed  # + clean and corrupt, 6 rows each
+    assert not no_forward
+    # Row (l, p) computes layers l.. and positions p.. only: sum over l, p of (L - l)(W - p) over (L W)^2.
+    planned, full = block_work(experiment, plan)
+    assert planned / full == pytest.approx((layers + 1) * (width + 1) / (4 * layers * width))
+    assert f"compute {planned / full:.0%} of the token-layers" in printed
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["nope=1"], "unknown parameter 'nope'"),
+    (["batch_size=abc"], "setting batch_size='abc' must be int"),
+    (["seed=0,1"], "bad setting on the command line"),
+    (["pack=fastest"], "unknown pack 'fastest'"),
+], ids=["unknown-key", "bad-type", "sweep", "bad-pack"])
+def test_check_reports_bad_settings(write_experiment, no_forward, capsys, arguments, message):
+    path = write_experiment("metric logprob(io)\nablate mlp_out[layer=*] with zero")
+    assert main(["check", str(path), "device=cpu", *arguments]) == 2
+    assert message in capsys.readouterr().err and not no_forward
+
+
+def test_check_reports_experiment_errors_with_their_location(write_experiment, no_forward, capsys):
+    path = write_experiment("metric logprob(io)\nablate attn_out[layer=9] with zero")
+    assert main(["check", str(path), "device=cpu"]) == 2
+    assert f"{path}:5:23: error: layer 9 is out of range" in capsys.readouterr().err and not no_forward

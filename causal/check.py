@@ -1,0 +1,68 @@
+"""`causal check`: what a run would do, without a forward pass.
+
+Researchers size a sweep before paying for it. The check goes through every validation a
+run makes (the same errors, before any compute) and reports the model's sites, each
+statement's sweep, and the forward passes the compiler plans with the work they skip.
+"""
+from __future__ import annotations
+
+import math
+
+from causal import interventions as iv
+from causal.compile import Packer, Plan
+from causal.experiment import Experiment
+
+
+def describe(experiment: Experiment, plan: Plan) -> str:
+    return "\n".join([f"{experiment.file.path}: ok, nothing run", *_model_lines(experiment),
+                      *_data_lines(experiment), *_statement_lines(experiment, plan), *_plan_lines(experiment, plan)])
+
+
+def _model_lines(experiment: Experiment) -> list[str]:
+    model, adapter = experiment.model, experiment.model.adapter
+    sizes = f"{adapter.n_layers} layers, {adapter.n_heads} heads, d_model {adapter.d_model}"
+    return [f"model    {model.ref} ({adapter.arch}, {sizes}) on {model.device}, {str(model.dtype).removeprefix('torch.')}",
+            f"sites    {', '.join(adapter.site_names)}, module:<path>"]
+
+
+def _data_lines(experiment: Experiment) -> list[str]:
+    widths = ", ".join(f"{name} {int(p.lengths.min())}-{int(p.lengths.max())}" for name, p in experiment.prompts.items())
+    return [f"data     {experiment.n_examples} examples; prompt tokens {widths}",
+            f"metrics  {'; '.join(m.name for m in experiment.metrics)}"]
+
+
+def _statement_lines(experiment: Experiment, plan: Plan) -> list[str]:
+    lines = []
+    for index, intervention in enumerate(experiment.interventions):
+        sweep = intervention.sweep
+        shape = " x ".join(f"{dim} {size}" for dim, size in zip(sweep.dims, sweep.shape)) or "one point"
+        if isinstance(intervention, iv.Attribute):
+            runs = "gradients: one backward per batch of examples"
+        else:
+            rows = sum(len(job.examples) for job in plan.jobs if job.intervention == index)
+            passes = sum(job.intervention == index for job in plan.jobs)
+            runs = f"{rows} rows in {passes} forward passes"
+        lines.append(f"{intervention.name:<16} {intervention.statement}\n{'':<17}{shape} = {len(sweep.points)} "
+                     f"points; {runs}")
+    return lines
+
+
+def _plan_lines(experiment: Experiment, plan: Plan) -> list[str]:
+    base_rows = sum(stream.samples for stream in plan.streams.values()) * experiment.n_examples
+    base_passes = sum(math.ceil(len(chunk.examples) * stream.samples / plan.batch_size)
+                      for chunk in plan.chunks for stream in plan.streams.values())
+    planned, full = block_work(experiment, plan)
+    lines = [f"plan     {len(plan.jobs) + base_passes} forward passes of up to {plan.batch_size} rows: "
+             f"{base_rows} base rows ({', '.join(plan.streams)}) and {plan.rows} intervention rows, "
+             f"in {len(plan.chunks)} chunk(s) of examples"]
+    if plan.rows:
+        lines.append(f"work     the intervention rows compute {planned / full:.0%} of the token-layers of a full "
+                     "forward each (layers before the first edit and positions before it are reused)")
+    return lines
+
+
+def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:
+    """(token-layers the plan's jobs compute, token-layers if every row ran the whole model)."""
+    packer = Packer(experiment, plan.batch_size, "exact", experiment.model.device.type)
+    planned = sum(packer.cost(len(job.examples), job.start_layer, job.start_pos) for job in plan.jobs)
+    return planned, packer.cost(plan.rows, 0, 0)
