@@ -256,7 +256,6 @@ def main(argv=None) -> int:
             }
             results = timed(methods, args.repeats, args.warmup, args.device)
             failures += report(sweep, results, shape, args)
-            del experiment
     for failure in failures:
         print(f"FAIL: {failure}")
     return 1 if failures else 0
