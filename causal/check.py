@@ -20,9 +20,14 @@ def describe(experiment: Experiment, plan: Plan) -> str:
 
 def _model_lines(experiment: Experiment) -> list[str]:
     model, adapter = experiment.model, experiment.model.adapter
-    sizes = f"{adapter.n_layers} layers, {adapter.n_heads} heads, d_model {adapter.d_model}"
+    sizes = ", ".join(f"{label} {value}" for label, value in
+                      (("layers", adapter.n_layers), ("heads", adapter.n_heads), ("d_model", adapter.d_model))
+                      if value is not None)
+    sites = ", ".join([*adapter.site_names, "module:<path>"])
+    if not adapter.site_names:
+        sites += f" only ({adapter.arch} has no architecture adapter)"
     return [f"model    {model.ref} ({adapter.arch}, {sizes}) on {model.device}, {str(model.dtype).removeprefix('torch.')}",
-            f"sites    {', '.join(adapter.site_names)}, module:<path>"]
+            f"sites    {sites}"]
 
 
 def _data_lines(experiment: Experiment) -> list[str]:

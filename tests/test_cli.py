@@ -5,13 +5,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import xarray as xr
+from transformers import BloomConfig, BloomForCausalLM
 
 import causal
 from causal import RunConfig
 from causal.api import plan_run, prepare
 from causal.check import block_work
 from causal.cli import main
+from causal.zoo import word_tokenizer
+from tests.conftest import VOCAB
 
 
 def test_run_writes_results_and_plots(write_experiment, tmp_path, capsys):
@@ -64,7 +68,7 @@ def test_check_shows_the_plan_without_running_anything(write_experiment, no_forw
     layers, width, n = 3, int(experiment.prompts["clean"].ids.shape[1]), experiment.n_examples
     assert plan.rows == layers * width * n
     printed = capsys.readouterr().out
-    assert f"{path}: ok, nothing run" in printed and "3 layers, 4 heads, d_model 32" in printed
+    assert f"{path}: ok, nothing run" in printed and "layers 3, heads 4, d_model 32" in printed
     assert f"layer {layers} x pos {width} = {layers * width} points; {plan.rows} rows in" in printed
     assert f"{len(plan.jobs) + 2} forward passes of up to 7 rows" in printed  # + clean and corrupt, 6 rows each
     assert not no_forward
@@ -90,3 +94,16 @@ def test_check_reports_experiment_errors_with_their_location(write_experiment, n
     path = write_experiment("metric logprob(io)\nablate attn_out[layer=9] with zero")
     assert main(["check", str(path), "device=cpu"]) == 2
     assert f"{path}:5:23: error: layer 9 is out of range" in capsys.readouterr().err and not no_forward
+
+
+def test_check_on_a_model_without_an_adapter_offers_module_sites(write_experiment, tmp_path, no_forward, capsys):
+    torch.manual_seed(0)
+    folder = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)).save_pretrained(folder)
+    word_tokenizer(VOCAB).save_pretrained(folder)
+    path = write_experiment('metric logprob(io)\nablate module("transformer.h.{layer}.mlp")[layer=*] with zero',
+                            model=folder)
+    assert main(["check", str(path), "device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "sites    module:<path> only (bloom has no architecture adapter)" in printed
+    assert "layer 2 = 2 points; 12 rows in" in printed and not no_forward
