@@ -61,8 +61,9 @@ def _plan_lines(experiment: Experiment, plan: Plan) -> list[str]:
              f"{base_rows} base rows ({', '.join(plan.streams)}) and {plan.rows} intervention rows, "
              f"in {len(plan.chunks)} chunk(s) of examples"]
     if plan.rows:
+        skipped = "layer" + (" and position" if experiment.model.adapter.is_causal else "")
         lines.append(f"work     the intervention rows compute {planned / full:.0%} of the token-layers of a full "
-                     "forward each (layers before the first edit and positions before it are reused)")
+                     f"forward each (each starts at the first {skipped} it edits, from the base run's cache)")
     return lines
 
 
