@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from causal.checkpoint import ChunkStore, fingerprint
 from causal.assemble import assemble
+from causal.checkpoint import ChunkStore, fingerprint
 from causal.compile import PACKING, Plan, compile_plan
 from causal.errors import CausalError
 from causal.execute import execute
-from causal.lang.parser import parse_file
-from causal.models import load_model
 from causal.experiment import Experiment
+from causal.lang import ast
+from causal.lang.parser import parse_file, parse_text
+from causal.models import LoadedModel, load_model, wrap_model
 from causal.resolve import resolve
 from causal.results import package_versions
 
@@ -40,21 +41,54 @@ class RunConfig:
     overrides: list[str] = field(default_factory=list)
 
 
-def prepare(path: str | Path, config: RunConfig) -> Experiment:
-    """Everything that can fail on user input, before any forward pass."""
-    file = parse_file(path, config.params)
+def prepare(path: str | Path, config: RunConfig, *, model=None, tokenizer=None) -> Experiment:
+    """Everything that can fail on user input, before any forward pass.
+
+    `model`, `tokenizer`: an HF model object the caller holds (e.g. in a notebook), run in place of
+    the file's `model` line, on its own device and dtype.
+    """
+    file = parse_file(path, config.params, model_given=model is not None or tokenizer is not None)
+    return _resolve(file, config, model, tokenizer)
+
+
+def prepare_text(text: str, config: RunConfig, *, model=None, tokenizer=None) -> Experiment:
+    """`prepare` for an experiment written inline; data paths are relative to the working directory."""
+    file = parse_text(text, "<experiment>", config.params, model_given=model is not None or tokenizer is not None)
+    return _resolve(file, config, model, tokenizer)
+
+
+def _resolve(file: ast.ExperimentFile, config: RunConfig, model, tokenizer) -> Experiment:
+    if model is None and tokenizer is None:
+        if config.model is not None:
+            file = replace(file, model=replace(file.model, ref=config.model))
+        loaded = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text,
+                            trust_remote_code=config.trust_remote_code)
+    else:
+        loaded = _given_model(model, tokenizer, config)
+        file = replace(file, model=ast.ModelDecl(loaded.ref, file.model.span if file.model else file.span))
+    return resolve(file, loaded, config.seed)
+
+
+def _given_model(model, tokenizer, config: RunConfig) -> LoadedModel:
+    if model is None:
+        raise CausalError("a tokenizer was passed without its model; pass both (model=..., tokenizer=...)")
     if config.model is not None:
-        file = replace(file, model=replace(file.model, ref=config.model))
-    model = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text,
-                       trust_remote_code=config.trust_remote_code)
-    return resolve(file, model, config.seed)
+        raise CausalError(f"RunConfig.model={config.model!r} and a model object were both given; keep one")
+    # float32 is RunConfig's default, not a request: a bfloat16 model passed in runs in bfloat16.
+    return wrap_model(model, tokenizer, config.device, None if config.dtype == "float32" else config.dtype)
 
 
-def run(path: str | Path, config: RunConfig | None = None) -> xr.Dataset:
-    dataset, checkpoints = run_keeping_checkpoints(path, config or RunConfig())
-    if checkpoints:
-        checkpoints.clear()
-    return dataset
+def run(path: str | Path, config: RunConfig | None = None, *, model=None, tokenizer=None) -> xr.Dataset:
+    config = config or RunConfig()
+    torch.manual_seed(config.seed)
+    return run_prepared(prepare(path, config, model=model, tokenizer=tokenizer), config)
+
+
+def run_text(text: str, config: RunConfig | None = None, *, model=None, tokenizer=None) -> xr.Dataset:
+    """`run` for an experiment written inline (a notebook cell)."""
+    config = config or RunConfig()
+    torch.manual_seed(config.seed)
+    return run_prepared(prepare_text(text, config, model=model, tokenizer=tokenizer), config)
 
 
 def run_keeping_checkpoints(path: str | Path, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
@@ -110,7 +144,7 @@ def checkpoint_store(experiment: Experiment, config: RunConfig, plan: Plan) -> C
         "revision": experiment.model.revision,
         "data": fingerprint(experiment.examples.columns),
         "seed": config.seed,
-        "dtype": config.dtype,
+        "dtype": str(experiment.model.dtype),
         "device": experiment.model.device.type,
         "batch_size": config.batch_size,
         "pack": config.pack,

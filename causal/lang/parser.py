@@ -32,7 +32,8 @@ def _parser() -> Lark:
     return Lark(GRAMMAR_PATH.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-def parse_file(path: str | Path, params: dict[str, object] | None = None) -> ast.ExperimentFile:
+def parse_file(path: str | Path, params: dict[str, object] | None = None,
+               model_given: bool = False) -> ast.ExperimentFile:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of the file
@@ -40,11 +41,15 @@ def parse_file(path: str | Path, params: dict[str, object] | None = None) -> ast
         raise CausalError(f"cannot read experiment file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise CausalError(f"experiment file {str(path)!r} is not UTF-8 text") from None
-    return parse_text(text, str(path), params)
+    return parse_text(text, str(path), params, model_given)
 
 
-def parse_text(text: str, path: str = "<experiment>", params: dict[str, object] | None = None) -> ast.ExperimentFile:
-    """`params` override the file's `param` declarations (e.g. from `causal run file.cx n=50`)."""
+def parse_text(text: str, path: str = "<experiment>", params: dict[str, object] | None = None,
+               model_given: bool = False) -> ast.ExperimentFile:
+    """`params` override the file's `param` declarations (e.g. from `causal run file.cx n=50`).
+
+    `model_given`: the caller supplies the model object, so a `model` line is optional.
+    """
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
@@ -56,7 +61,7 @@ def parse_text(text: str, path: str = "<experiment>", params: dict[str, object] 
         if isinstance(exc.orig_exc, CausalError):
             raise exc.orig_exc from None
         raise
-    return _assemble(statements, text, path)
+    return _assemble(statements, text, path, model_given)
 
 
 def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CausalError:
@@ -430,7 +435,7 @@ class _ToAst(Transformer):
         return ("intervention", node, self._s(meta))
 
 
-def _assemble(statements: list, text: str, path: str) -> ast.ExperimentFile:
+def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.ExperimentFile:
     singles: dict[str, tuple] = {}
     metrics, interventions, params, positions = [], [], [], []
     anchor: tuple[str, Span] | None = None
@@ -454,7 +459,7 @@ def _assemble(statements: list, text: str, path: str) -> ast.ExperimentFile:
             singles[kind] = (node, span)
     _check_unique_positions(positions, params, text)
     start = Span(path, 1, 1)
-    for required in ("model", "data"):
+    for required in ("data",) if model_given else ("model", "data"):
         if required not in singles:
             raise CausalError(f"the experiment has no '{required}' statement", start, text,
                               hint=f"add a line such as: {_EXAMPLES[required]}")
@@ -467,7 +472,7 @@ def _assemble(statements: list, text: str, path: str) -> ast.ExperimentFile:
     return ast.ExperimentFile(
         path=path, text=text,
         name=singles["experiment"][0] if "experiment" in singles else None,
-        model=singles["model"][0], data=singles["data"][0], params=tuple(params), positions=tuple(positions),
+        model=singles["model"][0] if "model" in singles else None, data=singles["data"][0], params=tuple(params), positions=tuple(positions),
         positions_in=anchor,
         metrics=tuple(metrics), interventions=tuple(interventions), span=start,
     )

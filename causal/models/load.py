@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
-                          PreTrainedTokenizerBase)
+                          PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging
 
 from causal.errors import CausalError, Span, did_you_mean
@@ -99,8 +99,7 @@ def model_class_for(config) -> tuple[type, str]:
 
 def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None,
                source: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
-    if dtype not in DTYPES:
-        raise CausalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = _dtype(dtype)
     target = resolve_reference(ref, span, source)
     torch_device = pick_device(device)
     hf_logging.disable_progress_bar()  # our own progress bar covers the run; theirs is noise per load
@@ -108,7 +107,7 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
         model_class, head = model_class_for(config)
-        model, info = model_class.from_pretrained(target, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+        model, info = model_class.from_pretrained(target, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                   output_loading_info=True)
     except CausalError:
         raise
@@ -119,10 +118,68 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
                                "or a filled HF cache; models that ship their own code need trust_remote_code=true"
                           ) from None
     _check_complete(ref, info, tokenizer, span, source)
+    _check_tokenizer_fits(ref, model, tokenizer, span, source)
     model.eval().to(torch_device)
     adapter = adapter_for(model)
-    return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device,
-                       DTYPES[dtype], head)
+    return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device, torch_dtype, head)
+
+
+def wrap_model(model, tokenizer, device: str = "auto", dtype: str | None = None) -> LoadedModel:
+    """A model the caller already holds (in a notebook), used in place: not copied, moved or cast.
+
+    `device` and `dtype` are what the caller expects it to be on ("auto"/None: whatever it is);
+    a mismatch is an error, since moving the caller's model would be a side effect. Training
+    mode is refused rather than switched off: dropout would make every number random.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise CausalError(f"model must be a transformers PreTrainedModel (from from_pretrained), got "
+                          f"{type(model).__name__}")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise CausalError(f"a model passed in needs its tokenizer (a transformers tokenizer), got "
+                          f"{type(tokenizer).__name__}")
+    if model.training:
+        raise CausalError(f"model {type(model).__name__} is in training mode, so dropout would randomise every "
+                          "result", hint="call model.eval() first")
+    parameter = next(model.parameters())
+    if device != "auto" and not _same_device(pick_device(device), parameter.device):
+        raise CausalError(f"device {device!r} was asked for but the model passed in is on {parameter.device}",
+                          hint="move the model with model.to(...), or leave device='auto'")
+    if dtype is not None and _dtype(dtype) != parameter.dtype:
+        raise CausalError(f"dtype {dtype!r} was asked for but the model passed in is "
+                          f"{str(parameter.dtype).removeprefix('torch.')}", hint="cast the model, or leave the dtype unset")
+    ref = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    _check_tokenizer_fits(ref, model, tokenizer)
+    head = "lm" if model.get_output_embeddings() is not None else "encoder"
+    return LoadedModel(ref, model, tokenizer, adapter_for(model), _weights_digest(model), parameter.device,
+                       parameter.dtype, head)
+
+
+def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    return asked.type == actual.type and (asked.index is None or asked.index == (actual.index or 0))
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CausalError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_tokenizer_fits(ref: str, model: torch.nn.Module, tokenizer, span: Span | None = None,
+                          source: str | None = None) -> None:
+    """A token id past the embedding table would be an index error deep inside the forward pass."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise CausalError(f"model {ref!r}: its tokenizer has {len(tokenizer)} tokens but the embedding has only "
+                          f"{rows} rows (a tokenizer from another model?)", span, source)
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A content hash of the weights, so results and checkpoints name the exact model that ran."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def _check_complete(ref: str, info: dict, tokenizer, span: Span | None, source: str | None) -> None:
