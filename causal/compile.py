@@ -255,8 +255,10 @@ class Packer:
         adapter = experiment.model.adapter
         self.n_layers = adapter.n_layers
         self.width = max(int(p.ids.shape[1]) for p in experiment.prompts.values())
-        self.overhead = call_overhead(adapter.d_model, device_type) if pack == "auto" else (
-            float("inf") if pack == "sites" else 0.0)
+        if pack == "auto":
+            self.overhead = call_overhead(adapter.d_model, unembedding_bytes(experiment), device_type)
+        else:
+            self.overhead = float("inf") if pack == "sites" else 0.0
 
     def cost(self, rows: int, layer: int, pos: int) -> float:
         return rows * (self.n_layers - layer) * (self.width - pos)
@@ -303,12 +305,26 @@ class Packer:
         return jobs
 
 
-def call_overhead(d_model: int, device_type: str) -> float:
+def call_overhead(d_model: int, unembedding_bytes: int, device_type: str) -> float:
     """The fixed cost of one more forward pass, in token-layers of this model.
 
-    About 3 ms of Python and kernel launches per call; a token-layer costs ~24 d^2
-    FLOPs; a CPU does ~5e10 FLOP/s, a GPU ~1e14.
+    Two parts: about 3 ms of Python and kernel launches, and one read of the unembedding
+    matrix, whatever the number of rows (with the few rows of a small job that read, not the
+    arithmetic, is its cost: on GPT-2-small on a 2-core CPU it is ~15 ms a call, the work of
+    ~150 token-layers). A token-layer costs ~24 d^2 FLOPs; a CPU does ~5e10 FLOP/s per thread
+    and reads ~1e10 B/s, a GPU ~1e14 FLOP/s and ~2e12 B/s.
     """
     flops_per_token_layer = 24 * d_model ** 2
-    throughput = 1e14 if device_type == "cuda" else 5e10
-    return 3e-3 * throughput / flops_per_token_layer
+    if device_type == "cuda":
+        throughput, bandwidth = 1e14, 2e12
+    else:
+        throughput, bandwidth = 5e10 * torch.get_num_threads(), 1e10
+    return (3e-3 + unembedding_bytes / bandwidth) * throughput / flops_per_token_layer
+
+
+def unembedding_bytes(experiment: Experiment) -> int:
+    """Bytes of the output embedding a forward pass reads (0 for an encoder without an LM head)."""
+    if experiment.model.head != "lm":
+        return 0
+    weight = experiment.model.model.get_output_embeddings().weight
+    return weight.numel() * weight.element_size()

@@ -89,7 +89,7 @@ def test_fast_path_equals_reference(arch, case, pack, batch, prepared):
 def test_cost_model_mixing_start_groups_equals_reference(arch, case, prepared, monkeypatch):
     """With cheap forward calls `auto` merges only some neighbouring start groups: jobs of mixed starts."""
     experiment, reference = prepared(arch, case)
-    monkeypatch.setattr(causal.compile, "call_overhead", lambda d_model, device_type: CHEAP_CALLS)
+    monkeypatch.setattr(causal.compile, "call_overhead", lambda d_model, unembedding, device_type: CHEAP_CALLS)
     jobs = {pack: len(compile_plan(experiment, LARGE_BATCH, pack).jobs) for pack in ("exact", "auto", "sites")}
     assert jobs["sites"] < jobs["auto"] < jobs["exact"]
     assert_same(reference, run_prepared(experiment, config(pack="auto", batch_size=LARGE_BATCH)), f"{arch} {case}")
