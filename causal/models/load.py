@@ -118,7 +118,6 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
                                "or a filled HF cache; models that ship their own code need trust_remote_code=true"
                           ) from None
     _check_complete(ref, info, tokenizer, span, source)
-    _check_tokenizer_fits(ref, model, tokenizer, span, source)
     model.eval().to(torch_device)
     adapter = adapter_for(model)
     return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device, torch_dtype, head)
@@ -148,7 +147,6 @@ def wrap_model(model, tokenizer, device: str = "auto", dtype: str | None = None)
         raise CausalError(f"dtype {dtype!r} was asked for but the model passed in is "
                           f"{str(parameter.dtype).removeprefix('torch.')}", hint="cast the model, or leave the dtype unset")
     ref = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-    _check_tokenizer_fits(ref, model, tokenizer)
     head = "lm" if model.get_output_embeddings() is not None else "encoder"
     return LoadedModel(ref, model, tokenizer, adapter_for(model), _weights_digest(model), parameter.device,
                        parameter.dtype, head)
@@ -162,15 +160,6 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise CausalError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _check_tokenizer_fits(ref: str, model: torch.nn.Module, tokenizer, span: Span | None = None,
-                          source: str | None = None) -> None:
-    """A token id past the embedding table would be an index error deep inside the forward pass."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise CausalError(f"model {ref!r}: its tokenizer has {len(tokenizer)} tokens but the embedding has only "
-                          f"{rows} rows (a tokenizer from another model?)", span, source)
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
