@@ -301,6 +301,8 @@ class _Resolver:
         elif not next_token:
             answers = tuple(answer_ids(self.column(name, span), self.model.tokenizer, name, span, self.file.text)
                             for name, span in node.args)
+            for ids, (name, span) in zip(answers, node.args):
+                self.check_has_logit(name, ids, span)
         if node.name == "similarity" and node.positions is not None:
             raise self.error("similarity compares whole-sentence embeddings (mean over tokens); it takes no 'at'",
                              node.positions.span)
@@ -315,6 +317,15 @@ class _Resolver:
                                      f"from the {b!r} prompts' (prompts of different lengths?)", node.span)
         label = f"{node.name}({', '.join(a for a, _ in node.args)})"
         return Metric(label, node.name, answers, next_token, reference, positions, node.normalized)
+
+    def check_has_logit(self, name: str, ids: torch.Tensor, span: Span) -> None:
+        """An answer the tokenizer knows but the unembedding has no row for would index past the logits."""
+        rows = self.model.model.get_output_embeddings().weight.shape[0]
+        beyond = (ids >= rows).nonzero()
+        if len(beyond):
+            i = int(beyond[0, 0])
+            raise self.error(f"column {name!r}, example {i}: answer token id {int(ids[i])} has no logit: the model "
+                             f"scores {rows} tokens (its tokenizer knows more tokens than the model)", span)
 
     def check_head(self, node: ast.MetricDecl) -> None:
         head = getattr(self.model, "head", "lm")

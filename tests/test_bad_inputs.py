@@ -257,6 +257,19 @@ def test_token_ids_beyond_the_model_embeddings(write_experiment, tiny_gpt2, tmp_
     assert "example 0" in err.message and "100" in err.message and "64" in err.message
 
 
+def test_answer_tokens_beyond_the_model_logits(write_experiment, tiny_gpt2, tmp_path, no_forward):
+    """The answer 't100' is a token of the (bigger) tokenizer, but the model scores only 64 tokens."""
+    model = copy_model(tiny_gpt2, tmp_path / "bigger-tokenizer")
+    word_tokenizer(128).save_pretrained(model)
+    rows = make_rows()
+    rows[4]["io"] = "t100"
+    path = write_experiment(BODY, rows, model)
+    err = error_of(path)
+    assert str(err).startswith(f"{path}:4:")
+    assert err.message == ("column 'io', example 4: answer token id 100 has no logit: the model scores 64 tokens "
+                           "(its tokenizer knows more tokens than the model)")
+
+
 def test_next_token_metric_on_a_one_token_prompt(write_experiment, no_forward):
     """A one-token prompt has no next token to score; today logprob(next) silently scores a padding position."""
     rows = make_rows()
