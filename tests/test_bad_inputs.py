@@ -265,7 +265,7 @@ def test_answer_tokens_beyond_the_model_logits(write_experiment, tiny_gpt2, tmp_
     rows[4]["io"] = "t100"
     path = write_experiment(BODY, rows, model)
     err = error_of(path)
-    assert str(err).startswith(f"{path}:4:")
+    assert str(err).startswith(f"{path}:4:16:")
     assert err.message == ("column 'io', example 4: answer token id 100 has no logit: the model scores 64 tokens "
                            "(its tokenizer knows more tokens than the model)")
 
