@@ -45,7 +45,7 @@ def _statement_lines(experiment: Experiment, plan: Plan) -> list[str]:
             runs = "gradients: one backward per batch of examples"
         else:
             rows = sum(len(job.examples) for job in plan.jobs if job.intervention == index)
-            passes = sum(job.intervention == index for job in plan.jobs)
+            passes = sum(job.intervention == index for job in plan.jobs) * passes_per_job(intervention)
             runs = f"{rows} rows in {passes} forward passes"
         lines.append(f"{intervention.name:<16} {intervention.statement}\n{'':<17}{shape} = {len(sweep.points)} "
                      f"points; {runs}")
@@ -57,18 +57,31 @@ def _plan_lines(experiment: Experiment, plan: Plan) -> list[str]:
     base_passes = sum(math.ceil(len(chunk.examples) * stream.samples / plan.batch_size)
                       for chunk in plan.chunks for stream in plan.streams.values())
     planned, full = block_work(experiment, plan)
-    lines = [f"plan     {len(plan.jobs) + base_passes} forward passes of up to {plan.batch_size} rows: "
+    job_passes = sum(passes_per_job(experiment.interventions[job.intervention]) for job in plan.jobs)
+    lines = [f"plan     {job_passes + base_passes} forward passes of up to {plan.batch_size} rows: "
              f"{base_rows} base rows ({', '.join(plan.streams)}) and {plan.rows} intervention rows, "
              f"in {len(plan.chunks)} chunk(s) of examples"]
     if plan.rows:
         skipped = "layer" + (" and position" if experiment.model.adapter.is_causal else "")
-        lines.append(f"work     the intervention rows compute {planned / full:.0%} of the token-layers of a full "
-                     f"forward each (each starts at the first {skipped} it edits, from the base run's cache)")
+        lines.append(f"work     the intervention passes compute {planned / full:.0%} of the token-layers of full "
+                     f"forwards (each starts at the first {skipped} it edits, from the base run's cache)")
     return lines
 
 
+def passes_per_job(intervention: iv.Intervention) -> int:
+    """Path patching into receivers runs twice: once to record the receivers' inputs, once to patch them."""
+    return 2 if isinstance(intervention, iv.PathPatch) and intervention.receivers else 1
+
+
 def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:
-    """(token-layers the plan's jobs compute, token-layers if every row ran the whole model)."""
+    """(token-layers the plan's forward passes compute, token-layers if each of those passes ran the whole model)."""
     packer = Packer(experiment, plan.batch_size, "exact", experiment.model.device.type)
-    planned = sum(packer.cost(len(job.examples), job.start_layer, job.start_pos) for job in plan.jobs)
-    return planned, packer.cost(plan.rows, 0, 0)
+    planned = full = 0.0
+    for job in plan.jobs:
+        intervention, rows = experiment.interventions[job.intervention], len(job.examples)
+        planned += packer.cost(rows, job.start_layer, job.start_pos)
+        if passes_per_job(intervention) == 2:
+            start = intervention.first_receiver_layer if plan.optimize else 0
+            planned += packer.cost(rows, start, 0)
+        full += packer.cost(rows, 0, 0) * passes_per_job(intervention)
+    return planned, full

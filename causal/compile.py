@@ -175,7 +175,7 @@ def _note_skips(intervention: iv.Intervention, jobs: list[Job], plan: Plan) -> N
         if job.start_pos > 0:
             plan.kv_streams.add(stream)
     if plan.optimize and isinstance(intervention, iv.PathPatch) and intervention.receivers:
-        first = min(layer or 0 for target in intervention.receivers for layer in target.layers)
+        first = intervention.first_receiver_layer
         if first > 0:  # the second phase starts at the first receiver
             plan.resume_layers[stream].add(first)
 
@@ -209,7 +209,7 @@ def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: 
             first = torch.minimum(first, where)
         layer = min((l or 0) for t in point for l in t.layers) if point else 0
         if isinstance(intervention, iv.PathPatch) and intervention.receivers:  # receivers read in the first pass
-            layer = min([layer, *((l or 0) for t in intervention.receivers for l in t.layers)])
+            layer = min(layer, intervention.first_receiver_layer)
         pos = first if causal else torch.zeros_like(first)
         keep = valid.nonzero()[:, 0]
         per_point.append((torch.full((len(keep),), index), examples[keep], torch.full((len(keep),), layer),

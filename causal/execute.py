@@ -295,8 +295,8 @@ class Executor:
         recorders = {key: _keeper(recorded, key) for key in receivers}
         self.forward_job(intervention, job, caches, hooks, start_pos=0, recorders=recorders)
         second = {key: as_hook([Write(where, recorded[key])]) for key, where in receivers.items()}
-        first_layer = min(layer or 0 for target in intervention.receivers for layer in target.layers)
-        return self.forward_job(intervention, job, caches, second, start_layer=first_layer, start_pos=0)
+        return self.forward_job(intervention, job, caches, second, start_layer=intervention.first_receiver_layer,
+                                start_pos=0)
 
     def guarded(self, compute: Callable[[], Output], what: str) -> Output:
         try:

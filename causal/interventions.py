@@ -94,6 +94,13 @@ class PathPatch(Intervention):
     freezing: tuple[str, ...]  # besides every other head: sites frozen at base values (mlp_out)
     kind = "path"
 
+    @property
+    def first_receiver_layer(self) -> int | None:
+        """Where the second pass (receivers patched) may start; None when the receivers are the logits."""
+        if self.receivers is None:
+            return None
+        return min(layer or 0 for target in self.receivers for layer in target.layers)
+
 
 @dataclass
 class Attribute(Intervention):

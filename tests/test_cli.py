@@ -78,6 +78,17 @@ def test_check_shows_the_plan_without_running_anything(write_experiment, no_forw
     assert f"compute {planned / full:.0%} of the token-layers" in printed
 
 
+def test_check_counts_both_passes_of_path_patching(write_experiment, no_forward, capsys):
+    """Pass one runs every layer (senders at layer 0); pass two starts at the receivers' layer 2 of 3."""
+    path = write_experiment("metric logprob(io)\npath z[layer=0, head=*] -> q[layer=2, head=*] from corrupt into clean")
+    assert main(["check", str(path), "device=cpu", "batch_size=7", "pack=exact"]) == 0
+    experiment = prepare(path, RunConfig(device="cpu"))
+    plan = plan_run(experiment, RunConfig(device="cpu", batch_size=7, pack="exact"))
+    assert f"{plan.rows} rows in {2 * len(plan.jobs)} forward passes" in capsys.readouterr().out
+    planned, full = block_work(experiment, plan)
+    assert planned / full == pytest.approx((1 + 1 / 3) / 2)
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["nope=1"], "unknown parameter 'nope'"),
     (["batch_size=abc"], "setting batch_size='abc' must be int"),
