@@ -32,8 +32,11 @@ def _model_lines(experiment: Experiment) -> list[str]:
 
 def _data_lines(experiment: Experiment) -> list[str]:
     widths = ", ".join(f"{name} {int(p.lengths.min())}-{int(p.lengths.max())}" for name, p in experiment.prompts.items())
-    return [f"data     {experiment.n_examples} examples; prompt tokens {widths}",
-            f"metrics  {'; '.join(m.name for m in experiment.metrics)}"]
+    lines = [f"data     {experiment.n_examples} examples; prompt tokens {widths}",
+             f"metrics  {'; '.join(m.name for m in experiment.metrics)}"]
+    if experiment.file.params:
+        lines.insert(0, f"params   {', '.join(f'{p.name}={p.value!r}' for p in experiment.file.params)}")
+    return lines
 
 
 def _statement_lines(experiment: Experiment, plan: Plan) -> list[str]:

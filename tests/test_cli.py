@@ -118,3 +118,9 @@ def test_check_on_a_model_without_an_adapter_offers_module_sites(write_experimen
     printed = capsys.readouterr().out
     assert "sites    module:<path> only (bloom has no architecture adapter)" in printed
     assert "layer 2 = 2 points; 12 rows in" in printed and not no_forward
+
+
+def test_check_shows_parameters_with_command_line_values(write_experiment, no_forward, capsys):
+    path = write_experiment("param scale = 2\nmetric logprob(io)\nsteer resid_pre[layer=0] by scale * mean(clean)")
+    assert main(["check", str(path), "device=cpu", "scale=3"]) == 0
+    assert "params   scale=3\n" in capsys.readouterr().out and not no_forward
