@@ -20,6 +20,8 @@ from tests.conftest import make_rows
 STATEMENTS = """metric logprob(io)
 patch resid_pre[layer=*, pos=*] from corrupt into clean
 ablate z[layer=*, head=*] with mean over corrupt
+patch q[layer=1, head=*] from corrupt into clean
+ablate pattern[layer=2, head=*] with zero
 attribute mlp_out[layer=*, pos=*] from corrupt into clean verify top 2"""
 
 
@@ -39,14 +41,17 @@ def hooks_of(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_a_held_model_gives_what_its_folder_gives_and_comes_back_untouched(held, tiny_gpt2, data_here, cpu_config):
-    model, tokenizer = held
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox"])
+def test_a_held_model_gives_what_its_folder_gives_and_comes_back_untouched(architecture, tiny_models, data_here,
+                                                                          cpu_config):
+    folder = tiny_models[architecture]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     implementation = model.config._attn_implementation
     from_object = causal.run_text(f'data "data.jsonl"\n{STATEMENTS}', cpu_config, model=model, tokenizer=tokenizer)
-    from_folder = causal.run_text(f'model "{tiny_gpt2}"\ndata "data.jsonl"\n{STATEMENTS}', cpu_config)
+    from_folder = causal.run_text(f'model "{folder}"\ndata "data.jsonl"\n{STATEMENTS}', cpu_config)
     xr.testing.assert_equal(from_object.drop_attrs(deep=False), from_folder.drop_attrs(deep=False))
-    assert from_object.attrs["model"] == str(tiny_gpt2) and from_object.attrs["model_revision"].startswith("sha256:")
+    assert from_object.attrs["model"] == str(folder) and from_object.attrs["model_revision"].startswith("sha256:")
     assert hooks_of(model) == 0 and model.config._attn_implementation == implementation and not model.training
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
