@@ -43,6 +43,17 @@ class AttributionRun:
             batch = examples[start:start + executor.plan.batch_size]
             self.estimates[:, batch] = self.estimate(executor, batch, caches)
 
+    def chunk_state(self, chunk) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of one chunk: its estimates, and the layers the q/k fix was (not) used at."""
+        return {"estimates": self.estimates[:, chunk.examples].contiguous(),
+                "qk_fix_layers": torch.tensor(sorted(self.qk_fix_layers), dtype=torch.long),
+                "qk_fallback_layers": torch.tensor(sorted(self.qk_fallback_layers), dtype=torch.long)}
+
+    def restore_chunk(self, chunk, state: dict[str, torch.Tensor]) -> None:
+        self.estimates[:, chunk.examples] = state["estimates"]
+        self.qk_fix_layers.update(state["qk_fix_layers"].tolist())
+        self.qk_fallback_layers.update(state["qk_fallback_layers"].tolist())
+
     def keys(self) -> set[tuple]:
         return {(t.site, layer) for point in self.intervention.sweep.points for t in point for layer in t.layers}
 

@@ -45,13 +45,19 @@ class ChunkStore:
         return {p.stem for p in self.folder.glob("*.safetensors")}
 
     def load(self, key: str) -> torch.Tensor:
-        return load_file(self._path(key))["values"]
+        return self.load_tensors(key)["values"]
+
+    def load_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        return load_file(self._path(key))
 
     def save(self, key: str, values: torch.Tensor) -> None:
+        self.save_tensors(key, {"values": values})
+
+    def save_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.folder)
         os.close(fd)
         try:
-            save_file({"values": values.contiguous()}, tmp)
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp)
             os.replace(tmp, self._path(key))
         except OSError as exc:
             raise CausalError(f"cannot write checkpoint to {str(self.folder)!r}: {exc.strerror}") from None

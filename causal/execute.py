@@ -89,15 +89,19 @@ class Executor:
                 else:
                     self.collect(job, saved)
                     bar.update(1)
-            caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(attribution_runs))
+            to_attribute = [run for run in attribution_runs if not self.restored(run, chunk_index, chunk, done)]
+            bar.update(len(attribution_runs) - len(to_attribute))
+            caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(to_attribute))
             for k, job in pending:
                 values = self.backoff.run(lambda j: self.run_job(j, caches), job)
                 if self.store:
                     self.store.save(f"job-{k:06d}", values)
                 self.collect(job, values)
                 bar.update(1)
-            for run in attribution_runs:
+            for run in to_attribute:
                 run.chunk(self, chunk, caches)
+                if self.store:
+                    self.store.save_tensors(_attribution_key(run, chunk_index), run.chunk_state(chunk))
                 bar.update(1)
         for run in attribution_runs:
             run.finish(self)
@@ -109,14 +113,25 @@ class Executor:
         return RawResults(self.baselines, effects, self.notes)
 
     def saved(self, key: str, done: set[str]) -> torch.Tensor | None:
+        state = self.saved_tensors(key, done)
+        return None if state is None else state["values"]
+
+    def saved_tensors(self, key: str, done: set[str]) -> dict[str, torch.Tensor] | None:
         """A finished piece from the checkpoint store; a damaged one is recomputed, not trusted."""
         if key not in done:
             return None
         try:
-            return self.store.load(key)
+            return self.store.load_tensors(key)
         except Exception as exc:  # noqa: BLE001 -- any unreadable file: compute it again
             log.warning("checkpoint %s is damaged (%s); recomputing it", self.store.folder / key, exc)
             return None
+
+    def restored(self, run: AttributionRun, chunk_index: int, chunk: Chunk, done: set[str]) -> bool:
+        """Whether the chunk's attribution estimates came back from a checkpoint."""
+        state = self.saved_tensors(_attribution_key(run, chunk_index), done)
+        if state is not None:
+            run.restore_chunk(chunk, state)
+        return state is not None
 
     def collect(self, job: Job, values: torch.Tensor) -> None:
         intervention = self.experiment.interventions[job.intervention]
@@ -306,6 +321,10 @@ class Executor:
                 raise
             raise CausalError(f"out of memory running {what} at once; lower batch_size "
                               f"(now {self.plan.batch_size})") from None
+
+
+def _attribution_key(run: AttributionRun, chunk_index: int) -> str:
+    return f"attribution-{run.index:03d}-{chunk_index:04d}"
 
 
 def describe_point(intervention: iv.Intervention, point: int) -> str:

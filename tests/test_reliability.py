@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,39 @@ def test_memory_budget_splits_examples_into_chunks_with_the_same_results(write_e
     chunked = causal.run(path, RunConfig(device="cpu", progress=False, cache_gb=budget_gb))
     for name in whole.data_vars:
         np.testing.assert_allclose(chunked[name].values, whole[name].values, atol=1e-5, equal_nan=True)
+
+
+def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_path, monkeypatch):
+    """Killed after two of five chunks, the re-run restores those two (estimates and q/k notes) and
+    computes only the rest; the result equals an uninterrupted run's."""
+    from causal.attribution import AttributionRun
+    path = write_experiment("metric logprob(io)\nattribute q[layer=*, head=*] + k[layer=*, head=*] "
+                            "from corrupt into clean verify top 2", make_rows(n=10))
+    experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
+    per_example = bytes_per_example(experiment, compile_plan(experiment, 8))
+    config = RunConfig(device="cpu", progress=False, cache_gb=2.5 * per_example / 2 ** 30,
+                       checkpoints=str(tmp_path / "ck"))
+    uninterrupted = causal.run(path, replace(config, checkpoints=None))
+    computed: list[int] = []
+    real_chunk = AttributionRun.chunk
+
+    class Killed(Exception):
+        pass
+
+    kill = [True]
+
+    def dies_after_two(self, executor, chunk, caches):
+        if kill and len(computed) == 2:
+            kill.clear()
+            raise Killed
+        computed.append(int(chunk.examples[0]))
+        real_chunk(self, executor, chunk, caches)
+
+    monkeypatch.setattr(AttributionRun, "chunk", dies_after_two)
+    with pytest.raises(Killed):
+        causal.run(path, config)
+    assert computed == [0, 2]
+    resumed = causal.run(path, config)
+    assert computed == [0, 2, 4, 6, 8], "the two checkpointed chunks were computed again"
+    xr.testing.assert_identical(resumed.drop_attrs(deep=False), uninterrupted.drop_attrs(deep=False))
+    assert resumed["attribute_q"].attrs["qk_fix_layers"] == "[0, 1, 2]"  # restored notes, compared above too
