@@ -89,9 +89,8 @@ def test_the_weights_digest_tells_models_apart(held, data_here, cpu_config):
     (lambda m, t, c: (m, t, causal.RunConfig(model="gpt2")), "RunConfig.model='gpt2' and a model object"),
     (lambda m, t, c: (m, t, causal.RunConfig(dtype="float16")), "dtype 'float16' was asked for but the model "
                                                                  "passed in is float32"),
-    (lambda m, t, c: (m.to("meta"), t, causal.RunConfig(device="cpu")), "device 'cpu' was asked for but the "
-                                                                         "model passed in is on meta"),
-], ids=["training", "not-hf", "no-tokenizer", "no-model", "two-models", "dtype", "device"])
+    (lambda m, t, c: (m.to("meta"), t, c), "has no weights \\(they are on the meta device\\)"),
+], ids=["training", "not-hf", "no-tokenizer", "no-model", "two-models", "dtype", "meta"])
 def test_a_held_model_that_cannot_be_used_as_given_is_refused(held, data_here, cpu_config, no_forward, change,
                                                                message):
     model, tokenizer, config = change(*held, cpu_config)
@@ -116,3 +115,12 @@ def test_a_held_models_tokenizer_is_checked_against_its_embeddings(held, data_he
     with pytest.raises(CausalError, match="example 2.*has no embedding: the model has 64"):
         causal.prepare_text('data "data.jsonl"\nmetric logprob(io)\nablate mlp_out[layer=*] with zero', cpu_config,
                             model=model, tokenizer=tokenizer)
+
+
+def test_a_held_model_on_another_device_than_asked_is_refused(held, data_here, no_forward, monkeypatch):
+    """No GPU here: the asked-for device is faked to be cuda:0 while the model stays on the CPU."""
+    monkeypatch.setattr("causal.models.load.pick_device", lambda name: torch.device("cuda", 0))
+    model, tokenizer = held
+    with pytest.raises(CausalError, match="device 'cuda' was asked for but the model passed in is on cpu"):
+        causal.prepare_text('data "data.jsonl"\nmetric logprob(io)\nablate mlp_out[layer=*] with zero',
+                            causal.RunConfig(device="cuda"), model=model, tokenizer=tokenizer)

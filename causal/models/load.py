@@ -140,6 +140,9 @@ def wrap_model(model, tokenizer, device: str = "auto", dtype: str | None = None)
         raise CausalError(f"model {type(model).__name__} is in training mode, so dropout would randomise every "
                           "result", hint="call model.eval() first")
     parameter = next(model.parameters())
+    if parameter.device.type == "meta":
+        raise CausalError(f"model {type(model).__name__} has no weights (they are on the meta device)",
+                          hint="load it with from_pretrained, or move it with model.to_empty(...) and load a state dict")
     if device != "auto" and not _same_device(pick_device(device), parameter.device):
         raise CausalError(f"device {device!r} was asked for but the model passed in is on {parameter.device}",
                           hint="move the model with model.to(...), or leave device='auto'")
