@@ -207,7 +207,7 @@ def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: 
             where, ok = target_first_position(experiment, target, examples, lengths)
             valid &= ok
             first = torch.minimum(first, where)
-        layer = min((l or 0) for t in point for l in t.layers) if point else 0
+        layer = min((l or 0) for t in point for l in t.layers) if point and adapter.has_blocks else 0
         if isinstance(intervention, iv.PathPatch) and intervention.receivers:  # receivers read in the first pass
             layer = min(layer, intervention.first_receiver_layer)
         pos = first if causal else torch.zeros_like(first)

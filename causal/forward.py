@@ -126,7 +126,7 @@ class Runner:
 
     def note_block_output(self) -> "contextmanager":
         """During a whole forward, learn whether blocks return a tuple (stand-ins must match)."""
-        if self.blocks_return_tuple is not None:
+        if self.blocks_return_tuple is not None or not self.adapter.has_blocks:  # no blocks: no stand-ins either
             return nullcontext()
 
         def seen(_module, _args, output):

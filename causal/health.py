@@ -26,7 +26,8 @@ class NonFiniteWatch:
     def watching(self) -> Iterator["NonFiniteWatch"]:
         """Register after any intervention hooks, so the watch sees the values the model goes on with."""
         self.flags = {}
-        hooks = {(WATCHED_SITE, layer): self._flagger(layer) for layer in range(self.adapter.n_layers)}
+        layers = range(self.adapter.n_layers) if self.adapter.has_blocks else ()  # else: the metric check alone
+        hooks = {(WATCHED_SITE, layer): self._flagger(layer) for layer in layers}
         with self.adapter.hooks(hooks):
             yield self
 

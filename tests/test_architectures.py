@@ -22,8 +22,11 @@ from transformers import DynamicCache
 
 from arch_reference import (FAMILIES, block, capture, d_head, head_edit, pattern_edit, resid_mid_edit, unflat,
                             with_edit, z_edit)
+import causal
 from causal.errors import CausalError
 from causal.models import adapter_for, load_model
+from causal.zoo import word_tokenizer
+from tests.conftest import ids_of, logprob_last, make_rows
 
 VOCAB, BATCH, SEQ = 64, 2, 7
 TOL = dict(atol=1e-5, rtol=0)
@@ -478,6 +481,32 @@ def test_unsupported_architecture_offers_module_sites():
     run = lambda: output(model, BASE)
     seen, _ = record(adapter, "module:transformer.h.{layer}.mlp", 1, run)
     assert torch.equal(seen, capture(model, model.transformer.h[1].mlp, "output", run))
+
+
+def test_a_model_without_an_adapter_runs_module_sites_end_to_end(tmp_path, write_experiment, cpu_config):
+    """No blocks known: every forward runs whole (no layer skipping, no per-layer NaN watch), and the
+    numbers equal a hand-written hook that zeroes the named module's output."""
+    torch.manual_seed(0)
+    folder = tmp_path / "bloom"
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)).eval()
+    model.save_pretrained(folder)
+    tokenizer = word_tokenizer(VOCAB)
+    tokenizer.save_pretrained(folder)
+    rows = make_rows()
+    path = write_experiment('metric logprob(io)\nablate module("transformer.h.{layer}.self_attention")[layer=*] '
+                            "with zero", rows, folder)
+    ds = causal.run(path, cpu_config)
+    assert float(abs(ds["ablate_module"] - ds["clean"]).max()) > 1e-3  # the ablation changes something
+    for layer in range(2):
+        handle = model.transformer.h[layer].self_attention.register_forward_hook(
+            lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]))
+        with torch.no_grad():
+            for i, row in enumerate(rows):
+                logits = model(ids_of(tokenizer, row["clean"])).logits
+                expected = logprob_last(logits, tokenizer.convert_tokens_to_ids(row["io"]))
+                got = float(ds["ablate_module"].sel(layer=layer, example=i))
+                assert got == pytest.approx(expected, abs=1e-5)
+        handle.remove()
 
 
 def test_parallel_neox_and_the_attention_only_toy():

@@ -219,6 +219,12 @@ class ModelAdapter:
             return []
         return [s for s in SITE_ORDER if s in self._sites or s in ATTENTION_SITES]
 
+    @property
+    def has_blocks(self) -> bool:
+        """Whether the block list and the named sites are known: layer skipping and the per-layer
+        numeric watch need them; without an adapter only `module:` sites and whole forwards work."""
+        return self.spec is not None
+
     def is_per_head(self, site: str) -> bool:
         return site in PER_HEAD
 
