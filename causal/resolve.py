@@ -54,6 +54,9 @@ class _Resolver:
 
     def run_prompt(self, name: str, span: Span) -> Prompts:
         """A column the model is run on (and that gets a baseline), not only averaged over."""
+        if name in RESERVED or name.startswith("token_"):  # its baseline variable would clash with a dimension
+            raise self.error(f"the prompt column {name!r} is named like a dimension or coordinate of the results; "
+                             "rename the column in the data", span)
         self.runs.add(name)
         return self.prompt(name, span)
 

@@ -840,7 +840,9 @@ def test_induction_generator(tmp_path):
 @pytest.mark.parametrize("data, where, message", [
     ('data "d.txt"', "2:1", "unsupported extension '.txt'; supported: .csv, .json, .jsonl, .tsv"),
     ('data "missing.jsonl"', "2:1", "cannot read data file"),
-    ('data "data.jsonl" limit 0', "2:1", "the data has no examples"),
+    ('data "data.jsonl" limit 0', "2:19", "limit needs at least 1 example, got 0"),
+    ('param n = -1\ndata "data.jsonl" limit n', "3:19", "limit needs at least 1 example, got -1"),
+    ('data "d\x00.jsonl"', "2:1", "embedded null byte"),  # a path the OS cannot take
     ("data inducton(n=2)", "2:1", "unknown data generator 'inducton'; available: counterfact, induction, ioi"),
     ("data induction(m=2)", "2:16", "generator 'induction' takes no argument 'm'; it takes n (an integer >= 1; "
      "default 64), length (an integer >= 1; default 10), seed (an integer >= 0; default 0)"),
@@ -869,6 +871,15 @@ def test_bad_values_in_data_columns(tmp_path, no_forward, change, where, message
     rows[1].update(change)
     path = write(tmp_path, "metric logprob(io)\npatch z from corrupt into clean", rows)
     assert str(run_error(path, no_forward)).startswith(f"{path}:{where}: error: {message}")
+
+
+@pytest.mark.parametrize("column", ["layer", "example", "token_clean"])
+def test_a_prompt_column_named_like_a_result_dimension(tmp_path, no_forward, column):
+    """Its baseline variable would clash with the dimension when the results are assembled, after the run."""
+    rows = [{**r, column: r["clean"]} for r in ROWS]
+    path = write(tmp_path, f"metric logprob(io)\npatch resid_pre[layer=*] from {column} into corrupt", rows)
+    assert str(run_error(path, no_forward)).startswith(
+        f"{path}:4:31: error: the prompt column {column!r} is named like a dimension or coordinate of the results")
 
 
 def test_records_with_other_columns(tmp_path, no_forward):

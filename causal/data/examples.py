@@ -109,6 +109,8 @@ def _read_text(path: Path, span: Span | None, source: str | None, encoding: str 
     except UnicodeDecodeError as exc:
         raise CausalError(f"cannot read data file {str(path)!r}: not UTF-8 text ({exc.reason} at byte "
                           f"{exc.start})", span, source) from None
+    except ValueError as exc:  # a path the OS cannot take, e.g. with a null byte
+        raise CausalError(f"cannot read data file {str(path)!r}: {exc}", span, source) from None
 
 
 def _parse(text: str, where: str, span: Span | None, source: str | None, want: type = dict):

@@ -285,6 +285,8 @@ class _ToAst(Transformer):
 
     # clauses
     def limit(self, meta, items):
+        if items[0] < 1:  # a negative limit would slice from the end: examples silently dropped
+            raise self._error(f"limit needs at least 1 example, got {items[0]}", meta)
         return ("limit", items[0])
 
     def label(self, meta, items):
