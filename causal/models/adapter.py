@@ -85,6 +85,8 @@ class ArchSpec:
     attention: path below the block of the module that runs the attention computation (q/k/v/pattern).
     core: "interface" (HF's ALL_ATTENTION_FUNCTIONS) or "gpt_neo" (its own `_attn`).
     variants: per-config changes to `sites`; a None value removes the site.
+    config_window: the family applies `config.sliding_window` to every layer (its attention
+    modules do not carry their own `sliding_window`).
     """
 
     name: str
@@ -96,6 +98,7 @@ class ArchSpec:
     core: str = "interface"
     is_causal: bool = True
     variants: Callable[[object], dict[str, HookPoint | None]] = field(default=lambda config: {})
+    config_window: bool = False
 
     def sites_for(self, config) -> dict[str, HookPoint]:
         sites = {"embed": self.embed, **self.sites, **self.variants(config)}
@@ -113,9 +116,9 @@ LLAMA_SITES = {
 }
 
 
-def _llama_like(name: str, hf_class: str, **changes: HookPoint) -> ArchSpec:
+def _llama_like(name: str, hf_class: str, config_window: bool = False, **changes: HookPoint) -> ArchSpec:
     return ArchSpec(name, hf_class, blocks="layers", embed=_out("embed_tokens"), attention="self_attn",
-                    sites={**LLAMA_SITES, **changes})
+                    sites={**LLAMA_SITES, **changes}, config_window=config_window)
 
 
 GPT2_SPEC = ArchSpec(
@@ -162,14 +165,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt_neox": GPT_NEOX_SPEC,
     "attn-only-neox": GPT_NEOX_SPEC,
     "llama": _llama_like("llama", "LlamaForCausalLM"),
-    "mistral": _llama_like("mistral", "MistralForCausalLM"),
+    "mistral": _llama_like("mistral", "MistralForCausalLM", config_window=True),
     "qwen2": _llama_like("qwen2", "Qwen2ForCausalLM"),
     "qwen3": _llama_like("qwen3", "Qwen3ForCausalLM"),
     "gemma": _llama_like("gemma", "GemmaForCausalLM"),
     "gemma2": _llama_like("gemma2", "Gemma2ForCausalLM",
                           resid_mid=_in("pre_feedforward_layernorm", carry=True),
                           attn_out=_out("post_attention_layernorm"), mlp_out=_out("post_feedforward_layernorm")),
-    "phi3": _llama_like("phi3", "Phi3ForCausalLM"),
+    "phi3": _llama_like("phi3", "Phi3ForCausalLM", config_window=True),
     "opt": OPT_SPEC,
     "phi": PHI_SPEC,
     "bert": BERT_SPEC,
@@ -313,7 +316,7 @@ class ModelAdapter:
     def _sliding_window(self) -> int | None:
         config = self.model.config
         windows = [getattr(block.get_submodule(self.spec.attention), "sliding_window", None) for block in self.blocks]
-        if self.spec.name in ("mistral", "phi3"):  # these apply config.sliding_window to every layer
+        if self.spec.config_window:
             windows.append(getattr(config, "sliding_window", None))
         windows = [w for w in windows if w]
         return min(windows) if windows else None
