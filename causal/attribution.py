@@ -54,13 +54,10 @@ class AttributionRun:
         self.qk_fix_layers.update(state["qk_fix_layers"].tolist())
         self.qk_fallback_layers.update(state["qk_fallback_layers"].tolist())
 
-    def keys(self) -> set[tuple]:
-        return {(t.site, layer) for point in self.intervention.sweep.points for t in point for layer in t.layers}
-
     def estimate(self, executor: "Executor", examples: torch.Tensor, caches) -> torch.Tensor:
         experiment, intervention = self.experiment, self.intervention
         prompts = experiment.prompts[intervention.base]
-        keys = self.keys()
+        keys = self.intervention.site_keys
         qk_layers = {layer for site, layer in keys if site in ("q", "k")}
         watched = keys | {(s, l) for l in qk_layers for s in ("q", "k", "pattern")}
         kept: dict[tuple, torch.Tensor] = {}

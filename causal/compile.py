@@ -149,7 +149,7 @@ def _site_width(adapter, site: str, width: int) -> int:
 
 def _record_needs(experiment: Experiment, intervention: iv.Intervention, plan: Plan) -> None:
     """Which activations of which base runs the intervention's writes read."""
-    keys = {(t.site, layer) for point in intervention.sweep.points for t in point for layer in t.layers}
+    keys = intervention.site_keys
     if isinstance(intervention, iv.Patch):
         plan.records[intervention.source] |= keys
     elif isinstance(intervention, iv.Ablate) and intervention.how == "resample":

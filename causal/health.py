@@ -40,12 +40,13 @@ class NonFiniteWatch:
               describe_row: Callable[[int], str]) -> None:
         """Raise on the first layer (then metric) where a valid row is not finite."""
         valid = valid.to(values.device)
-        for layer in sorted(self.flags):
-            rows = (self.flags[layer].to(valid.device) & valid).nonzero()
-            if len(rows):
-                raise CausalError(f"NaN or inf first appears in {WATCHED_SITE} of layer {layer} "
-                                  f"for {describe_row(int(rows[0]))}",
-                                  hint="with float16, try dtype=bfloat16 or float32")
+        if self.flags:
+            layers = sorted(self.flags)
+            flagged = torch.stack([self.flags[layer].to(valid.device) for layer in layers]) & valid  # (layers, rows)
+            if flagged.any():  # one device sync for all layers, not one per layer
+                first_layer, row = (int(i) for i in flagged.nonzero()[0])
+                raise CausalError(f"NaN or inf first appears in {WATCHED_SITE} of layer {layers[first_layer]} "
+                                  f"for {describe_row(row)}", hint="with float16, try dtype=bfloat16 or float32")
         bad = (~torch.isfinite(values)) & valid[:, None]
         if bad.any():
             row, metric = (int(i) for i in bad.nonzero()[0])

@@ -25,6 +25,11 @@ class Intervention:
     def method(self) -> str:
         return self.kind
 
+    @property
+    def site_keys(self) -> set[tuple[str, int | None]]:
+        """Every (site, layer) some point of the sweep writes."""
+        return {(t.site, layer) for point in self.sweep.points for t in point for layer in t.layers}
+
 
 @dataclass
 class Patch(Intervention):

@@ -32,13 +32,14 @@ def metric_values(experiment: Experiment, output: Output, column: str, examples:
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, metrics) float32. `references[i]`: what metric i compares against, for these rows."""
     values = []
+    logits = output.logits.float() if output.logits is not None else None  # once, not per metric
     for index, metric in enumerate(experiment.metrics):
         if metric.kind == "similarity":
             values.append(_similarity(output.hidden, attention_mask, references[index]))
             continue
         positions, valid = slots
         chosen = metric.positions[column][examples].to(positions.device).gather(1, positions) & valid
-        per_slot = _per_slot(experiment, metric, output.logits.float(), column, examples, positions, chosen,
+        per_slot = _per_slot(experiment, metric, logits, column, examples, positions, chosen,
                              references.get(index))
         chosen = chosen.to(per_slot.device)
         values.append((per_slot * chosen).sum(1) / chosen.sum(1).clamp(min=1))

@@ -55,12 +55,12 @@ def compute_stats(experiment: Experiment, run_column: Callable) -> Stats:
     needs: dict[str, list] = defaultdict(list)  # column -> accumulators
     for intervention in experiment.interventions:
         if isinstance(intervention, iv.Ablate) and intervention.how == "mean":
-            for key in _keys(intervention):
+            for key in intervention.site_keys:
                 needs[intervention.reference].append(_PositionMean(stats, intervention.reference, key))
         elif isinstance(intervention, iv.Ablate) and intervention.how == "resample":
             stats.donors[intervention.reference] = derangement(experiment.n_examples, experiment.seed)
         elif isinstance(intervention, iv.Steer):
-            for key in _keys(intervention):
+            for key in intervention.site_keys:
                 for term in intervention.terms:
                     needs[term.column].append(_SteeringTerm(stats, intervention.name, key, term))
         elif isinstance(intervention, iv.Trace):
@@ -76,10 +76,6 @@ def compute_stats(experiment: Experiment, run_column: Callable) -> Stats:
         for accumulator in accumulators:
             accumulator.finish()
     return stats
-
-
-def _keys(intervention: iv.Intervention) -> set[CacheKey]:
-    return {(t.site, layer) for point in intervention.sweep.points for t in point for layer in t.layers}
 
 
 def _fan_out(accumulators: list) -> Callable:

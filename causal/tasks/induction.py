@@ -22,8 +22,9 @@ def induction(tokenizer, n: Count = 64, length: Count = 10, seed: Seed = 0,
     trained with it.
     """
     gen = torch.Generator().manual_seed(seed)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in set(special.tolist())])
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)] = False
+    ordinary = keep.nonzero()[:, 0]
     first = ordinary[torch.randint(0, len(ordinary), (n, length), generator=gen)]
     other = ordinary[torch.randint(0, len(ordinary), (n, length), generator=gen)]
     prefix = [[tokenizer.bos_token_id]] * n if tokenizer.bos_token_id is not None else [[]] * n
