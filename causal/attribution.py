@@ -74,32 +74,38 @@ class AttributionRun:
                 got = torch.autograd.grad(values[:, m].sum(), [kept[k] for k in live],
                                           retain_graph=m < values.shape[1] - 1, allow_unused=True) if live else ()
                 grads.append({k: None for k in watched} | dict(zip(live, got)))
-        base_values = values.detach().cpu()
-        builder = WriteBuilder(experiment, caches, executor.stats)
-        out = torch.zeros((len(intervention.sweep.points), len(examples), values.shape[1]))
-        for m, grad in enumerate(grads):
-            contributions = {key: self.contribution(key, kept, grad, caches, examples) for key in keys}
-            for index, point in enumerate(intervention.sweep.points):
-                total = torch.zeros(len(examples))
-                for target in point:
-                    where = builder.target_mask(target, examples, intervention.base)
-                    for layer in target.layers:
-                        contribution = contributions[(target.site, layer)]
-                        total += (contribution * where.to(contribution.device)).flatten(1).sum(1).cpu()
-                out[index, :, m] = base_values[:, m] + total
+        sources = {key: caches.get(intervention.source, key, examples).to(kept[key].device, kept[key].dtype)
+                   for key in keys}
+        scales: dict[int, float | None] = {}  # per q/k layer, shared by q, k and every metric
+        per_metric = [{key: self.contribution(key, kept, grad, sources[key], scales) for key in keys}
+                      for grad in grads]
+        return self.point_estimates(values.detach(), per_metric, WriteBuilder(experiment, caches, executor.stats),
+                                    examples).cpu()
+
+    def point_estimates(self, values: torch.Tensor, per_metric: list[dict], builder: WriteBuilder,
+                        examples: torch.Tensor) -> torch.Tensor:
+        """(points, rows, metrics): base value plus each point's contributions, on the device, no sync per point."""
+        points = self.intervention.sweep.points
+        out = values.float()[None].repeat(len(points), 1, 1)
+        for index, point in enumerate(points):
+            for target in point:
+                where = builder.target_mask(target, examples, self.intervention.base).to(values.device)
+                for layer in target.layers:
+                    for m, contributions in enumerate(per_metric):
+                        contribution = contributions[(target.site, layer)].to(values.device)
+                        out[index, :, m] += (contribution * where).flatten(1).sum(1)
         return out
 
-    def contribution(self, key, kept, grad, caches, examples) -> torch.Tensor:
+    def contribution(self, key, kept, grad, source, scales: dict) -> torch.Tensor:
         """(rows, width, *extra dims) first-order effect of patching each slice of the site."""
         site, layer = key
         base = kept[key].detach()
-        source = caches.get(self.intervention.source, key, examples).to(base.device, base.dtype)
         if site in ("q", "k"):
-            exact = self.qk_contribution(site, layer, kept, grad, source)
+            exact = self.qk_contribution(site, layer, kept, grad, source, scales)
             if exact is not None:
                 return exact
         if grad[key] is None:
-            return torch.zeros(base.shape[:2 + len(self.extra(site))])
+            return torch.zeros(base.shape[:2 + len(self.extra(site))], device=base.device)
         product = (source - base).float() * grad[key].float()
         feature_dims = product.dim() - 2 - len(self.extra(site))
         return product.sum(tuple(range(product.dim() - feature_dims, product.dim()))) if feature_dims else product
@@ -107,7 +113,7 @@ class AttributionRun:
     def extra(self, site: str):
         return self.experiment.model.adapter.site_info(site).extra_dims
 
-    def qk_contribution(self, site: str, layer: int, kept, grad, source) -> torch.Tensor | None:
+    def qk_contribution(self, site: str, layer: int, kept, grad, source, scales: dict) -> torch.Tensor | None:
         """AtP*: the exact pattern change of patching one query or key, times dM/d(pattern)."""
         pattern = kept[("pattern", layer)].detach().double()  # (rows, q, heads, k)
         pattern_grad = grad[("pattern", layer)]
@@ -117,7 +123,9 @@ class AttributionRun:
         q, k = kept[("q", layer)].detach().double(), kept[("k", layer)].detach().double()
         group = q.shape[2] // k.shape[2]
         k_heads = k.repeat_interleave(group, dim=2)  # (rows, k, heads, d)
-        scale = fit_scale(pattern, q, k_heads)
+        if layer not in scales:
+            scales[layer] = fit_scale(pattern, q, k_heads)
+        scale = scales[layer]
         if scale is None:
             self.qk_fallback_layers.add(layer)
             return None

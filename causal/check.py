@@ -26,12 +26,14 @@ def _model_lines(experiment: Experiment) -> list[str]:
     sites = ", ".join([*adapter.site_names, "module:<path>"])
     if not adapter.site_names:
         sites += f" only ({adapter.arch} has no architecture adapter)"
-    return [f"model    {model.ref} ({adapter.arch}, {sizes}) on {model.device}, {str(model.dtype).removeprefix('torch.')}",
+    dtype = str(model.dtype).removeprefix("torch.")
+    return [f"model    {model.ref} ({adapter.arch}, {sizes}) on {model.device}, {dtype}",
             f"sites    {sites}"]
 
 
 def _data_lines(experiment: Experiment) -> list[str]:
-    widths = ", ".join(f"{name} {int(p.lengths.min())}-{int(p.lengths.max())}" for name, p in experiment.prompts.items())
+    widths = ", ".join(f"{name} {int(p.lengths.min())}-{int(p.lengths.max())}"
+                       for name, p in experiment.prompts.items())
     lines = [f"data     {experiment.n_examples} examples; prompt tokens {widths}",
              f"metrics  {'; '.join(m.name for m in experiment.metrics)}"]
     if experiment.file.params:

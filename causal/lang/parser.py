@@ -474,7 +474,8 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
     return ast.ExperimentFile(
         path=path, text=text,
         name=singles["experiment"][0] if "experiment" in singles else None,
-        model=singles["model"][0] if "model" in singles else None, data=singles["data"][0], params=tuple(params), positions=tuple(positions),
+        model=singles["model"][0] if "model" in singles else None, data=singles["data"][0], params=tuple(params),
+        positions=tuple(positions),
         positions_in=anchor,
         metrics=tuple(metrics), interventions=tuple(interventions), span=start,
     )

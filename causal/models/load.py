@@ -142,13 +142,14 @@ def wrap_model(model, tokenizer, device: str = "auto", dtype: str | None = None)
     parameter = next(model.parameters())
     if parameter.device.type == "meta":
         raise CausalError(f"model {type(model).__name__} has no weights (they are on the meta device)",
-                          hint="load it with from_pretrained, or move it with model.to_empty(...) and load a state dict")
+                          hint="load it with from_pretrained (or model.to_empty(...) and load a state dict)")
     if device != "auto" and not _same_device(pick_device(device), parameter.device):
         raise CausalError(f"device {device!r} was asked for but the model passed in is on {parameter.device}",
                           hint="move the model with model.to(...), or leave device='auto'")
     if dtype is not None and _dtype(dtype) != parameter.dtype:
         raise CausalError(f"dtype {dtype!r} was asked for but the model passed in is "
-                          f"{str(parameter.dtype).removeprefix('torch.')}", hint="cast the model, or leave the dtype unset")
+                          f"{str(parameter.dtype).removeprefix('torch.')}",
+                          hint="cast the model, or leave the dtype unset")
     ref = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     head = "lm" if model.get_output_embeddings() is not None else "encoder"
     return LoadedModel(ref, model, tokenizer, adapter_for(model), _weights_digest(model), parameter.device,
