@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from causal import interventions as iv
-from causal.experiment import Experiment, Target
+from causal.experiment import Experiment, Target, absolute_positions
 
 CacheKey = tuple[str, int | None]  # (site, layer)
 PACKING = ("auto", "sites", "exact")
@@ -238,7 +238,7 @@ def target_first_position(experiment: Experiment, target: Target, examples: torc
     if isinstance(target.pos, str):
         first = experiment.positions.first(target.pos)[examples]
         return first, torch.ones_like(lengths, dtype=torch.bool)
-    absolute = lengths + target.pos if target.pos < 0 else torch.full_like(lengths, target.pos)
+    absolute = absolute_positions(lengths, target.pos)
     ok = (absolute >= 0) & (absolute < lengths)
     return absolute.clamp(min=0), ok
 

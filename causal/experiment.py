@@ -17,6 +17,11 @@ from causal.models import LoadedModel
 Position = int | str | None
 
 
+def absolute_positions(lengths: torch.Tensor, pos: int) -> torch.Tensor:
+    """(examples,) where an integer position falls in each prompt: negative counts from its end."""
+    return lengths + pos if pos < 0 else torch.full_like(lengths, pos)
+
+
 @dataclass(frozen=True)
 class Target:
     """One site to intervene on in a forward row: a site at some layers, a position, and a slice of its extra dims."""

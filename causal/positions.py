@@ -12,7 +12,7 @@ import torch
 
 from causal.data import Examples, Prompts, find_span
 from causal.errors import CausalError, Span, did_you_mean
-from causal.experiment import NamedPositions
+from causal.experiment import NamedPositions, absolute_positions
 from causal.lang import ast
 from causal.sweeps import expand
 
@@ -90,7 +90,7 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
             check_anchor_alignment(named, prompts, value.name, value.span, source)
             mask |= named.mask(value.name, width)
             continue
-        absolute = torch.where(torch.tensor(value) < 0, lengths + value, torch.full_like(lengths, value))
+        absolute = absolute_positions(lengths, value)
         bad = ((absolute < 0) | (absolute >= usable)).nonzero()
         if len(bad):
             i = int(bad[0])

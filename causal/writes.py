@@ -14,7 +14,7 @@ import torch
 
 from causal import interventions as iv
 from causal.compile import CacheKey, Job
-from causal.experiment import Experiment, Target
+from causal.experiment import Experiment, Target, absolute_positions
 
 ZERO = None
 
@@ -112,8 +112,7 @@ class WriteBuilder:
         elif isinstance(target.pos, str):
             where = self.experiment.positions.mask(target.pos, width)[examples]
         else:
-            absolute = lengths + target.pos if target.pos < 0 else torch.full_like(lengths, target.pos)
-            where = positions == absolute[:, None]
+            where = positions == absolute_positions(lengths, target.pos)[:, None]
         for index, (_, size) in enumerate(self.extra_dims(target.site)):
             chosen = target.extra[index] if index < len(target.extra) else None
             size = size if size is not None else width
