@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from causal.assemble import assemble
-from causal.checkpoint import ChunkStore, fingerprint
-from causal.compile import PACKING, Plan, compile_plan
-from causal.errors import CausalError
-from causal.execute import execute
-from causal.experiment import Experiment
+from causal.results.assemble import assemble
+from causal.engine.checkpoint import ChunkStore, fingerprint
+from causal.engine.plan import PACKING, Plan, compile_plan
+from causal.errors import CausalError, reported_against
+from causal.engine.execute import execute
+from causal.resolve.experiment import Experiment
 from causal.lang import ast
 from causal.lang.parser import parse_file, parse_text
 from causal.models import LoadedModel, load_model, wrap_model
 from causal.resolve import resolve
-from causal.results import package_versions
+from causal.results.io import package_versions
 
 
 @dataclass
@@ -58,6 +58,11 @@ def prepare_text(text: str, config: RunConfig, *, model=None, tokenizer=None) ->
 
 
 def _resolve(file: ast.ExperimentFile, config: RunConfig, model, tokenizer) -> Experiment:
+    with reported_against(file.text, file.path):
+        return _load_and_resolve(file, config, model, tokenizer)
+
+
+def _load_and_resolve(file: ast.ExperimentFile, config: RunConfig, model, tokenizer) -> Experiment:
     if model is None and tokenizer is None:
         if config.model is not None:
             file = replace(file, model=replace(file.model, ref=config.model))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 from causal import interventions as iv
-from causal.compile import Packer, Plan
-from causal.experiment import Experiment
+from causal.engine.plan import Packer, Plan
+from causal.resolve.experiment import Experiment
 
 
 def describe(experiment: Experiment, plan: Plan) -> str:

@@ -1,9 +1,15 @@
-"""The one error type users see, with the source location it concerns."""
+"""The one error type users see, with the source location it concerns.
+
+An error holds a span (file, line, column), never the text: the text is attached once, at
+the boundary where the error leaves the pipeline (`reported_against`), and only rendering
+reads it. So no function passes the experiment's text along just to build a message.
+"""
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -23,17 +29,25 @@ class Span:
 class CausalError(Exception):
     """Raised for every user-facing failure: bad experiment file, data, model or environment.
 
-    With a span and the source text, the message shows file:line:col, the offending
-    line and a caret under the column, so the user can act without a traceback.
+    Rendered with file:line:col, the offending line and a caret under the column once
+    the source text is attached, so the user can act without a traceback.
     """
 
-    def __init__(self, message: str, span: Span | None = None, source: str | None = None,
-                 hint: str | None = None):
+    def __init__(self, message: str, span: Span | None = None, hint: str | None = None):
         self.message = message
         self.span = span
-        self.source = source
         self.hint = hint
-        super().__init__(self.render())
+        self.source: str | None = None
+        super().__init__(message)
+
+    def attach(self, source: str, path: str | None = None) -> "CausalError":
+        """The experiment text this error's span points into (kept if one is already attached)."""
+        if self.source is None and self.span is not None and (path is None or self.span.file == path):
+            self.source = source
+        return self
+
+    def __str__(self) -> str:
+        return self.render()
 
     def render(self) -> str:
         parts = [f"{self.span}: error: {self.message}" if self.span else f"error: {self.message}"]
@@ -49,6 +63,16 @@ class CausalError(Exception):
         if self.hint:
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
+
+
+@contextmanager
+def reported_against(source: str, path: str | None = None) -> Iterator[None]:
+    """Errors raised inside, whose span lies in `path`, show their line of `source`."""
+    try:
+        yield
+    except CausalError as exc:
+        exc.attach(source, path)
+        raise
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str | None:

@@ -1,7 +1,7 @@
 """What each intervention statement resolves to: the prompts it runs on, its sweep, and its own settings.
 
-How these turn into edits of a forward pass is `causal.writes`; how rows are batched is
-`causal.compile`.
+How these turn into edits of a forward pass is `causal.engine.writes`; how rows are batched is
+`causal.engine.plan`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from causal.experiment import Sweep, Target
+from causal.resolve.experiment import Sweep, Target
 
 
 @dataclass

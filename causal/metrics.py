@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from causal.experiment import Experiment, Metric
-from causal.forward import Output
+from causal.resolve.experiment import Experiment, Metric
+from causal.engine.forward import Output
 
 
 def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,7 @@ def no_forward(monkeypatch) -> list:
         calls.append(args)
         raise AssertionError("a forward pass ran before the error was reported")
 
-    monkeypatch.setattr("causal.forward.Runner.forward", forward)
+    monkeypatch.setattr("causal.engine.forward.Runner.forward", forward)
     return calls
 
 

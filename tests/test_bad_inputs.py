@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import causal
 from causal import CausalError, RunConfig
 from causal.cli import main
-from causal.forward import Runner
+from causal.engine.forward import Runner
 from causal.zoo import word_tokenizer
 from tests.conftest import make_rows
 
@@ -477,7 +477,7 @@ def test_experiment_file_with_a_byte_order_mark(write_experiment, cpu_config):
 def test_disk_full_while_saving_a_checkpoint(write_experiment, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("causal.checkpoint.save_file", full)
+    monkeypatch.setattr("causal.engine.checkpoint.save_file", full)
     err = error_of(write_experiment(SWEEP), checkpoints=str(tmp_path / "ck"))
     folder, = (tmp_path / "ck").iterdir()
     assert str(err) == f"error: cannot write checkpoint to '{folder}': No space left on device"
@@ -488,7 +488,7 @@ def test_disk_full_while_saving_a_checkpoint(write_experiment, tmp_path, monkeyp
 def kept_checkpoints(write_experiment, tmp_path, monkeypatch) -> tuple[Path, Path]:
     """(experiment, checkpoint folder) of a run that finished every batch but was stopped before cleaning up."""
     path = write_experiment(SWEEP)
-    monkeypatch.setattr("causal.checkpoint.ChunkStore.clear", lambda self: None)
+    monkeypatch.setattr("causal.engine.checkpoint.ChunkStore.clear", lambda self: None)
     causal.run(path, RunConfig(device="cpu", progress=False, batch_size=4, checkpoints=str(tmp_path / "ck")))
     monkeypatch.undo()
     folder, = (tmp_path / "ck").iterdir()

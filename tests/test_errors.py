@@ -67,7 +67,7 @@ SEMANTIC = [
 def test_semantic_errors_before_any_forward(body, where, message, write_experiment, cpu_config, monkeypatch):
     path = write_experiment(body)
     forwards = []
-    monkeypatch.setattr("causal.forward.Runner.forward", lambda *a, **k: forwards.append(1))
+    monkeypatch.setattr("causal.engine.forward.Runner.forward", lambda *a, **k: forwards.append(1))
     err = error_of(lambda: causal.run(path, cpu_config))
     assert str(err).startswith(f"{path}:{where}: error:"), str(err)
     assert message in str(err)

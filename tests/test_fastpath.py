@@ -21,11 +21,11 @@ import pytest
 import transformers as T
 
 import causal
-import causal.compile
+import causal.engine.plan
 from causal import interventions as iv
 from causal.api import run_prepared
-from causal.compile import compile_plan
-from causal.forward import Resume, Runner
+from causal.engine.plan import compile_plan
+from causal.engine.forward import Resume, Runner
 from fastpath_cases import ARCHS, CASES, SMALL, Arch, make_rows, save_model, write_case
 
 ATOL = 1e-5
@@ -89,7 +89,7 @@ def test_fast_path_equals_reference(arch, case, pack, batch, prepared):
 def test_cost_model_mixing_start_groups_equals_reference(arch, case, prepared, monkeypatch):
     """With cheap forward calls `auto` merges only some neighbouring start groups: jobs of mixed starts."""
     experiment, reference = prepared(arch, case)
-    monkeypatch.setattr(causal.compile, "call_overhead", lambda d_model, unembedding, device_type: CHEAP_CALLS)
+    monkeypatch.setattr(causal.engine.plan, "call_overhead", lambda d_model, unembedding, device_type: CHEAP_CALLS)
     jobs = {pack: len(compile_plan(experiment, LARGE_BATCH, pack).jobs) for pack in ("exact", "auto", "sites")}
     assert jobs["sites"] < jobs["auto"] < jobs["exact"]
     assert_same(reference, run_prepared(experiment, config(pack="auto", batch_size=LARGE_BATCH)), f"{arch} {case}")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import causal
 from causal.data import Prompts
-from causal.summary import effect
+from causal.results.summary import effect
 from causal.zoo import zoo_path
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "induction.cx"

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import causal
-from causal.summary import normalized_effect
+from causal.results.summary import normalized_effect
 from causal.tasks import ioi
 from causal.tasks.ioi import NAMES, single_token_names
 from causal.zoo import zoo_path

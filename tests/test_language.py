@@ -18,7 +18,7 @@ from causal import CausalError
 from causal.lang import ast
 from causal.lang.parser import parse_text
 from causal.models import load_model
-from causal.sweeps import rome_window
+from causal.resolve.sweeps import rome_window
 from causal.zoo import word_tokenizer
 from tests.conftest import VOCAB
 

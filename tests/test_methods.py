@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import causal
-from causal.stats import derangement, standard_noise
-from causal.sweeps import rome_window
+from causal.engine.stats import derangement, standard_noise
+from causal.resolve.sweeps import rome_window
 from tests.conftest import ids_of, logprob_last, make_rows
 from tests.handhooks import capture, gradients, run_with_edits
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 import causal
 from causal import CausalError, RunConfig
-from causal.compile import bytes_per_example, compile_plan
-from causal.execute import Executor
-from causal.forward import Runner
-from causal.stats import compute_stats
+from causal.engine.plan import bytes_per_example, compile_plan
+from causal.engine.execute import Executor
+from causal.engine.forward import Runner
+from causal.engine.stats import compute_stats
 from tests.conftest import make_rows
 
 SWEEP = "metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\nablate z[layer=*, head=*] with mean"
@@ -95,7 +95,7 @@ def test_out_of_memory_halves_the_batch_and_says_so(write_experiment, monkeypatc
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, ids, *args, **kwargs)
     monkeypatch.setattr(Runner, "forward", small_device)
-    with caplog.at_level(logging.WARNING, logger="causal.execute"):
+    with caplog.at_level(logging.WARNING, logger="causal.engine.execute"):
         got = causal.run(path, RunConfig(device="cpu", progress=False, batch_size=64))
     first = max(n for n in seen if n != 6)
     assert first > 10
@@ -200,7 +200,7 @@ def test_remote_code_is_off_unless_asked(tmp_path, monkeypatch):
 
 
 def test_checkpoints_hold_no_pickles(write_experiment, tmp_path, monkeypatch):
-    from causal import checkpoint
+    from causal.engine import checkpoint
     cleared = []
     monkeypatch.setattr(checkpoint.ChunkStore, "clear", lambda self: cleared.append(self.folder))
     causal.run(write_experiment(SWEEP), RunConfig(device="cpu", progress=False, checkpoints=str(tmp_path / "ck")))
@@ -237,7 +237,7 @@ def test_memory_budget_splits_examples_into_chunks_with_the_same_results(write_e
 def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_path, monkeypatch):
     """Killed after two of five chunks, the re-run restores those two (estimates and q/k notes) and
     computes only the rest; the result equals an uninterrupted run's."""
-    from causal.attribution import AttributionRun
+    from causal.methods.attribute import AttributionRun
     path = write_experiment("metric logprob(io)\nattribute q[layer=*, head=*] + k[layer=*, head=*] "
                             "from corrupt into clean verify top 2", make_rows(n=10))
     experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))

@@ -7,7 +7,7 @@ import numpy as np
 import xarray as xr
 
 import causal
-from causal.plot import plot_all
+from causal.results.plot import plot_all
 
 
 def test_schema_dims_coords_and_provenance(write_experiment, cpu_config, tiny_gpt2):

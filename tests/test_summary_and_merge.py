@@ -10,7 +10,7 @@ import xarray as xr
 import causal
 from causal.cli import main
 from causal.results import merge_runs
-from causal.summary import bootstrap_ci, effect, mean, normalized_effect, standard_error
+from causal.results.summary import bootstrap_ci, effect, mean, normalized_effect, standard_error
 
 
 def toy_dataset() -> xr.Dataset:

@@ -29,7 +29,7 @@ def read_table(path: Path, span: Span | None = None, source: str | None = None) 
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise CausalError(f"cannot read data file {str(path)!r}: unsupported extension {path.suffix!r}; "
-                          f"supported: {', '.join(sorted(READERS))}", span, source)
+                          f"supported: {', '.join(sorted(READERS))}", span)
     return reader(path, span, source)
 
 
@@ -52,20 +52,20 @@ def read_csv(path: Path, span: Span | None = None, source: str | None = None,
     try:
         rows = [(reader.line_num, row) for row in reader if row]
     except csv.Error as exc:
-        raise CausalError(f"{path}:{reader.line_num}: malformed CSV: {exc}", span, source) from None
+        raise CausalError(f"{path}:{reader.line_num}: malformed CSV: {exc}", span) from None
     if not rows:
         return Examples({})
     header_line, header = rows[0]
     names = [name.strip() for name in header]
     for name in names:
         if not name:
-            raise CausalError(f"{path}:{header_line}: the header row has an empty column name", span, source)
+            raise CausalError(f"{path}:{header_line}: the header row has an empty column name", span)
         if names.count(name) > 1:
-            raise CausalError(f"{path}:{header_line}: column {name!r} appears twice in the header", span, source)
+            raise CausalError(f"{path}:{header_line}: column {name!r} appears twice in the header", span)
     for line, row in rows[1:]:
         if len(row) != len(names):
             raise CausalError(f"{path}:{line}: {len(row)} field(s), but the header has {len(names)} "
-                              f"columns ({', '.join(names)})", span, source)
+                              f"columns ({', '.join(names)})", span)
     return Examples({name: [row[i] for _, row in rows[1:]] for i, name in enumerate(names)})
 
 
@@ -97,7 +97,7 @@ def columns_of(records: list[Record], span: Span | None, source: str | None) -> 
     for where, record in records:
         if set(record) != set(names):
             raise CausalError(f"{where}: columns {sorted(record)} differ from the first record's {sorted(names)}",
-                              span, source)
+                              span)
     return Examples({name: [record[name] for _, record in records] for name in names})
 
 
@@ -105,12 +105,12 @@ def _read_text(path: Path, span: Span | None, source: str | None, encoding: str 
     try:
         return path.read_text(encoding=encoding)
     except OSError as exc:
-        raise CausalError(f"cannot read data file {str(path)!r}: {exc.strerror}", span, source) from None
+        raise CausalError(f"cannot read data file {str(path)!r}: {exc.strerror}", span) from None
     except UnicodeDecodeError as exc:
         raise CausalError(f"cannot read data file {str(path)!r}: not UTF-8 text ({exc.reason} at byte "
-                          f"{exc.start})", span, source) from None
+                          f"{exc.start})", span) from None
     except ValueError as exc:  # a path the OS cannot take, e.g. with a null byte
-        raise CausalError(f"cannot read data file {str(path)!r}: {exc}", span, source) from None
+        raise CausalError(f"cannot read data file {str(path)!r}: {exc}", span) from None
 
 
 def _parse(text: str, where: str, span: Span | None, source: str | None, want: type = dict):
@@ -118,10 +118,10 @@ def _parse(text: str, where: str, span: Span | None, source: str | None, want: t
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         location = f"{where}:{exc.colno}" if want is dict else f"{where}:{exc.lineno}:{exc.colno}"
-        raise CausalError(f"{location}: invalid JSON: {exc.msg}", span, source) from None
+        raise CausalError(f"{location}: invalid JSON: {exc.msg}", span) from None
     if want is list and not isinstance(value, list):
         raise CausalError(f"{where}: expected a JSON list of objects (one per example), got "
-                          f"{type(value).__name__}", span, source,
+                          f"{type(value).__name__}", span,
                           hint="use .jsonl for one object per line")
     return _object(value, where, span, source) if want is dict else value
 
@@ -129,5 +129,5 @@ def _parse(text: str, where: str, span: Span | None, source: str | None, want: t
 def _object(value, where: str, span: Span | None, source: str | None) -> dict:
     if not isinstance(value, dict):
         raise CausalError(f"{where}: each example must be a JSON object, got {type(value).__name__}",
-                          span, source)
+                          span)
     return value

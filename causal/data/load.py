@@ -33,14 +33,14 @@ def load_examples(decl: ast.DataFile | ast.DataGenerator, base_dir: Path, tokeni
     if decl.limit is not None:
         examples = Examples({k: v[: decl.limit] for k, v in examples.columns.items()})
     if len(examples) == 0:
-        raise CausalError("the data has no examples", decl.span, source)
+        raise CausalError("the data has no examples", decl.span)
     return examples
 
 
 def _generate(decl: ast.DataGenerator, base_dir: Path, tokenizer, source: str) -> Examples:
     if decl.name not in GENERATORS:
         raise CausalError(f"unknown data generator {decl.name!r}; available: {', '.join(sorted(GENERATORS))}",
-                          decl.span, source, hint=did_you_mean(decl.name, GENERATORS))
+                          decl.span, hint=did_you_mean(decl.name, GENERATORS))
     generator = GENERATORS[decl.name]
     kwargs = bind_arguments(decl.name, parameters(generator), decl.kwargs, base_dir, decl.span, source)
     try:
@@ -49,4 +49,4 @@ def _generate(decl: ast.DataGenerator, base_dir: Path, tokenizer, source: str) -
         if exc.span is not None:
             raise
         # Generators know the data, not the file: point their errors at the data statement.
-        raise CausalError(f"{decl.name}: {exc.message}", decl.span, source, exc.hint) from None
+        raise CausalError(f"{decl.name}: {exc.message}", decl.span, exc.hint) from None

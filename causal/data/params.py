@@ -106,21 +106,21 @@ def bind_arguments(generator_name: str, params: dict[str, Param],
         if key not in params:
             accepted = ", ".join(p.signature() for p in params.values())
             raise CausalError(f"generator {generator_name!r} takes no argument {key!r}; it takes {accepted}",
-                              arg_span, source, hint=did_you_mean(key, params))
+                              arg_span, hint=did_you_mean(key, params))
         if key in bound:
-            raise CausalError(f"argument {key!r} is given twice", arg_span, source)
+            raise CausalError(f"argument {key!r} is given twice", arg_span)
         bound[key] = _check(generator_name, params[key], value, base_dir, arg_span, source)
     missing = [p for p in params.values() if p.required and p.name not in bound]
     if missing:
         needs = ", ".join(p.signature() for p in missing)
-        raise CausalError(f"generator {generator_name!r} needs argument(s) {needs}", span, source)
+        raise CausalError(f"generator {generator_name!r} needs argument(s) {needs}", span)
     return bound
 
 
 def _check(generator_name: str, param: Param, value, base_dir: Path, span: Span, source: str):
     def bad(reason: str = "") -> CausalError:
         return CausalError(f"argument {param.name!r} of {generator_name!r} must be {param.describe()}, "
-                           f"got {value!r}{reason}", span, source,
+                           f"got {value!r}{reason}", span,
                            hint=did_you_mean(str(value), [str(c) for c in param.choices])
                            if param.choices else None)
 

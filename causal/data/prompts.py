@@ -46,12 +46,12 @@ def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None
             row, row_offsets = value, None
         else:
             raise CausalError(f"column {name!r}, example {index}: expected text or a list of token ids, "
-                              f"got {value!r}", span, source)
+                              f"got {value!r}", span)
         if not row:
-            raise CausalError(f"column {name!r}, example {index}: the prompt is empty", span, source)
+            raise CausalError(f"column {name!r}, example {index}: the prompt is empty", span)
         if max(row) >= len(tokenizer) or min(row) < 0:
             raise CausalError(f"column {name!r}, example {index}: token id outside the vocabulary "
-                              f"(0..{len(tokenizer) - 1})", span, source)
+                              f"(0..{len(tokenizer) - 1})", span)
         ids.append(row)
         texts.append(value if isinstance(value, str) else None)
         offsets.append(row_offsets)
@@ -77,24 +77,24 @@ def answer_ids(values: list, tokenizer, name: str, span: Span | None = None,
     for index, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise CausalError(f"column {name!r}, example {index}: an answer is text or a token id, got {value!r}",
-                              span, source)
+                              span)
         if isinstance(value, int):
             if not 0 <= value < len(tokenizer):
                 raise CausalError(f"column {name!r}, example {index}: token id {value} is outside the vocabulary "
-                                  f"(0..{len(tokenizer) - 1})", span, source)
+                                  f"(0..{len(tokenizer) - 1})", span)
             out.append(value)
             continue
         ids = tokenizer(str(value), add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             pieces = tokenizer.convert_ids_to_tokens(ids)
             raise CausalError(f"column {name!r}, example {index}: answer {value!r} is {len(ids)} tokens "
-                              f"{pieces}, not one", span, source,
+                              f"{pieces}, not one", span,
                               hint="answers are compared as single tokens; GPT-2 style tokenizers "
                                    "usually need a leading space (' Mary')")
         unknown = getattr(tokenizer, "unk_token_id", None)
         if unknown is not None and ids[0] == unknown and value.strip() != tokenizer.unk_token:
             raise CausalError(f"column {name!r}, example {index}: answer {value!r} is not in the vocabulary (the "
-                              f"tokenizer reads it as its unknown token {tokenizer.unk_token!r})", span, source)
+                              f"tokenizer reads it as its unknown token {tokenizer.unk_token!r})", span)
         out.append(ids[0])
     return torch.tensor(out)
 
@@ -113,26 +113,26 @@ def find_span(prompts: Prompts, example: int, text: str, occurrence: str = "firs
     holds only the whitespace before the name is not part of the span.
     """
     if occurrence not in OCCURRENCES:
-        raise CausalError(f"occurrence must be one of {', '.join(OCCURRENCES)}, got {occurrence!r}", span, source)
+        raise CausalError(f"occurrence must be one of {', '.join(OCCURRENCES)}, got {occurrence!r}", span)
     if not 0 <= example < len(prompts.tokens):
-        raise CausalError(f"example {example} does not exist; there are {len(prompts.tokens)}", span, source)
+        raise CausalError(f"example {example} does not exist; there are {len(prompts.tokens)}", span)
     prompt = prompts.texts[example] if prompts.texts else None
     offsets = prompts.offsets[example] if prompts.offsets else None
     if prompt is None or offsets is None:
         given = "token ids" if prompt is None else "text, but the tokenizer reports no character offsets"
         raise CausalError(f"example {example}: cannot locate {text!r}: the prompt was given as {given} "
-                          f"({prompts.tokens[example]})", span, source,
+                          f"({prompts.tokens[example]})", span,
                           hint="named spans need text prompts and a fast (Rust) tokenizer")
     needle = text.strip()
     matches = word_matches(prompt, needle) if needle else []
     if not matches:
-        raise CausalError(f"example {example}: {text!r} does not occur in the prompt {prompt!r}", span, source)
+        raise CausalError(f"example {example}: {text!r} does not occur in the prompt {prompt!r}", span)
     start = matches[0] if occurrence == "first" else matches[-1]
     end = start + len(needle)
     covering = [t for t, (a, b) in enumerate(offsets) if a < b and a < end and b > start]
     if not covering:
         raise CausalError(f"example {example}: no token of the prompt {prompt!r} covers {text!r} "
-                          f"(characters {start}..{end})", span, source)
+                          f"(characters {start}..{end})", span)
     return covering[0], covering[-1]
 
 
@@ -140,7 +140,7 @@ def find_spans(prompts: Prompts, texts: list[str], occurrence: str = "first",
                span: Span | None = None, source: str | None = None) -> torch.Tensor:
     """(examples, 2) inclusive token spans of `texts[i]` in example i, e.g. the IO name of each IOI prompt."""
     if len(texts) != len(prompts.tokens):
-        raise CausalError(f"{len(texts)} span texts for {len(prompts.tokens)} prompts", span, source)
+        raise CausalError(f"{len(texts)} span texts for {len(prompts.tokens)} prompts", span)
     return torch.tensor([find_span(prompts, i, str(t), occurrence, span, source) for i, t in enumerate(texts)],
                         dtype=torch.long).view(len(texts), 2)
 

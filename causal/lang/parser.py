@@ -12,7 +12,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from causal.errors import CausalError, Span, did_you_mean
+from causal.errors import CausalError, Span, did_you_mean, reported_against
 from causal.lang import ast
 
 GRAMMAR_PATH = Path(__file__).parent / "causal.lark"  # a link to grammars/causal.lark, packaged with the code
@@ -50,6 +50,11 @@ def parse_text(text: str, path: str = "<experiment>", params: dict[str, object] 
 
     `model_given`: the caller supplies the model object, so a `model` line is optional.
     """
+    with reported_against(text, path):
+        return _parse(text, path, params, model_given)
+
+
+def _parse(text: str, path: str, params: dict[str, object] | None, model_given: bool) -> ast.ExperimentFile:
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
@@ -83,7 +88,7 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CausalError:
         message += "; expected " + ", ".join(readable)
     keywords = [name.strip("'") for name in readable if name.startswith("'") and name.strip("'").isalpha()]
     hint = did_you_mean(found.strip("'"), keywords) if found.startswith("'") else None
-    return CausalError(message, Span(path, line, column), text, hint)
+    return CausalError(message, Span(path, line, column), hint)
 
 
 def _acceptable(exc: UnexpectedInput) -> set[str]:
@@ -118,11 +123,11 @@ def _parameters(tree: Tree, text: str, path: str, overrides: dict[str, object]) 
             name_token, literal = stmt.children
             span = _span(path, name_token)
             if str(name_token) in declared:
-                raise CausalError(f"parameter {str(name_token)!r} is declared twice", span, text)
+                raise CausalError(f"parameter {str(name_token)!r} is declared twice", span)
             value = _literal_value(literal)
             problem = _checked(value, str(literal.children[0])) if literal.data == "number" else None
             if problem:
-                raise CausalError(problem, _span(path, literal.children[0]), text)
+                raise CausalError(problem, _span(path, literal.children[0]))
             declared[str(name_token)] = (value, span)
     values = {name: value for name, (value, _) in declared.items()}
     for name, raw in overrides.items():
@@ -196,7 +201,7 @@ class _ToAst(Transformer):
         return _span(self.path, item)
 
     def _error(self, message: str, item, hint: str | None = None) -> CausalError:
-        return CausalError(message, self._s(item), self.text, hint)
+        return CausalError(message, self._s(item), hint)
 
     def _param(self, token: Token, kinds: tuple[type, ...], what: str):
         name = str(token)
@@ -324,7 +329,7 @@ class _ToAst(Transformer):
         seen: set[str] = set()
         for key, _, span in options:
             if key in seen:
-                raise CausalError(f"noise option {key!r} is given twice", span, self.text)
+                raise CausalError(f"noise option {key!r} is given twice", span)
             seen.add(key)
         return ast.Noise(float(scale), relative, options, self._s(meta))
 
@@ -451,26 +456,26 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
         elif kind == "positions":
             if node[0] is not None and anchor is not None and node[0][0] != anchor[0]:
                 raise CausalError(f"positions are located in {anchor[0]!r} (line {anchor[1].line}); one anchor "
-                                  "column per experiment", node[0][1], text)
+                                  "column per experiment", node[0][1])
             anchor = node[0] or anchor
             positions.extend(node[1])
         elif kind in singles:
             first = singles[kind][1]
-            raise CausalError(f"'{kind}' is declared twice (first at line {first.line})", span, text)
+            raise CausalError(f"'{kind}' is declared twice (first at line {first.line})", span)
         else:
             singles[kind] = (node, span)
     _check_unique_positions(positions, params, text)
     start = Span(path, 1, 1)
     for required in ("data",) if model_given else ("model", "data"):
         if required not in singles:
-            raise CausalError(f"the experiment has no '{required}' statement", start, text,
+            raise CausalError(f"the experiment has no '{required}' statement", start,
                               hint=f"add a line such as: {_EXAMPLES[required]}")
     if not metrics:
-        raise CausalError("the experiment has no 'metric' statement", start, text,
+        raise CausalError("the experiment has no 'metric' statement", start,
                           hint=f"add a line such as: {_EXAMPLES['metric']}")
     if not interventions:
         raise CausalError("the experiment has no intervention (patch, ablate, steer, trace, path or attribute)",
-                          start, text, hint=f"add a line such as: {_EXAMPLES['intervention']}")
+                          start, hint=f"add a line such as: {_EXAMPLES['intervention']}")
     return ast.ExperimentFile(
         path=path, text=text,
         name=singles["experiment"][0] if "experiment" in singles else None,
@@ -487,10 +492,10 @@ def _check_unique_positions(positions: list[ast.PositionDef], params: list[ast.P
     for position in positions:
         if position.name in seen:
             raise CausalError(f"position {position.name!r} is defined twice (first at line "
-                              f"{seen[position.name].span.line})", position.span, text)
+                              f"{seen[position.name].span.line})", position.span)
         if position.name in param_names:
             raise CausalError(f"{position.name!r} is both a parameter and a position name; rename one",
-                              position.span, text)
+                              position.span)
         seen[position.name] = position
 
 

@@ -57,7 +57,7 @@ def resolve_reference(ref: str, span: Span | None = None, source: str | None = N
         name = ref[4:]
         if name not in zoo_names():
             raise CausalError(f"no toy model {name!r} in the zoo; available: {', '.join(zoo_names())}",
-                              span, source, hint=did_you_mean(name, zoo_names()))
+                              span, hint=did_you_mean(name, zoo_names()))
         return str(zoo_path(name))
     if ref.startswith("pkg:"):
         return str(package_folder(ref, span, source))
@@ -74,14 +74,14 @@ def package_folder(ref: str, span: Span | None = None, source: str | None = None
     if spec is None or not spec.submodule_search_locations:
         hint = (f"Python package names use underscores: try 'pkg:{package.replace('-', '_')}'"
                 if "-" in package else "install it with pip, or check the name")
-        raise CausalError(f"no installed Python package {package!r} (model reference {ref!r})", span, source,
+        raise CausalError(f"no installed Python package {package!r} (model reference {ref!r})", span,
                           hint=hint)
     root = Path(next(iter(spec.submodule_search_locations)))
     folder = root / subfolder
     if not folder.is_dir():
         folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
         raise CausalError(f"no folder {subfolder!r} in Python package {package!r} at {root} "
-                          f"(model reference {ref!r})", span, source,
+                          f"(model reference {ref!r})", span,
                           hint=did_you_mean(subfolder, folders) or f"folders there: {', '.join(folders) or 'none'}")
     return folder
 
@@ -113,7 +113,7 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
         raise
     except Exception as exc:  # noqa: BLE001 -- whatever a broken folder or weights file raises, say so plainly
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CausalError(f"cannot load model {ref!r}: {first_line}", span, source,
+        raise CausalError(f"cannot load model {ref!r}: {first_line}", span,
                           hint="use a local folder, a 'zoo:' or 'pkg:' model, or a hub id with network access "
                                "or a filled HF cache; models that ship their own code need trust_remote_code=true"
                           ) from None
@@ -181,10 +181,10 @@ def _check_complete(ref: str, info: dict, tokenizer, span: Span | None, source: 
                                                         for k in info.get("mismatched_keys") or []]
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CausalError(f"cannot load model {ref!r}: its weights lack or mis-shape {shown}", span, source)
+        raise CausalError(f"cannot load model {ref!r}: its weights lack or mis-shape {shown}", span)
     if len(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)) == 0:
         raise CausalError(f"cannot load model {ref!r}: its tokenizer is empty (no tokenizer files in the folder?)",
-                          span, source)
+                          span)
 
 
 def _revision(target: str, model: torch.nn.Module) -> str:

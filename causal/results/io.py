@@ -1,6 +1,6 @@
 """Result Datasets on disk: atomic save, load, and merging the runs of a Hydra sweep.
 
-The schema is made in causal.assemble and documented in docs/results.md.
+The schema is made in causal.results.assemble and documented in docs/results.md.
 """
 from __future__ import annotations
 

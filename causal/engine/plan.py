@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from causal import interventions as iv
-from causal.experiment import Experiment, Target, absolute_positions
+from causal.resolve.experiment import Experiment, Target, absolute_positions
 
 CacheKey = tuple[str, int | None]  # (site, layer)
 PACKING = ("auto", "sites", "exact")

@@ -12,11 +12,11 @@ import torch
 from causal import interventions as iv
 from causal.data import Examples, Prompts, answer_ids, load_examples, tokenize_column
 from causal.errors import CausalError, Span, did_you_mean
-from causal.experiment import Experiment, Metric, NamedPositions, Sweep
+from causal.resolve.experiment import Experiment, Metric, NamedPositions, Sweep
 from causal.lang import ast
 from causal.models import LoadedModel
-from causal.positions import check_anchor_alignment, position_masks, resolve_positions
-from causal.sweeps import SweepBuilder
+from causal.resolve.positions import check_anchor_alignment, position_masks, resolve_positions
+from causal.resolve.sweeps import SweepBuilder
 
 ABLATIONS = ("zero", "mean", "resample")
 LOGIT_METRICS = {"logprob": 1, "prob": 1, "logit_diff": 2, "rank": 1, "accuracy": 1, "kl": 1}
@@ -42,7 +42,7 @@ class _Resolver:
         self.sites = SweepBuilder(self.adapter, self.named, file.text)
 
     def error(self, message: str, span: Span, hint: str | None = None) -> CausalError:
-        return CausalError(message, span, self.file.text, hint)
+        return CausalError(message, span, hint)
 
     # columns and prompts
     def column(self, name: str, span: Span) -> list:
@@ -354,15 +354,15 @@ def linear_terms(expr: ast.Expr, span: Span, source: str) -> list[tuple[float, a
             return left[0] + [(sign * c, m) for c, m in right[0]], left[1] + sign * right[1]
         if left[0] and right[0]:
             raise CausalError("a steering vector is linear in the means: one side of '*' must be a number",
-                              node.span, source)
+                              node.span)
         scale, terms = (left[1], right[0]) if right[0] else (right[1], left[0])
         return [(scale * c, m) for c, m in terms], left[1] * right[1]
     terms, constant = walk(expr)
     if not terms:
         raise CausalError("a steering vector needs at least one mean(column) term, e.g. "
-                          "4 * (mean(positive) - mean(negative))", span, source)
+                          "4 * (mean(positive) - mean(negative))", span)
     if constant:
-        raise CausalError(f"a steering vector cannot add a plain number ({constant:g}) to activations", span, source)
+        raise CausalError(f"a steering vector cannot add a plain number ({constant:g}) to activations", span)
     return terms
 
 
@@ -389,7 +389,7 @@ def resolve(file: ast.ExperimentFile, model: LoadedModel, seed: int = 0) -> Expe
         label = metric.name + (" normalized" if metric.normalization else "")
         if label in labels:
             raise CausalError(f"a second metric labelled {label!r} (the first is at line {labels[label].span.line}); "
-                              "results could not tell them apart", node.span, file.text,
+                              "results could not tell them apart", node.span,
                               hint="read several positions with one metric: at [-1, -2]")
         labels[label] = node
     name = file.name or Path(file.path).stem

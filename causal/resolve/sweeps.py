@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from causal.errors import CausalError, Span, did_you_mean
-from causal.experiment import NamedPositions, Position, Sweep, Target
+from causal.resolve.experiment import NamedPositions, Position, Sweep, Target
 from causal.lang import ast
 from causal.models import ModelAdapter
 
@@ -53,7 +53,7 @@ class SweepBuilder:
         self.adapter, self.positions, self.source = adapter, positions, source
 
     def error(self, message: str, span: Span, hint: str | None = None) -> CausalError:
-        return CausalError(message, span, self.source, hint)
+        return CausalError(message, span, hint)
 
     def sweep(self, sites: tuple[ast.SiteRef, ...], lengths: tuple[int, int],
               allowed: tuple[str, ...] | None = None) -> Sweep:
@@ -199,10 +199,9 @@ def expand(indices: ast.IndexSet, source: str | None = None) -> list:
         return list(indices.values)
     if isinstance(indices, ast.IndexRange):
         if isinstance(indices.start, ast.Name) or isinstance(indices.stop, ast.Name):
-            raise CausalError(f"a range needs numbers at both ends, got {indices.describe()}", indices.span, source)
+            raise CausalError(f"a range needs numbers at both ends, got {indices.describe()}", indices.span)
         if indices.stop < indices.start:
-            raise CausalError(f"empty range {indices.describe()}: the end comes before the start", indices.span,
-                              source)
+            raise CausalError(f"empty range {indices.describe()}: the end comes before the start", indices.span)
         return list(range(indices.start, indices.stop + 1))
     raise TypeError(indices)
 

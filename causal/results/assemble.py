@@ -16,9 +16,9 @@ import torch
 import xarray as xr
 
 from causal import interventions as iv
-from causal.execute import RawResults
-from causal.experiment import Experiment
-from causal.results import package_versions
+from causal.engine.execute import RawResults
+from causal.resolve.experiment import Experiment
+from causal.results.io import package_versions
 
 
 def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Dataset:

@@ -12,9 +12,9 @@ import torch
 
 from causal.data import Examples, Prompts, find_span
 from causal.errors import CausalError, Span, did_you_mean
-from causal.experiment import NamedPositions, absolute_positions
+from causal.resolve.experiment import NamedPositions, absolute_positions
 from causal.lang import ast
-from causal.sweeps import expand
+from causal.resolve.sweeps import expand
 
 
 def resolve_positions(defs: tuple[ast.PositionDef, ...], anchor: str | None, prompts: Prompts | None,
@@ -29,14 +29,14 @@ def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Exam
             source: str) -> list[tuple[int, ...]]:
     span = definition.span
     if prompts is None:
-        raise CausalError("named positions need a prompt column to be located in, and the data has none", span, source)
+        raise CausalError("named positions need a prompt column to be located in, and the data has none", span)
     lengths = prompts.lengths.tolist()
     if definition.anchor is None:
         return [(_within(definition.offset + (n if definition.offset < 0 else 0), n, i, definition, source),)
                 for i, n in enumerate(lengths)]
     column = definition.column
     if column not in examples.columns:
-        raise CausalError(f"no data column {column!r}; the data has {', '.join(examples.columns)}", span, source,
+        raise CausalError(f"no data column {column!r}; the data has {', '.join(examples.columns)}", span,
                           did_you_mean(column, examples.columns))
     out = []
     for i, text in enumerate(examples.columns[column]):
@@ -56,7 +56,7 @@ def _within(position: int, length: int, example: int, definition: ast.PositionDe
         written = (f"{definition.anchor}({definition.column})" + (f"{definition.offset:+d}" if definition.offset else "")
                    if definition.anchor else str(definition.offset))
         raise CausalError(f"position {definition.name} = {written} is {position} in example {example}, outside its "
-                          f"prompt of {length} tokens (valid: 0..{length - 1})", definition.span, source)
+                          f"prompt of {length} tokens (valid: 0..{length - 1})", definition.span)
     return position
 
 
@@ -74,7 +74,7 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
     if (usable < 1).any():
         i = int((usable < 1).nonzero()[0])
         raise CausalError(f"example {i} has {int(lengths[i])} token(s): a next-token metric needs a token after the "
-                          "position it reads", indices.span if indices is not None else span, source)
+                          "position it reads", indices.span if indices is not None else span)
     mask = torch.zeros(n, width, dtype=torch.bool)
     if indices is None and default_last:
         mask[torch.arange(n), usable - 1] = True
@@ -85,7 +85,7 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
         if isinstance(value, ast.Name):
             if value.name not in named.indices:
                 raise CausalError(f"unknown position {value.name!r}; named positions: "
-                                  f"{', '.join(named.indices) or 'none'}", value.span, source,
+                                  f"{', '.join(named.indices) or 'none'}", value.span,
                                   did_you_mean(value.name, named.indices))
             check_anchor_alignment(named, prompts, value.name, value.span, source)
             mask |= named.mask(value.name, width)
@@ -96,13 +96,13 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
             i = int(bad[0])
             limit = "the last scored position is len-2" if shift else "valid positions are 0..len-1"
             raise CausalError(f"{what} {value} is outside example {i}, which has {int(lengths[i])} tokens "
-                              f"({limit})", indices.span, source)
+                              f"({limit})", indices.span)
         mask[torch.arange(n), absolute] = True
     if shift:
         over = mask & ~(torch.arange(width)[None, :] < usable[:, None])
         if over.any():
             i = int(over.any(1).nonzero()[0])
-            raise CausalError(f"example {i}: a next-token metric cannot read the last token", indices.span, source)
+            raise CausalError(f"example {i}: a next-token metric cannot read the last token", indices.span)
     return mask
 
 
@@ -116,4 +116,4 @@ def check_anchor_alignment(named: NamedPositions, prompts: Prompts, name: str, s
         i = int(differ[0])
         raise CausalError(f"position {name!r} was located in the {named.anchor!r} prompts, but is used on prompts "
                           f"of another length (example {i}: {int(prompts.lengths[i])} vs {int(anchor_lengths[i])} "
-                          "tokens)", span, source)
+                          "tokens)", span)

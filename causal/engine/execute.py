@@ -1,6 +1,6 @@
 """Run a Plan: statistics, then per chunk of examples the base runs and the batched jobs.
 
-Every forward goes through `causal.forward.Runner`, i.e. the unmodified HF forward with
+Every forward goes through `causal.engine.forward.Runner`, i.e. the unmodified HF forward with
 hooks that edit chosen activations; nothing of the model is re-implemented.
 """
 from __future__ import annotations
@@ -13,16 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from causal import interventions as iv
-from causal.attribution import AttributionRun
-from causal.checkpoint import ChunkStore
-from causal.compile import Chunk, Job, Plan, Stream, stream_of
+from causal.methods.attribute import AttributionRun
+from causal.engine.checkpoint import ChunkStore
+from causal.engine.plan import Chunk, Job, Plan, Stream, stream_of
 from causal.errors import CausalError
-from causal.experiment import Experiment
-from causal.forward import Output, Resume, Runner
-from causal.health import NonFiniteWatch
+from causal.resolve.experiment import Experiment
+from causal.engine.forward import Output, Resume, Runner
+from causal.engine.health import NonFiniteWatch
 from causal.metrics import metric_values, read_slots, reference_logprobs, sentence_embedding
-from causal.stats import compute_stats
-from causal.writes import Caches, Write, WriteBuilder, as_hook
+from causal.engine.stats import compute_stats
+from causal.engine.writes import Caches, Write, WriteBuilder, as_hook
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from causal import interventions as iv
-from causal.compile import Packer, RowStarts, row_starts
-from causal.experiment import Experiment
+from causal.engine.plan import Packer, RowStarts, row_starts
+from causal.resolve.experiment import Experiment
 from causal.metrics import metric_values, read_slots
-from causal.writes import WriteBuilder
+from causal.engine.writes import WriteBuilder
 
 if TYPE_CHECKING:
-    from causal.execute import Executor
+    from causal.engine.execute import Executor
 
 SCALE_TOLERANCE = 1e-3  # max |log-pattern residual| for the dot-product-softmax model of attention
 

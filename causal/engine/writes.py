@@ -1,7 +1,7 @@
 """What each intervention does to the rows of a forward pass, as masked writes per (site, layer).
 
 A write replaces (or adds to) a site's activation where its mask is set; the mask
-covers absolute positions, so a forward that starts part-way (causal.forward) slices it.
+covers absolute positions, so a forward that starts part-way (causal.engine.forward) slices it.
 Rows of one pass may belong to different sweep points: masks are per row, values are
 gathered per row from the cached base runs.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from causal import interventions as iv
-from causal.compile import CacheKey, Job
-from causal.experiment import Experiment, Target, absolute_positions
+from causal.engine.plan import CacheKey, Job
+from causal.resolve.experiment import Experiment, Target, absolute_positions
 
 ZERO = None
 

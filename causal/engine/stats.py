@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from causal import interventions as iv
-from causal.compile import CacheKey
-from causal.experiment import Experiment
-from causal.writes import Write
+from causal.engine.plan import CacheKey
+from causal.resolve.experiment import Experiment
+from causal.engine.writes import Write
 
 EMBED: CacheKey = ("embed", None)
 

@@ -1,6 +1,6 @@
 """One forward pass of the unmodified HF model, whole or resumed part-way.
 
-Resuming is how sweeps skip work (see causal.compile): blocks below `start_layer` are
+Resuming is how sweeps skip work (see causal.engine.plan): blocks below `start_layer` are
 swapped, for the duration of the call, for stand-ins that return the base run's cached
 residual stream; positions below `start_pos` are not recomputed at all, their keys and
 values come from the base run's cache through HF's own `past_key_values`. Everything

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
-from causal.summary import effect  # noqa: E402
+from causal.results.summary import effect  # noqa: E402
 
 
 def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
