@@ -21,24 +21,7 @@ from causal.resolve import resolve
 from causal.results.io import package_versions
 
 
-@dataclass
-class RunConfig:
-    """Settings that belong to a run rather than to the experiment (Hydra overrides these)."""
-
-    seed: int = 0
-    model: str | None = None  # replaces the experiment file's model reference when set
-    device: str = "auto"
-    dtype: str = "float32"
-    batch_size: int = 128
-    pack: str = "auto"  # how jobs share forward passes: auto (cost model) | sites (fill batches) | exact (never merge)
-    params: dict = field(default_factory=dict)  # values for the file's `param` declarations
-    optimize: bool = True  # False: every row runs the whole model (the reference the fast path is tested against)
-    cache_gb: float | None = None  # memory for cached activations per chunk of examples; None: a quarter of RAM /
-    # half of the free GPU memory
-    progress: bool = True
-    checkpoints: str | None = None  # folder for resumable chunks; None: no checkpointing
-    trust_remote_code: bool = False
-    overrides: list[str] = field(default_factory=list)
+from causal.settings import RunConfig  # the run settings, declared once there
 
 
 def prepare(path: str | Path, config: RunConfig, *, model=None, tokenizer=None) -> Experiment:
@@ -66,7 +49,7 @@ def _load_and_resolve(file: ast.ExperimentFile, config: RunConfig, model, tokeni
     if model is None and tokenizer is None:
         if config.model is not None:
             file = replace(file, model=replace(file.model, ref=config.model))
-        loaded = load_model(file.model.ref, config.device, config.dtype, file.model.span, file.text,
+        loaded = load_model(file.model.ref, config.device, config.dtype, file.model.span,
                             trust_remote_code=config.trust_remote_code)
     else:
         loaded = _given_model(model, tokenizer, config)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-from causal import interventions as iv
 from causal.engine.plan import Packer, Plan
 from causal.resolve.experiment import Experiment
 
@@ -46,12 +45,7 @@ def _statement_lines(experiment: Experiment, plan: Plan) -> list[str]:
     for index, intervention in enumerate(experiment.interventions):
         sweep = intervention.sweep
         shape = " x ".join(f"{dim} {size}" for dim, size in zip(sweep.dims, sweep.shape)) or "one point"
-        if isinstance(intervention, iv.Attribute):
-            runs = "gradients: one backward per batch of examples"
-        else:
-            rows = sum(len(job.examples) for job in plan.jobs if job.intervention == index)
-            passes = sum(job.intervention == index for job in plan.jobs) * passes_per_job(intervention)
-            runs = f"{rows} rows in {passes} forward passes"
+        runs = intervention.describe_runs(plan, index)
         lines.append(f"{intervention.name:<16} {intervention.statement}\n{'':<17}{shape} = {len(sweep.points)} "
                      f"points; {runs}")
     return lines
@@ -62,7 +56,7 @@ def _plan_lines(experiment: Experiment, plan: Plan) -> list[str]:
     base_passes = sum(math.ceil(len(chunk.examples) * stream.samples / plan.batch_size)
                       for chunk in plan.chunks for stream in plan.streams.values())
     planned, full = block_work(experiment, plan)
-    job_passes = sum(passes_per_job(experiment.interventions[job.intervention]) for job in plan.jobs)
+    job_passes = sum(len(experiment.interventions[job.intervention].passes(job, plan.optimize)) for job in plan.jobs)
     lines = [f"plan     {job_passes + base_passes} forward passes of up to {plan.batch_size} rows: "
              f"{base_rows} base rows ({', '.join(plan.streams)}) and {plan.rows} intervention rows, "
              f"in {len(plan.chunks)} chunk(s) of examples"]
@@ -73,20 +67,13 @@ def _plan_lines(experiment: Experiment, plan: Plan) -> list[str]:
     return lines
 
 
-def passes_per_job(intervention: iv.Intervention) -> int:
-    """Path patching into receivers runs twice: once to record the receivers' inputs, once to patch them."""
-    return 2 if isinstance(intervention, iv.PathPatch) and intervention.receivers else 1
-
-
 def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:
     """(token-layers the plan's forward passes compute, token-layers if each of those passes ran the whole model)."""
     packer = Packer(experiment, plan.batch_size, "exact", experiment.model.device.type)
     planned = full = 0.0
     for job in plan.jobs:
-        intervention, rows = experiment.interventions[job.intervention], len(job.examples)
-        planned += packer.cost(rows, job.start_layer, job.start_pos)
-        if passes_per_job(intervention) == 2:
-            start = intervention.first_receiver_layer if plan.optimize else 0
-            planned += packer.cost(rows, start, 0)
-        full += packer.cost(rows, 0, 0) * passes_per_job(intervention)
+        rows = len(job.examples)
+        for layer, pos in experiment.interventions[job.intervention].passes(job, plan.optimize):
+            planned += packer.cost(rows, layer, pos)
+            full += packer.cost(rows, 0, 0)
     return planned, full

@@ -1,78 +1,74 @@
-"""Metric values from a forward pass's output, one per (row, metric).
+"""The metric catalogue: one declaration per metric, read by resolve, compile and execute alike.
 
-Each metric is averaged over the positions it reads in the row's prompt. Logits are
-only computed at the union of those positions (`read_slots`); each metric then picks its
-own slots.
+A metric declares its arity (answer columns), what it reads (next-token logits at the
+positions `at` names, or the sentence embedding of an encoder), whether its argument is
+a reference run it compares with (kl, similarity), whether it takes `next` (each prompt's
+own next token), and how it scores. Every metric can be `normalized` (by the clean and
+corrupt baselines, in results/assemble.py). Logits are only computed at the union of the
+positions any metric reads (`read_slots`); each metric then averages over its own.
+
+Importing this module does not import torch (the CLI checks metric names before any model).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from causal.resolve.experiment import Experiment, Metric
-from causal.engine.forward import Output
+if TYPE_CHECKING:
+    import torch
 
+    from causal.engine.forward import Output
+    from causal.resolve.experiment import Experiment
 
-def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, width) bool -> (rows, k) indices of the set positions in increasing order, and which are real."""
-    k = max(int(mask.sum(1).max()), 1)
-    order = torch.where(mask, torch.arange(mask.shape[1]), mask.shape[1] + torch.arange(mask.shape[1]))
-    index = order.argsort(1)[:, :k]
-    return index, mask.gather(1, index)
+LOGITS, EMBEDDING = "logits", "embedding"
 
 
-def read_slots(experiment: Experiment, column: str, examples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions whose logits any metric reads, per row: (rows, k) positions and validity."""
-    union = torch.stack([m.positions[column][examples] for m in experiment.metrics]).any(0)
-    return compact(union)
+@dataclass(frozen=True)
+class MetricKind:
+    name: str
+    arity: int
+    reads: str  # LOGITS: next-token logits at positions (language models); EMBEDDING: an encoder's sentence embedding
+    score: Callable  # LOGITS: (logits (rows, k, vocab), answers [(rows, k)] or reference) -> (rows, k); EMBEDDING: ->(rows,)
+    takes_next: bool = False
+    reference: Callable | None = None  # (output, chosen, attention_mask) -> what a compared run is scored against
+
+    @property
+    def reads_whole_prompt(self) -> bool:
+        return self.reads == EMBEDDING
+
+    @property
+    def compares(self) -> bool:
+        """Its argument names a prompt column whose unpatched run it compares with, not answers."""
+        return self.reference is not None
 
 
-def metric_values(experiment: Experiment, output: Output, column: str, examples: torch.Tensor,
-                  slots: tuple[torch.Tensor, torch.Tensor], references: dict[int, torch.Tensor],
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(rows, metrics) float32. `references[i]`: what metric i compares against, for these rows."""
-    values = []
-    logits = output.logits.float() if output.logits is not None else None  # once, not per metric
-    for index, metric in enumerate(experiment.metrics):
-        if metric.kind == "similarity":
-            values.append(_similarity(output.hidden, attention_mask, references[index]))
-            continue
-        positions, valid = slots
-        chosen = metric.positions[column][examples].to(positions.device).gather(1, positions) & valid
-        per_slot = _per_slot(experiment, metric, logits, column, examples, positions, chosen,
-                             references.get(index))
-        chosen = chosen.to(per_slot.device)
-        values.append((per_slot * chosen).sum(1) / chosen.sum(1).clamp(min=1))
-    return torch.stack(values, 1).float()
+def _at(table: "torch.Tensor", token: "torch.Tensor") -> "torch.Tensor":
+    return table.gather(-1, token[..., None])[..., 0]
 
 
-def _per_slot(experiment: Experiment, metric: Metric, logits: torch.Tensor, column: str, examples: torch.Tensor,
-              positions: torch.Tensor, chosen: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-    device = logits.device
-    if metric.kind == "kl":
-        return _kl(logits, chosen, reference)
-    if metric.next_token:
-        ids = experiment.prompts[column].ids[examples]
-        following = ids.gather(1, (positions + 1).clamp(max=ids.shape[1] - 1)).to(device)
-        answers = [following]
-    else:
-        answers = [a[examples].to(device)[:, None].expand(-1, logits.shape[1]) for a in metric.answers]
-
-    def at(table: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        return table.gather(-1, token[..., None])[..., 0]
-
-    if metric.kind == "logit_diff":
-        return at(logits, answers[0]) - at(logits, answers[1])
-    if metric.kind == "rank":
-        return (logits > at(logits, answers[0])[..., None]).sum(-1).float()
-    if metric.kind == "accuracy":
-        return (logits.argmax(-1) == answers[0]).float()
-    logprob = at(logits.log_softmax(-1), answers[0])
-    return logprob.exp() if metric.kind == "prob" else logprob
+def _logprob(logits, answers):
+    return _at(logits.log_softmax(-1), answers[0])
 
 
-def _kl(logits: torch.Tensor, chosen: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def _prob(logits, answers):
+    return _logprob(logits, answers).exp()
+
+
+def _logit_diff(logits, answers):
+    return _at(logits, answers[0]) - _at(logits, answers[1])
+
+
+def _rank(logits, answers):
+    return (logits > _at(logits, answers[0])[..., None]).sum(-1).float()
+
+
+def _accuracy(logits, answers):
+    return (logits.argmax(-1) == answers[0]).float()
+
+
+def _kl(logits, chosen, reference):
     """KL(reference || run) per slot; `reference` holds log-probs at the metric's positions in order."""
+    import torch
     index, valid = compact(chosen.cpu())
     run = logits.log_softmax(-1).gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
     ref = reference[:, : index.shape[1]].to(logits.device)
@@ -81,19 +77,87 @@ def _kl(logits: torch.Tensor, chosen: torch.Tensor, reference: torch.Tensor) -> 
     return out.scatter(1, index.to(logits.device), kl)
 
 
-def reference_logprobs(output: Output, chosen: torch.Tensor) -> torch.Tensor:
+def _reference_logprobs(output: "Output", chosen, attention_mask):
     """Log-probs at a kl metric's positions (in order), to compare later runs against."""
     index, _ = compact(chosen.cpu())
     logits = output.logits.float()
     return logits.log_softmax(-1).gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1])).cpu()
 
 
-def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sentence_embedding(hidden, attention_mask):
     """Mean over the prompt's tokens, unit length: the all-MiniLM / sentence-transformers pooling."""
+    import torch.nn.functional as F
     weights = attention_mask.to(hidden.device, hidden.dtype)[..., None]
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
     return F.normalize(pooled.float(), dim=-1)
 
 
-def _similarity(hidden: torch.Tensor, attention_mask: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def _similarity(hidden, attention_mask, reference):
     return (sentence_embedding(hidden, attention_mask) * reference.to(hidden.device)).sum(-1)
+
+
+METRICS: dict[str, MetricKind] = {kind.name: kind for kind in (
+    MetricKind("logprob", 1, LOGITS, _logprob, takes_next=True),
+    MetricKind("prob", 1, LOGITS, _prob, takes_next=True),
+    MetricKind("logit_diff", 2, LOGITS, _logit_diff),
+    MetricKind("rank", 1, LOGITS, _rank, takes_next=True),
+    MetricKind("accuracy", 1, LOGITS, _accuracy, takes_next=True),
+    MetricKind("kl", 1, LOGITS, _kl, reference=_reference_logprobs),
+    MetricKind("similarity", 1, EMBEDDING, _similarity,
+               reference=lambda output, chosen, mask: sentence_embedding(output.hidden, mask).cpu()),
+)}
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def compact(mask: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(rows, width) bool -> (rows, k) indices of the set positions in increasing order, and which are real."""
+    import torch
+    k = max(int(mask.sum(1).max()), 1)
+    order = torch.where(mask, torch.arange(mask.shape[1]), mask.shape[1] + torch.arange(mask.shape[1]))
+    index = order.argsort(1)[:, :k]
+    return index, mask.gather(1, index)
+
+
+def read_slots(experiment: "Experiment", column: str, examples: "torch.Tensor"):
+    """The positions whose logits any metric reads, per row: (rows, k) positions and validity."""
+    import torch
+    union = torch.stack([m.positions[column][examples] for m in experiment.metrics]).any(0)
+    return compact(union)
+
+
+def chosen_slots(metric, column: str, examples: "torch.Tensor", slots) -> "torch.Tensor":
+    """(rows, k) which of the read slots this metric averages over."""
+    positions, valid = slots
+    return metric.positions[column][examples].to(positions.device).gather(1, positions) & valid
+
+
+def metric_values(experiment: "Experiment", output: "Output", column: str, examples: "torch.Tensor", slots,
+                  references: dict, attention_mask=None) -> "torch.Tensor":
+    """(rows, metrics) float32. `references[i]`: what metric i compares against, for these rows."""
+    import torch
+    values = []
+    logits = output.logits.float() if output.logits is not None else None  # once, not per metric
+    for index, metric in enumerate(experiment.metrics):
+        kind = metric.kind
+        if kind.reads == EMBEDDING:
+            values.append(kind.score(output.hidden, attention_mask, references[index]))
+            continue
+        chosen = chosen_slots(metric, column, examples, slots)
+        if kind.compares:
+            per_slot = kind.score(logits, chosen, references[index])
+        else:
+            per_slot = kind.score(logits, _answers(experiment, metric, column, examples, slots[0], logits))
+        chosen = chosen.to(per_slot.device)
+        values.append((per_slot * chosen).sum(1) / chosen.sum(1).clamp(min=1))
+    return torch.stack(values, 1).float()
+
+
+def _answers(experiment: "Experiment", metric, column: str, examples, positions, logits) -> list:
+    """Answer token ids per read slot: the answer columns', or each prompt's next token."""
+    device = logits.device
+    if metric.next_token:
+        ids = experiment.prompts[column].ids[examples]
+        return [ids.gather(1, (positions + 1).clamp(max=ids.shape[1] - 1)).to(device)]
+    return [a[examples].to(device)[:, None].expand(-1, logits.shape[1]) for a in metric.answers]

@@ -10,6 +10,7 @@ import torch
 
 import causal
 from causal import CausalError
+from causal.errors import reported_against
 from causal.data import (GENERATORS, Count, Examples, Range, find_span, find_spans, load_examples, read_table,
                          register_generator, tokenize_column)
 from causal.lang.parser import parse_text
@@ -34,7 +35,8 @@ def experiment_data(line: str):
 
 def load(line: str, base_dir: Path, tokenizer=None) -> Examples:
     decl, text = experiment_data(line)
-    return load_examples(decl, base_dir, tokenizer or word_tokenizer(64), text)
+    with reported_against(text):  # what the pipeline does at its boundary: errors show the file's line
+        return load_examples(decl, base_dir, tokenizer or word_tokenizer(64))
 
 
 # ---------------------------------------------------------------- files

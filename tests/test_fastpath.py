@@ -22,7 +22,6 @@ import transformers as T
 
 import causal
 import causal.engine.plan
-from causal import interventions as iv
 from causal.api import run_prepared
 from causal.engine.plan import compile_plan
 from causal.engine.forward import Resume, Runner
@@ -123,11 +122,11 @@ def test_every_intervention_moves_the_metrics(arch, case, prepared):
 def baselines(experiment) -> dict[str, str]:
     """Result variable -> the baseline run its rows change: the noised run for traces, else the base prompts."""
     out = {}
-    for intervention in experiment.interventions:
-        baseline = intervention.noised_name if isinstance(intervention, iv.Trace) else intervention.base
-        out[intervention.name] = baseline
-        if isinstance(intervention, iv.Attribute) and intervention.exact_name:
-            out[intervention.exact_name] = baseline
+    for method in experiment.interventions:
+        baseline = method.stream
+        out[method.name] = baseline
+        if getattr(method, "exact_name", None):
+            out[method.exact_name] = baseline
     return out
 
 

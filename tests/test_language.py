@@ -71,10 +71,10 @@ _LOADED: dict = {}
 @pytest.fixture(autouse=True)
 def _load_each_model_once(monkeypatch):
     """`causal.prepare`/`run` load through causal.api.load_model; reuse what an earlier test loaded."""
-    def load(ref, device="auto", dtype="float32", span=None, source=None, **kwargs):
+    def load(ref, device="auto", dtype="float32", span=None, **kwargs):
         key = (str(ref), device, dtype)
         if key not in _LOADED:
-            _LOADED[key] = load_model(ref, device, dtype, span, source, **kwargs)
+            _LOADED[key] = load_model(ref, device, dtype, span, **kwargs)
         return _LOADED[key]
 
     monkeypatch.setattr("causal.api.load_model", load)
@@ -177,7 +177,9 @@ def test_metric_statement():
 def test_patch_with_selectors_plus_window_and_label():
     node = parse("metric logprob(io)\npatch z[layer=0..1, head=*, pos=[A, 2]] + resid_pre[layer=-1 window 3] "
                  "from corrupt into clean as p").interventions[0]
-    assert isinstance(node, ast.Patch) and (node.source, node.base, node.label) == ("corrupt", "clean", "p")
+    assert node.kind == "patch" and (node.get("source"), node.get("base"), node.label) == ("corrupt", "clean", "p")
+    assert [c.name for c in node.clauses] == ["sites", "source", "base", "label"]
+    assert node.span_of("source").column == 77 and node.clause("label").value == "p"
     z, resid = node.sites
     assert z.name == "z" and [s.dim for s in z.selectors] == ["layer", "head", "pos"]
     layer, head, pos = (s.indices for s in z.selectors)
@@ -200,53 +202,57 @@ def test_module_site():
 def test_ablate_statement():
     plain, full = parse("metric logprob(io)\nablate mlp_out with zero\n"
                         "ablate z[layer=*] with mean over corrupt on clean as m").interventions
-    assert (plain.method, plain.over, plain.base, plain.label) == ("zero", None, None, None)
+    assert (plain.get("how"), plain.get("over"), plain.get("on"), plain.label) == ("zero", None, None, None)
     assert plain.sites[0].selectors == ()
-    assert (full.method, full.over, full.base, full.label) == ("mean", "corrupt", "clean", "m")
+    assert (full.get("how"), full.get("over"), full.get("on"), full.label) == ("mean", "corrupt", "clean", "m")
 
 
 def test_steer_vector_is_an_expression_tree():
     node = parse("param alpha = 4.0\nmetric logprob(io)\n"
                  "steer resid_pre[layer=1] by alpha * (mean(clean at END) - mean(corrupt)) on clean").interventions[0]
-    assert isinstance(node, ast.Steer) and node.base == "clean"
-    product = node.vector
+    assert node.kind == "steer" and node.get("on") == "clean"
+    product = node.get("vector")
     assert product.op == "*" and product.left == 4.0  # the parameter is already substituted
     difference = product.right
     assert difference.op == "-"
     assert difference.left.column == "clean" and difference.left.positions.value.name == "END"
     assert difference.right.column == "corrupt" and difference.right.positions is None
-    negated = parse("metric logprob(io)\nsteer resid_pre by -mean(x)").interventions[0].vector
+    negated = parse("metric logprob(io)\nsteer resid_pre by -mean(x)").interventions[0].get("vector")
     assert negated.op == "*" and negated.left == -1 and negated.right.column == "x"
 
 
 def test_trace_statement():
     node = parse("metric logprob(io)\ntrace noise(3 sigma, samples=4, seed=1) on SUBJ restore "
                  "resid_post[layer=* window 10, pos=*] severing mlp, attn on corrupt as t").interventions[0]
-    assert isinstance(node, ast.Trace)
-    assert (node.noise.scale, node.noise.relative) == (3.0, True)
-    assert [(k, v) for k, v, _ in node.noise.options] == [("samples", 4), ("seed", 1)]
-    assert node.noised.value.name == "SUBJ"
+    assert node.kind == "trace"
+    noise = node.get("noise")
+    assert (noise.scale, noise.relative) == (3.0, True)
+    assert [(k, v) for k, v, _ in noise.options] == [("samples", 4), ("seed", 1)]
+    assert node.get("noised").value.name == "SUBJ"
     assert node.sites[0].selectors[0].window == 10
-    assert [k for k, _ in node.severing] == ["mlp", "attn"] and (node.base, node.label) == ("corrupt", "t")
+    assert [k for k, _ in node.get("sever")] == ["mlp", "attn"] and (node.get("on"), node.label) == ("corrupt", "t")
     absolute = parse("metric logprob(io)\ntrace noise(0.5) on [1, 2] restore z").interventions[0]
-    assert (absolute.noise.scale, absolute.noise.relative, absolute.noise.options) == (0.5, False, ())
-    assert absolute.severing == () and absolute.base is None
+    noise = absolute.get("noise")
+    assert (noise.scale, noise.relative, noise.options) == (0.5, False, ())
+    assert absolute.get("sever") is None and absolute.get("on") is None
 
 
 def test_path_statement():
     to_heads, to_logits = parse(
         "metric logprob(io)\npath z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, head=0] from corrupt into clean "
         "freezing mlp\npath z[layer=*, head=*] -> logits from corrupt into clean").interventions
-    assert [s.name for s in to_heads.senders] == ["z"] and [r.name for r in to_heads.receivers] == ["q", "k"]
-    assert [k for k, _ in to_heads.freezing] == ["mlp"] and (to_heads.source, to_heads.base) == ("corrupt", "clean")
-    assert to_logits.receivers is None and to_logits.freezing == ()
+    assert [s.name for s in to_heads.sites] == ["z"] and [r.name for r in to_heads.get("receivers")] == ["q", "k"]
+    assert [k for k, _ in to_heads.get("freeze")] == ["mlp"]
+    assert (to_heads.get("source"), to_heads.get("base")) == ("corrupt", "clean")
+    assert to_logits.clause("receivers") is not None and to_logits.get("receivers") is None
+    assert to_logits.get("freeze") is None
 
 
 def test_attribute_statement():
     with_check, without = parse("metric logprob(io)\nattribute z[layer=*, head=*] from corrupt into clean verify top 5\n"
                                 "attribute resid_pre from a into b as r").interventions
-    assert with_check.verify_top == 5 and with_check.label is None
-    assert without.verify_top is None and without.label == "r"
+    assert with_check.get("verify") == 5 and with_check.label is None
+    assert without.get("verify") is None and without.label == "r"
 
 
 def test_comments_and_whitespace_are_ignored():
@@ -267,15 +273,15 @@ def test_params_are_substituted_everywhere_a_value_is_allowed():
     assert file.metrics[0].positions.value == 2
     ablate, steer, attribute = file.interventions
     assert ablate.sites[0].selectors[0].indices.value == 2 and ablate.sites[0].selectors[1].indices.values == (0, 2)
-    assert steer.vector.left == 4.0 and attribute.verify_top == 2
+    assert steer.get("vector").left == 4.0 and attribute.get("verify") == 2
 
 
 def test_overrides_replace_declared_values_keeping_their_type():
     file = parse_text(PARAM_FILE, "x.cx", {"n": "5", "alpha": "0.5", "t": "BABA", "k": 1.0})
     assert {p.name: p.value for p in file.params} == {"n": 5, "alpha": 0.5, "t": "BABA", "k": 1}
     assert type(file.params[0].value) is int and file.data.limit == 5
-    assert file.interventions[1].vector.left == 0.5 and file.interventions[2].verify_top == 1
-    assert parse_text(PARAM_FILE, "x.cx", {"alpha": 3}).interventions[1].vector.left == 3.0
+    assert file.interventions[1].get("vector").left == 0.5 and file.interventions[2].get("verify") == 1
+    assert parse_text(PARAM_FILE, "x.cx", {"alpha": 3}).interventions[1].get("vector").left == 3.0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -520,7 +526,7 @@ def test_every_intervention_kind_resolves_with_its_settings(tmp_path):
     assert [p[0].layers for p in trace.sweep.points[::7]] == [(0,), (0, 1)]  # window 2 around layer 0, 1
     assert [(t.site, t.layers, t.extra) for t in to_heads.receivers] == [
         ("q", (1,), ((h,),)) for h in range(4)] + [("k", (1,), ((0,),))]
-    assert to_heads.freezing == ("mlp_out",) and to_logits.receivers is None
+    assert to_heads.frozen == ("z", "mlp_out") and to_logits.frozen == ("z",) and to_logits.receivers is None
     assert attribute.verify_top == 5 and attribute.exact_name == "attribute_z_exact"
     assert module.sweep.points[0][0].site == "module:gpt_neox.layers.{layer}.attention"
     assert pair.statement == "patch z[layer=1, head=0] + z[layer=1, head=3] from corrupt into clean as pair"

@@ -22,7 +22,6 @@ from causal import CausalError, RunConfig
 from causal.engine.plan import bytes_per_example, compile_plan
 from causal.engine.execute import Executor
 from causal.engine.forward import Runner
-from causal.engine.stats import compute_stats
 from tests.conftest import make_rows
 
 SWEEP = "metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\nablate z[layer=*, head=*] with mean"
@@ -155,7 +154,7 @@ def test_nan_introduced_by_an_intervention_names_the_site(write_experiment, tiny
     experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
     plan = compile_plan(experiment, 500, pack="exact")
     executor = Executor(experiment, plan, progress=False, store=None)
-    executor.stats = compute_stats(experiment, executor.run_column)
+    executor.prepare_statistics()
     caches = executor.base_runs(0, plan.chunks[0], set(), need=True)
     key = ("corrupt", ("attn_out", 2))
     caches.tensors[key] = caches.tensors[key].clone()
@@ -237,7 +236,7 @@ def test_memory_budget_splits_examples_into_chunks_with_the_same_results(write_e
 def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_path, monkeypatch):
     """Killed after two of five chunks, the re-run restores those two (estimates and q/k notes) and
     computes only the rest; the result equals an uninterrupted run's."""
-    from causal.methods.attribute import AttributionRun
+    from causal.methods.attribute import Attribute
     path = write_experiment("metric logprob(io)\nattribute q[layer=*, head=*] + k[layer=*, head=*] "
                             "from corrupt into clean verify top 2", make_rows(n=10))
     experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
@@ -246,21 +245,21 @@ def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_
                        checkpoints=str(tmp_path / "ck"))
     uninterrupted = causal.run(path, replace(config, checkpoints=None))
     computed: list[int] = []
-    real_chunk = AttributionRun.chunk
+    real_chunk = Attribute.chunk_pass
 
     class Killed(Exception):
         pass
 
     kill = [True]
 
-    def dies_after_two(self, executor, chunk, caches):
+    def dies_after_two(self, executor, chunk, caches, state):
         if kill and len(computed) == 2:
             kill.clear()
             raise Killed
         computed.append(int(chunk.examples[0]))
-        real_chunk(self, executor, chunk, caches)
+        return real_chunk(self, executor, chunk, caches, state)
 
-    monkeypatch.setattr(AttributionRun, "chunk", dies_after_two)
+    monkeypatch.setattr(Attribute, "chunk_pass", dies_after_two)
     with pytest.raises(Killed):
         causal.run(path, config)
     assert computed == [0, 2]

@@ -276,7 +276,7 @@ def experiment_data(line: str):
 
 def test_counterfact_path_is_relative_to_the_experiment_file(bpe):
     decl, text = experiment_data('data counterfact(path="data/counterfact_sample.json", n=4) limit 3')
-    data = load_examples(decl, ROOT / "experiments", bpe, text)
+    data = load_examples(decl, ROOT / "experiments", bpe)
     assert len(data) == 3 and data.columns["subject"][:2] == ["Danielle Darrieux", "Kenya"]
 
 
@@ -286,12 +286,12 @@ def test_generator_errors_point_at_the_data_statement(tmp_path, bpe):
     write_records(tmp_path, [bad])
     decl, text = experiment_data('data counterfact(path="cf.json")')
     with pytest.raises(CausalError) as info:
-        load_examples(decl, tmp_path, bpe, text)
+        load_examples(decl, tmp_path, bpe)
     assert str(info.value).startswith("x.cx:2:1: error: counterfact: ")
     assert "record 0 has no key 'requested_rewrite.subject'" in str(info.value)
     decl, text = experiment_data("data ioi(n=2)")
     with pytest.raises(CausalError, match=r"x.cx:2:1: error: ioi: this tokenizer encodes 0 of"):
-        load_examples(decl, tmp_path, word_tokenizer(64), text)
+        load_examples(decl, tmp_path, word_tokenizer(64))
 
 
 def test_counterfact_subject_span_covers_the_subject(bpe):

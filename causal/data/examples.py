@@ -24,30 +24,30 @@ class Examples:
 Record = tuple[str, dict]  # (where it stands, for messages: "file:line" or "file: record i"; the object)
 
 
-def read_table(path: Path, span: Span | None = None, source: str | None = None) -> Examples:
+def read_table(path: Path, span: Span | None = None) -> Examples:
     """A user data file as columns; the reader is chosen by the file's extension."""
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise CausalError(f"cannot read data file {str(path)!r}: unsupported extension {path.suffix!r}; "
                           f"supported: {', '.join(sorted(READERS))}", span)
-    return reader(path, span, source)
+    return reader(path, span)
 
 
-def read_jsonl(path: Path, span: Span | None = None, source: str | None = None) -> Examples:
+def read_jsonl(path: Path, span: Span | None = None) -> Examples:
     """One JSON object per line; blank lines are skipped."""
-    return columns_of(read_records(path, span, source, lines=True), span, source)
+    return columns_of(read_records(path, span, lines=True), span)
 
 
-def read_json(path: Path, span: Span | None = None, source: str | None = None) -> Examples:
+def read_json(path: Path, span: Span | None = None) -> Examples:
     """A JSON list of objects, one per example."""
-    return columns_of(read_records(path, span, source, lines=False), span, source)
+    return columns_of(read_records(path, span, lines=False), span)
 
 
-def read_csv(path: Path, span: Span | None = None, source: str | None = None,
+def read_csv(path: Path, span: Span | None = None,
              delimiter: str = ",") -> Examples:
     """Header row = column names (surrounding spaces stripped); every value is text, kept verbatim,
     so an answer written as `" Mary"` keeps its leading space."""
-    text = _read_text(path, span, source, encoding="utf-8-sig")  # tolerate the BOM spreadsheets write
+    text = _read_text(path, span, encoding="utf-8-sig")  # tolerate the BOM spreadsheets write
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         rows = [(reader.line_num, row) for row in reader if row]
@@ -69,27 +69,27 @@ def read_csv(path: Path, span: Span | None = None, source: str | None = None,
     return Examples({name: [row[i] for _, row in rows[1:]] for i, name in enumerate(names)})
 
 
-def read_tsv(path: Path, span: Span | None = None, source: str | None = None) -> Examples:
-    return read_csv(path, span, source, delimiter="\t")
+def read_tsv(path: Path, span: Span | None = None) -> Examples:
+    return read_csv(path, span, delimiter="\t")
 
 
 READERS: dict[str, Callable[..., Examples]] = {
     ".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_tsv}
 
 
-def read_records(path: Path, span: Span | None = None, source: str | None = None,
+def read_records(path: Path, span: Span | None = None,
                  lines: bool | None = None) -> list[Record]:
     """JSON objects, one per line (`lines`) or as one JSON list; by default .jsonl files hold lines."""
-    text = _read_text(path, span, source)
+    text = _read_text(path, span)
     if lines if lines is not None else path.suffix.lower() == ".jsonl":
-        return [(f"{path}:{number}", _parse(line, f"{path}:{number}", span, source))
+        return [(f"{path}:{number}", _parse(line, f"{path}:{number}", span))
                 for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    records = _parse(text, str(path), span, source, want=list)
-    return [(f"{path}: record {index}", _object(record, f"{path}: record {index}", span, source))
+    records = _parse(text, str(path), span, want=list)
+    return [(f"{path}: record {index}", _object(record, f"{path}: record {index}", span))
             for index, record in enumerate(records)]
 
 
-def columns_of(records: list[Record], span: Span | None, source: str | None) -> Examples:
+def columns_of(records: list[Record], span: Span | None) -> Examples:
     """Columns from objects that all have the first object's keys."""
     if not records:
         return Examples({})
@@ -101,7 +101,7 @@ def columns_of(records: list[Record], span: Span | None, source: str | None) -> 
     return Examples({name: [record[name] for _, record in records] for name in names})
 
 
-def _read_text(path: Path, span: Span | None, source: str | None, encoding: str = "utf-8") -> str:
+def _read_text(path: Path, span: Span | None, encoding: str = "utf-8") -> str:
     try:
         return path.read_text(encoding=encoding)
     except OSError as exc:
@@ -113,7 +113,7 @@ def _read_text(path: Path, span: Span | None, source: str | None, encoding: str 
         raise CausalError(f"cannot read data file {str(path)!r}: {exc}", span) from None
 
 
-def _parse(text: str, where: str, span: Span | None, source: str | None, want: type = dict):
+def _parse(text: str, where: str, span: Span | None, want: type = dict):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -123,10 +123,10 @@ def _parse(text: str, where: str, span: Span | None, source: str | None, want: t
         raise CausalError(f"{where}: expected a JSON list of objects (one per example), got "
                           f"{type(value).__name__}", span,
                           hint="use .jsonl for one object per line")
-    return _object(value, where, span, source) if want is dict else value
+    return _object(value, where, span) if want is dict else value
 
 
-def _object(value, where: str, span: Span | None, source: str | None) -> dict:
+def _object(value, where: str, span: Span | None) -> dict:
     if not isinstance(value, dict):
         raise CausalError(f"{where}: each example must be a JSON object, got {type(value).__name__}",
                           span)

@@ -24,12 +24,11 @@ def register_generator(generator: Callable[..., Examples]) -> Callable[..., Exam
     return generator
 
 
-def load_examples(decl: ast.DataFile | ast.DataGenerator, base_dir: Path, tokenizer,
-                  source: str) -> Examples:
+def load_examples(decl: ast.DataFile | ast.DataGenerator, base_dir: Path, tokenizer) -> Examples:
     if isinstance(decl, ast.DataGenerator):
-        examples = _generate(decl, base_dir, tokenizer, source)
+        examples = _generate(decl, base_dir, tokenizer)
     else:
-        examples = read_table(base_dir / decl.path, decl.span, source)
+        examples = read_table(base_dir / decl.path, decl.span)
     if decl.limit is not None:
         examples = Examples({k: v[: decl.limit] for k, v in examples.columns.items()})
     if len(examples) == 0:
@@ -37,12 +36,12 @@ def load_examples(decl: ast.DataFile | ast.DataGenerator, base_dir: Path, tokeni
     return examples
 
 
-def _generate(decl: ast.DataGenerator, base_dir: Path, tokenizer, source: str) -> Examples:
+def _generate(decl: ast.DataGenerator, base_dir: Path, tokenizer) -> Examples:
     if decl.name not in GENERATORS:
         raise CausalError(f"unknown data generator {decl.name!r}; available: {', '.join(sorted(GENERATORS))}",
                           decl.span, hint=did_you_mean(decl.name, GENERATORS))
     generator = GENERATORS[decl.name]
-    kwargs = bind_arguments(decl.name, parameters(generator), decl.kwargs, base_dir, decl.span, source)
+    kwargs = bind_arguments(decl.name, parameters(generator), decl.kwargs, base_dir, decl.span)
     try:
         return generator(tokenizer, **kwargs)
     except CausalError as exc:

@@ -99,7 +99,7 @@ def _param(name: str, hint, default) -> Param:
 
 def bind_arguments(generator_name: str, params: dict[str, Param],
                    kwargs: tuple[tuple[str, object, Span], ...], base_dir: Path,
-                   span: Span, source: str) -> dict[str, object]:
+                   span: Span) -> dict[str, object]:
     """Checked keyword arguments for the generator; paths come back resolved against `base_dir`."""
     bound: dict[str, object] = {}
     for key, value, arg_span in kwargs:
@@ -109,7 +109,7 @@ def bind_arguments(generator_name: str, params: dict[str, Param],
                               arg_span, hint=did_you_mean(key, params))
         if key in bound:
             raise CausalError(f"argument {key!r} is given twice", arg_span)
-        bound[key] = _check(generator_name, params[key], value, base_dir, arg_span, source)
+        bound[key] = _check(generator_name, params[key], value, base_dir, arg_span)
     missing = [p for p in params.values() if p.required and p.name not in bound]
     if missing:
         needs = ", ".join(p.signature() for p in missing)
@@ -117,7 +117,7 @@ def bind_arguments(generator_name: str, params: dict[str, Param],
     return bound
 
 
-def _check(generator_name: str, param: Param, value, base_dir: Path, span: Span, source: str):
+def _check(generator_name: str, param: Param, value, base_dir: Path, span: Span):
     def bad(reason: str = "") -> CausalError:
         return CausalError(f"argument {param.name!r} of {generator_name!r} must be {param.describe()}, "
                            f"got {value!r}{reason}", span,

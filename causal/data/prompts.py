@@ -36,8 +36,7 @@ class Prompts:
         return (torch.arange(self.ids.shape[1])[None, :] < self.lengths[:, None]).long()
 
 
-def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None,
-                    source: str | None = None) -> Prompts:
+def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None) -> Prompts:
     ids, texts, offsets = [], [], []
     for index, value in enumerate(values):
         if isinstance(value, str):
@@ -70,8 +69,7 @@ def _encode(text: str, tokenizer) -> tuple[list[int], list[tuple[int, int]] | No
     return encoded["input_ids"], [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
 
 
-def answer_ids(values: list, tokenizer, name: str, span: Span | None = None,
-               source: str | None = None) -> torch.Tensor:
+def answer_ids(values: list, tokenizer, name: str, span: Span | None = None) -> torch.Tensor:
     """One token id per example; an answer that is not exactly one token is an error."""
     out = []
     for index, value in enumerate(values):
@@ -100,7 +98,7 @@ def answer_ids(values: list, tokenizer, name: str, span: Span | None = None,
 
 
 def find_span(prompts: Prompts, example: int, text: str, occurrence: str = "first",
-              span: Span | None = None, source: str | None = None) -> tuple[int, int]:
+              span: Span | None = None) -> tuple[int, int]:
     """(first_token, last_token), inclusive: the tokens of example's prompt that cover `text`.
 
     Matching rule: `text` is looked for without its surrounding whitespace (" Mary" is
@@ -137,11 +135,11 @@ def find_span(prompts: Prompts, example: int, text: str, occurrence: str = "firs
 
 
 def find_spans(prompts: Prompts, texts: list[str], occurrence: str = "first",
-               span: Span | None = None, source: str | None = None) -> torch.Tensor:
+               span: Span | None = None) -> torch.Tensor:
     """(examples, 2) inclusive token spans of `texts[i]` in example i, e.g. the IO name of each IOI prompt."""
     if len(texts) != len(prompts.tokens):
         raise CausalError(f"{len(texts)} span texts for {len(prompts.tokens)} prompts", span)
-    return torch.tensor([find_span(prompts, i, str(t), occurrence, span, source) for i, t in enumerate(texts)],
+    return torch.tensor([find_span(prompts, i, str(t), occurrence, span) for i, t in enumerate(texts)],
                         dtype=torch.long).view(len(texts), 2)
 
 

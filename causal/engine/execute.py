@@ -12,17 +12,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from causal import interventions as iv
-from causal.methods.attribute import AttributionRun
 from causal.engine.checkpoint import ChunkStore
-from causal.engine.plan import Chunk, Job, Plan, Stream, stream_of
+from causal.engine.plan import Chunk, Job, Plan, Stream
 from causal.errors import CausalError
 from causal.resolve.experiment import Experiment
 from causal.engine.forward import Output, Resume, Runner
 from causal.engine.health import NonFiniteWatch
-from causal.metrics import metric_values, read_slots, reference_logprobs, sentence_embedding
-from causal.engine.stats import compute_stats
-from causal.engine.writes import Caches, Write, WriteBuilder, as_hook
+from causal.engine.stats import run_statistics
+from causal.engine.writes import Caches, Masks, as_hook
+from causal.metrics import chosen_slots, metric_values, read_slots
+from causal.models.adapter import BLOCK_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +31,7 @@ class RawResults:
     """Raw numbers before labelling: float32 tensors on the CPU, NaN where a row was not defined."""
 
     baselines: dict[str, torch.Tensor]  # stream -> (examples, metrics)
-    effects: dict[str, torch.Tensor]  # variable -> (points, examples, metrics)
-    notes: dict[str, dict] = field(default_factory=dict)  # variable -> extra attrs (e.g. correlations)
+    variables: list = field(default_factory=list)  # methods.Variable: name, (points, examples, metrics), sweep, attrs
 
 
 class _Sums:
@@ -58,27 +56,36 @@ def execute(experiment: Experiment, plan: Plan, progress: bool = True, store: Ch
 
 
 class Executor:
+    """Runs a plan. Methods see it as `run`: forward passes, hooks, masks, caches and baselines."""
+
     def __init__(self, experiment: Experiment, plan: Plan, progress: bool, store: ChunkStore | None):
         self.experiment, self.plan, self.store = experiment, plan, store
         self.runner = Runner(experiment.model)
+        self.masks = Masks(experiment)
         self.progress = progress
         n, metrics = experiment.n_examples, len(experiment.metrics)
         self.baselines = {name: torch.full((n, metrics), float("nan")) for name in plan.streams}
-        self.sums = {i.name: _Sums((len(i.sweep.points), n, metrics)) for i in experiment.interventions}
-        self.notes: dict[str, dict] = {}
+        self.sums = {m.name: _Sums((len(m.sweep.points), n, metrics)) for m in experiment.interventions}
+        self.states = {m.name: m.new_state(experiment) for m in experiment.interventions}
         self.backoff = BatchBackoff(plan.batch_size)
+        self.caches: Caches | None = None
+
+    def prepare_statistics(self) -> None:
+        """Every method's statistics passes (means, noise scales), before any job."""
+        accumulators = [a for m in self.experiment.interventions for a in m.statistics(self.experiment,
+                                                                                      self.states[m.name])]
+        run_statistics(accumulators, self.run_column)
 
     def run(self) -> RawResults:
-        self.stats = compute_stats(self.experiment, self.run_column)
+        self.prepare_statistics()
         done = self.store.completed() if self.store else set()
         if done:
             log.warning("resuming: %d of %d batches already done (%s)", sum(k.startswith("job-") for k in done),
                         len(self.plan.jobs), self.store.folder)
-        attributions = [(i, x) for i, x in enumerate(self.experiment.interventions) if isinstance(x, iv.Attribute)]
-        bar = tqdm(total=len(self.plan.jobs) + len(attributions) * len(self.plan.chunks), unit="batch",
+        per_chunk = [(i, m) for i, m in enumerate(self.experiment.interventions) if m.works_per_chunk]
+        bar = tqdm(total=len(self.plan.jobs) + len(per_chunk) * len(self.plan.chunks), unit="batch",
                    desc=f"{self.experiment.name}", disable=not self.progress)
         numbered = iter(range(len(self.plan.jobs)))
-        attribution_runs = [AttributionRun(self.experiment, x) for _, x in attributions]
         for chunk_index, chunk in enumerate(self.plan.chunks):
             indices = [next(numbered) for _ in chunk.jobs]
             pending = []
@@ -89,28 +96,26 @@ class Executor:
                 else:
                     self.collect(job, saved)
                     bar.update(1)
-            to_attribute = [run for run in attribution_runs if not self.restored(run, chunk_index, chunk, done)]
-            bar.update(len(attribution_runs) - len(to_attribute))
-            caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(to_attribute))
+            to_do = [(i, m) for i, m in per_chunk if not self.restored(i, m, chunk_index, chunk, done)]
+            bar.update(len(per_chunk) - len(to_do))
+            caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(to_do))
             for k, job in pending:
                 values = self.backoff.run(lambda j: self.run_job(j, caches), job)
                 if self.store:
                     self.store.save(f"job-{k:06d}", values)
                 self.collect(job, values)
                 bar.update(1)
-            for run in to_attribute:
-                run.chunk(self, chunk, caches)
-                if self.store:
-                    self.store.save_tensors(_attribution_key(run, chunk_index), run.chunk_state(chunk))
+            for index, method in to_do:
+                saved = method.chunk_pass(self, chunk, caches, self.states[method.name])
+                if self.store and saved is not None:
+                    self.store.save_tensors(_chunk_key(index, chunk_index), saved)
                 bar.update(1)
-        for run in attribution_runs:
-            run.finish(self)
+        for method in self.experiment.interventions:
+            method.finish(self, self.states[method.name])
         bar.close()
-        effects = {name: sums.mean() for name, sums in self.sums.items()}
-        for run in attribution_runs:
-            effects.update(run.arrays())
-            self.notes.update(run.notes())
-        return RawResults(self.baselines, effects, self.notes)
+        variables = [v for m in self.experiment.interventions
+                     for v in m.variables(self.sums[m.name].mean(), self.states[m.name])]
+        return RawResults(self.baselines, variables)
 
     def saved(self, key: str, done: set[str]) -> torch.Tensor | None:
         state = self.saved_tensors(key, done)
@@ -126,12 +131,12 @@ class Executor:
             log.warning("checkpoint %s is damaged (%s); recomputing it", self.store.folder / key, exc)
             return None
 
-    def restored(self, run: AttributionRun, chunk_index: int, chunk: Chunk, done: set[str]) -> bool:
-        """Whether the chunk's attribution estimates came back from a checkpoint."""
-        state = self.saved_tensors(_attribution_key(run, chunk_index), done)
-        if state is not None:
-            run.restore_chunk(chunk, state)
-        return state is not None
+    def restored(self, index: int, method, chunk_index: int, chunk: Chunk, done: set[str]) -> bool:
+        """Whether a method's own work on the chunk came back from a checkpoint."""
+        saved = self.saved_tensors(_chunk_key(index, chunk_index), done)
+        if saved is not None:
+            method.restore_chunk(chunk, saved, self.states[method.name])
+        return saved is not None
 
     def collect(self, job: Job, values: torch.Tensor) -> None:
         intervention = self.experiment.interventions[job.intervention]
@@ -181,13 +186,13 @@ class Executor:
         prompts = experiment.prompts[stream.column]
         rows = caches.rows(stream.name, examples, samples)
         hooks: dict = {}
-        if stream.trace is not None:
-            key, write = self.stats.noise_write(stream.trace, examples, samples)
-            hooks[key] = [as_hook([write])]
+        if stream.owner is not None:  # e.g. the noise of a traced stream
+            writes = stream.owner.stream_writes(stream, examples, samples, self.states[stream.owner.name])
+            hooks = {key: [as_hook(ws)] for key, ws in writes.items()}
         for key in sorted(plan.records[stream.name], key=str):
             hooks.setdefault(key, []).append(_recorder(caches.tensors, (stream.name, key), rows, chunk_rows))
         for layer in plan.resume_layers[stream.name]:
-            key = ("resid_pre", layer)
+            key = (BLOCK_INPUT, layer)
             hooks.setdefault(key, []).append(_recorder(caches.resume, (stream.name, layer), rows, chunk_rows))
         slots = read_slots(experiment, stream.column, examples)
         watch = NonFiniteWatch(experiment.model.adapter)
@@ -223,11 +228,8 @@ class Executor:
         for index, metric in enumerate(self.experiment.metrics):
             if metric.reference != stream.column:
                 continue
-            if metric.kind == "similarity":
-                value = sentence_embedding(output.hidden, mask).cpu()
-            else:
-                chosen = metric.positions[stream.column][examples].gather(1, slots[0]) & slots[1]
-                value = reference_logprobs(output, chosen)
+            chosen = None if metric.kind.reads_whole_prompt else chosen_slots(metric, stream.column, examples, slots)
+            value = metric.kind.reference(output, chosen, mask)
             table = self.references.setdefault(index, {})
             for row, example in enumerate(examples.tolist()):
                 table[example] = value[row]
@@ -256,33 +258,33 @@ class Executor:
 
     # jobs
     def run_job(self, job: Job, caches: Caches) -> torch.Tensor:
-        intervention = self.experiment.interventions[job.intervention]
-        if isinstance(intervention, iv.PathPatch):
-            return self.run_path_job(intervention, job, caches)
-        builder = WriteBuilder(self.experiment, caches, self.stats)
-        hooks = {key: as_hook(writes) for key, writes in builder.for_job(job).items()}
-        return self.forward_job(intervention, job, caches, hooks)
+        self.caches = caches
+        method = self.experiment.interventions[job.intervention]
+        return method.run_job(job, self, self.states[method.name])
 
-    def forward_job(self, intervention: iv.Intervention, job: Job, caches: Caches, hooks: dict,
-                    start_layer: int | None = None, start_pos: int | None = None,
-                    recorders: dict | None = None) -> torch.Tensor:
-        experiment = self.experiment
-        prompts = experiment.prompts[intervention.base]
-        stream = stream_of(intervention)
-        resume = self.resume(stream, job, caches, job.start_layer if start_layer is None else start_layer,
+    def hooks(self, writes: dict) -> dict:
+        """(site, layer) -> list of writes  ->  (site, layer) -> adapter hook."""
+        return {key: as_hook(ws) for key, ws in writes.items()}
+
+    def forward(self, method, job: Job, hooks: dict, start_layer: int | None = None, start_pos: int | None = None,
+                recorders: dict | None = None) -> torch.Tensor:
+        """(rows, metrics): one forward of a job's rows with `hooks`, resumed from the base run's cache."""
+        experiment, caches = self.experiment, self.caches
+        prompts = experiment.prompts[method.base]
+        resume = self.resume(method.stream, job, caches, job.start_layer if start_layer is None else start_layer,
                              job.start_pos if start_pos is None else start_pos)
-        slots = read_slots(experiment, intervention.base, job.examples)
+        slots = read_slots(experiment, method.base, job.examples)
         watch = NonFiniteWatch(experiment.model.adapter)
         mask = prompts.attention_mask[job.examples]
         with watch.watching():
             output = self.runner.forward(prompts.ids[job.examples], mask, _merge(hooks, recorders or {}), resume,
                                          read=self.read(slots))
         output = self.at_slots(output, slots)
-        values = metric_values(experiment, output, intervention.base, job.examples, slots,
+        values = metric_values(experiment, output, method.base, job.examples, slots,
                                self.references_for(job.examples), mask)
         watch.check(values, torch.ones(len(job.examples), dtype=torch.bool), [m.name for m in experiment.metrics],
-                    lambda row: f"example {int(job.examples[row])} while running '{intervention.statement}' at "
-                                f"{describe_point(intervention, int(job.points[row]))}")
+                    lambda row: f"example {int(job.examples[row])} while running '{method.statement}' at "
+                                f"{describe_point(method, int(job.points[row]))}")
         return values
 
     def resume(self, stream: str, job: Job, caches: Caches, layer: int, pos: int) -> Resume:
@@ -299,20 +301,6 @@ class Executor:
                            for k, v in caches.keys_values[stream]]
         return Resume(layer, pos, hidden, keys_values)
 
-    def run_path_job(self, intervention: iv.PathPatch, job: Job, caches: Caches) -> torch.Tensor:
-        """Phase A: senders patched, the rest frozen, receiver inputs recorded; phase B: only those patched."""
-        builder = WriteBuilder(self.experiment, caches, self.stats)
-        hooks = {key: as_hook(writes) for key, writes in builder.path_phase_a(intervention, job).items()}
-        if intervention.receivers is None:
-            return self.forward_job(intervention, job, caches, hooks, start_pos=0)
-        receivers = builder.path_receivers(intervention, job)
-        recorded: dict = {}
-        recorders = {key: _keeper(recorded, key) for key in receivers}
-        self.forward_job(intervention, job, caches, hooks, start_pos=0, recorders=recorders)
-        second = {key: as_hook([Write(where, recorded[key])]) for key, where in receivers.items()}
-        return self.forward_job(intervention, job, caches, second, start_layer=intervention.first_receiver_layer,
-                                start_pos=0)
-
     def guarded(self, compute: Callable[[], Output], what: str) -> Output:
         try:
             return compute()
@@ -323,12 +311,12 @@ class Executor:
                               f"(now {self.plan.batch_size})") from None
 
 
-def _attribution_key(run: AttributionRun, chunk_index: int) -> str:
-    return f"attribution-{run.index:03d}-{chunk_index:04d}"
+def _chunk_key(method_index: int, chunk_index: int) -> str:
+    return f"method-{method_index:03d}-{chunk_index:04d}"
 
 
-def describe_point(intervention: iv.Intervention, point: int) -> str:
-    sweep = intervention.sweep
+def describe_point(method, point: int) -> str:
+    sweep = method.sweep
     if not sweep.dims:
         return "every site"
     index = torch.unravel_index(torch.tensor(point), sweep.shape)
@@ -383,12 +371,6 @@ def _store_keys_values(caches: Caches, stream: str, keys_values, rows: torch.Ten
     for (keys, values), (k, v) in zip(caches.keys_values[stream], keys_values):
         keys[rows.to(k.device)] = k
         values[rows.to(v.device)] = v
-
-
-def _keeper(store: dict, key) -> Callable:
-    def keep(act: torch.Tensor, start: int) -> None:
-        store[key] = act.detach().clone()
-    return keep
 
 
 def _bind(fn: Callable, examples: torch.Tensor) -> Callable:

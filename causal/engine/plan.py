@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from causal import interventions as iv
 from causal.resolve.experiment import Experiment, Target, absolute_positions
 
 CacheKey = tuple[str, int | None]  # (site, layer)
@@ -35,7 +34,7 @@ class Stream:
     name: str
     column: str
     samples: int = 1
-    trace: iv.Trace | None = None
+    owner: int | None = None  # the method (index) that added it; its forwards carry that method's stream_writes
 
 
 @dataclass
@@ -77,17 +76,10 @@ class Plan:
         return sum(len(job.examples) for job in self.jobs)
 
 
-def stream_of(intervention: iv.Intervention) -> str:
-    """The stream an intervention's rows run on."""
-    return intervention.noised_name if isinstance(intervention, iv.Trace) else intervention.base
-
-
 def make_streams(experiment: Experiment) -> dict[str, Stream]:
     streams = {column: Stream(column, column) for column in experiment.runs or experiment.prompts}
-    for intervention in experiment.interventions:
-        if isinstance(intervention, iv.Trace):
-            streams[intervention.noised_name] = Stream(intervention.noised_name, intervention.base,
-                                                       intervention.noise.samples, intervention)
+    for method in experiment.interventions:
+        streams.update({stream.name: stream for stream in method.streams()})
     return streams
 
 
@@ -99,23 +91,25 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
     """
     streams = make_streams(experiment)
     plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [])
-    for intervention in experiment.interventions:
-        _record_needs(experiment, intervention, plan)
+    n_layers = experiment.model.adapter.n_layers
+    for method in experiment.interventions:
+        for stream, keys in method.records(n_layers).items():
+            plan.records[stream] |= keys
     n = experiment.n_examples
     size = n if cache_bytes is None else max(1, min(n, int(cache_bytes // bytes_per_example(experiment, plan))))
     for start in range(0, n, size):
         plan.chunks.append(Chunk(torch.arange(start, min(start + size, n))))
     packer = Packer(experiment, batch_size, pack, device_type)
-    for index, intervention in enumerate(experiment.interventions):
-        if isinstance(intervention, iv.Attribute):
-            continue  # gradient runs: planned by the executor, one per batch of examples
+    for index, method in enumerate(experiment.interventions):
+        if not method.plans_jobs:
+            continue  # its work is its own per chunk (attribution's gradient runs)
         for chunk in plan.chunks:
-            rows = row_starts(experiment, intervention, chunk.examples)
+            rows = row_starts(experiment, method, chunk.examples)
             if not optimize:
                 rows.layer.zero_()
                 rows.pos.zero_()
             jobs = packer.pack(index, rows)
-            _note_skips(intervention, jobs, plan)
+            _note_skips(method, jobs, plan)
             chunk.jobs.extend(jobs)
     return plan
 
@@ -129,55 +123,20 @@ def bytes_per_example(experiment: Experiment, plan: Plan) -> float:
     per_row = adapter.n_layers * adapter.d_model + (2 * adapter.n_layers * kv_width if adapter.is_causal else 0)
     total = 0.0
     for name, stream in plan.streams.items():
-        recorded = sum(_site_width(adapter, site, width) for site, _ in plan.records[name])
+        recorded = sum(adapter.site_width(site, width) for site, _ in plan.records[name])
         total += stream.samples * width * (per_row + recorded) * element
     return max(total, 1.0)
 
 
-def _site_width(adapter, site: str, width: int) -> int:
-    """Numbers per position of a site's activation."""
-    if site in ("z", "q"):
-        return adapter.n_heads * adapter.d_head
-    if site in ("k", "v"):
-        return adapter.n_kv_heads * adapter.d_head
-    if site == "pattern":
-        return adapter.n_heads * width
-    if site == "neuron":
-        return adapter.d_mlp or adapter.d_model
-    return adapter.d_model
-
-
-def _record_needs(experiment: Experiment, intervention: iv.Intervention, plan: Plan) -> None:
-    """Which activations of which base runs the intervention's writes read."""
-    keys = intervention.site_keys
-    if isinstance(intervention, iv.Patch):
-        plan.records[intervention.source] |= keys
-    elif isinstance(intervention, iv.Ablate) and intervention.how == "resample":
-        plan.records[intervention.reference] |= keys
-    elif isinstance(intervention, iv.Trace):
-        plan.records[intervention.base] |= keys
-        layers = range(experiment.model.adapter.n_layers)
-        plan.records[intervention.noised_name] |= {(site, l) for site in intervention.severing for l in layers}
-    elif isinstance(intervention, iv.PathPatch):
-        plan.records[intervention.source] |= keys
-        frozen = {(site, l) for site in ("z", *intervention.freezing) for l in range(experiment.model.adapter.n_layers)}
-        plan.records[intervention.base] |= frozen
-    elif isinstance(intervention, iv.Attribute):
-        plan.records[intervention.source] |= keys
-
-
-def _note_skips(intervention: iv.Intervention, jobs: list[Job], plan: Plan) -> None:
+def _note_skips(method, jobs: list[Job], plan: Plan) -> None:
     """Which cached block inputs and keys/values the jobs resume from."""
-    stream = stream_of(intervention)
     for job in jobs:
         if job.start_layer > 0:
-            plan.resume_layers[stream].add(job.start_layer)
+            plan.resume_layers[method.stream].add(job.start_layer)
         if job.start_pos > 0:
-            plan.kv_streams.add(stream)
-    if plan.optimize and isinstance(intervention, iv.PathPatch) and intervention.receivers:
-        first = intervention.first_receiver_layer
-        if first > 0:  # the second phase starts at the first receiver
-            plan.resume_layers[stream].add(first)
+            plan.kv_streams.add(method.stream)
+    if plan.optimize:
+        plan.resume_layers[method.stream] |= {layer for layer in method.resume_layers(True) if layer > 0}
 
 
 @dataclass
@@ -191,31 +150,28 @@ class RowStarts:
     pos: torch.Tensor
 
 
-def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: torch.Tensor) -> RowStarts:
+def row_starts(experiment: Experiment, method, examples: torch.Tensor) -> RowStarts:
     """Rows whose positions exist in their prompt; a row starts at its first changed layer and position."""
     adapter = experiment.model.adapter
-    prompts = experiment.prompts[intervention.base]
+    prompts = experiment.prompts[method.base]
     lengths = prompts.lengths[examples]
-    read_from = first_read_position(experiment, intervention.base)[examples]
-    causal = (adapter.is_causal and adapter.supports_kv_prefix(int(prompts.ids.shape[1]))
-              and not isinstance(intervention, (iv.PathPatch, iv.Attribute)))
+    read_from = first_read_position(experiment, method.base)[examples]
+    causal = (adapter.is_causal and adapter.supports_kv_prefix(int(prompts.ids.shape[1])) and method.reuses_prefix)
     per_point = []
-    for index, point in enumerate(intervention.sweep.points):
+    for index, point in enumerate(method.sweep.points):
         valid = torch.ones(len(examples), dtype=torch.bool)
         first = read_from.clone()
         for target in point:
             where, ok = target_first_position(experiment, target, examples, lengths)
             valid &= ok
             first = torch.minimum(first, where)
-        layer = min((l or 0) for t in point for l in t.layers) if point and adapter.has_blocks else 0
-        if isinstance(intervention, iv.PathPatch) and intervention.receivers:  # receivers read in the first pass
-            layer = min(layer, intervention.first_receiver_layer)
+        layer = method.start_layer(point) if adapter.has_blocks else 0
         pos = first if causal else torch.zeros_like(first)
         keep = valid.nonzero()[:, 0]
         per_point.append((torch.full((len(keep),), index), examples[keep], torch.full((len(keep),), layer),
                           pos[keep]))
     points, rows_examples, layers, positions = (torch.cat(parts) for parts in zip(*per_point))
-    samples = intervention.noise.samples if isinstance(intervention, iv.Trace) else 1
+    samples = method.samples
     sample_ids = torch.arange(samples).repeat(len(points))
     expand = lambda t: t.repeat_interleave(samples)  # noqa: E731
     return RowStarts(expand(rows_examples), expand(points), sample_ids, expand(layers), expand(positions))
@@ -224,7 +180,7 @@ def row_starts(experiment: Experiment, intervention: iv.Intervention, examples: 
 def first_read_position(experiment: Experiment, column: str) -> torch.Tensor:
     """(examples,) the first position any metric reads in each prompt of `column`."""
     masks = [m.positions[column] for m in experiment.metrics if column in m.positions]
-    if not masks or any(m.kind == "similarity" for m in experiment.metrics):
+    if not masks or any(m.kind.reads_whole_prompt for m in experiment.metrics):
         return torch.zeros(experiment.n_examples, dtype=torch.long)
     union = torch.stack(masks).any(0)
     return union.float().argmax(1)  # first True

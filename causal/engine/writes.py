@@ -1,9 +1,9 @@
-"""What each intervention does to the rows of a forward pass, as masked writes per (site, layer).
+"""Masked writes per (site, layer): the one way any method changes a forward pass.
 
 A write replaces (or adds to) a site's activation where its mask is set; the mask
-covers absolute positions, so a forward that starts part-way (causal.engine.forward) slices it.
-Rows of one pass may belong to different sweep points: masks are per row, values are
-gathered per row from the cached base runs.
+covers absolute positions, so a forward that starts part-way (engine.forward) slices it.
+Rows of one pass may belong to different sweep points: masks are per row (`Masks`), values
+are gathered per row from the cached base runs (`Caches`). What to write is the method's.
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from causal import interventions as iv
 from causal.engine.plan import CacheKey, Job
 from causal.resolve.experiment import Experiment, Target, absolute_positions
 
-ZERO = None
+ZERO = None  # a Write value of None writes zeros
 
 
 @dataclass
@@ -62,46 +61,38 @@ class Caches:
         return tensor[self.rows(stream, examples, samples).to(tensor.device)]
 
 
-class WriteBuilder:
-    """Builds the writes of one job: masks per row from the sweep points, values from caches and stats."""
+class Masks:
+    """Where targets write, per row of a job: positions and extra-dim slices as (rows, width, *extra) bools."""
 
-    def __init__(self, experiment: Experiment, caches: Caches, stats):
-        self.experiment, self.caches, self.stats = experiment, caches, stats
+    def __init__(self, experiment: Experiment):
+        self.experiment = experiment
         self.adapter = experiment.model.adapter
 
-    def for_job(self, job: Job) -> dict[CacheKey, list[Write]]:
-        intervention = self.experiment.interventions[job.intervention]
-        if isinstance(intervention, iv.PathPatch):
-            raise TypeError("path patching has two phases; use path_phase_a / path_phase_b")
-        writes = self.noise_writes(intervention, job)
-        per_point = self.point_masks(intervention, job)
-        for (key, role), where in per_point.items():
-            writes[key].append(self.write_for(intervention, job, key, role, where))
-        return dict(writes)
+    def of_points(self, method, job: Job, also=None) -> dict[tuple[CacheKey, str], torch.Tensor]:
+        """(key, role) -> mask over the job's rows, each row masked by its own sweep point's targets.
 
-    # masks
-    def point_masks(self, intervention: iv.Intervention, job: Job) -> dict[tuple[CacheKey, str], torch.Tensor]:
-        """(key, role) -> (rows, width, *extra) mask; role says which value the rows take there."""
+        Targets write with role "main"; `also(target, point, job)` may name more (role, target) pairs
+        for the same rows (tracing's severed sites, path patching's frozen heads).
+        """
         masks: dict[tuple[CacheKey, str], torch.Tensor] = {}
         for point_index in job.points.unique().tolist():
             rows = (job.points == point_index).nonzero()[:, 0]
-            for target in intervention.sweep.points[point_index]:
-                self.add_target(masks, target, "main", rows, job)
-                if isinstance(intervention, iv.Trace):
-                    for site in intervention.severing:
-                        layers = range(job.start_layer, self.adapter.n_layers)
-                        self.add_target(masks, Target(site, tuple(layers), target.pos), "sever", rows, job)
+            point = method.sweep.points[point_index]
+            for target in point:
+                self.add(masks, target, "main", rows, job, method.base)
+                for role, extra in (also(target, point, job) if also else ()):
+                    self.add(masks, extra, role, rows, job, method.base)
         return masks
 
-    def add_target(self, masks: dict, target: Target, role: str, rows: torch.Tensor, job: Job) -> None:
-        where = self.target_mask(target, job.examples[rows], intervention_base(self.experiment, job))
+    def add(self, masks: dict, target: Target, role: str, rows: torch.Tensor, job: Job, base: str) -> None:
+        where = self.target(target, job.examples[rows], base)
         for layer in target.layers:
             key = ((target.site, layer), role)
             if key not in masks:
                 masks[key] = torch.zeros((len(job.examples), *where.shape[1:]), dtype=torch.bool)
             masks[key][rows] |= where
 
-    def target_mask(self, target: Target, examples: torch.Tensor, base: str) -> torch.Tensor:
+    def target(self, target: Target, examples: torch.Tensor, base: str) -> torch.Tensor:
         """(rows, width, *extra) bool: the positions and extra-dim slices a target writes, per row."""
         prompts = self.experiment.prompts[base]
         width = prompts.ids.shape[1]
@@ -113,7 +104,7 @@ class WriteBuilder:
             where = self.experiment.positions.mask(target.pos, width)[examples]
         else:
             where = positions == absolute_positions(lengths, target.pos)[:, None]
-        for index, (_, size) in enumerate(self.extra_dims(target.site)):
+        for index, (_, size) in enumerate(self.adapter.site_info(target.site).extra_dims):
             chosen = target.extra[index] if index < len(target.extra) else None
             size = size if size is not None else width
             dim_mask = torch.ones(size, dtype=torch.bool)
@@ -123,69 +114,13 @@ class WriteBuilder:
             where = where[..., None] & dim_mask.view(*([1] * where.dim()), size)
         return where
 
-    def extra_dims(self, site: str):
-        return self.adapter.site_info(site).extra_dims
 
-    # values
-    def write_for(self, intervention: iv.Intervention, job: Job, key: CacheKey, role: str,
-                  where: torch.Tensor) -> Write:
-        examples = job.examples
-        if role == "sever":  # frozen at the noised run's own value
-            return Write(where, self.caches.get(intervention.noised_name, key, examples, job.samples))
-        if isinstance(intervention, iv.Patch):
-            return Write(where, self.caches.get(intervention.source, key, examples))
-        if isinstance(intervention, iv.Trace):
-            return Write(where, self.caches.get(intervention.base, key, examples))
-        if isinstance(intervention, iv.Steer):
-            return Write(where, self.stats.steering[(intervention.name, key)][None, None], add=True)
-        if isinstance(intervention, iv.Attribute):  # exact verification of its top sites
-            return Write(where, self.caches.get(intervention.source, key, examples))
-        if intervention.how == "zero":
-            return Write(where, ZERO)
-        if intervention.how == "mean":
-            return Write(where, self.stats.means[(intervention.reference, key)][None])
-        donors = self.stats.donors[intervention.reference][examples]
-        return Write(where, self.caches.get(intervention.reference, key, donors))
-
-    def noise_writes(self, intervention: iv.Intervention, job: Job) -> defaultdict:
-        """Noised streams add their noise to the embeddings in every pass that runs on them."""
-        writes: defaultdict = defaultdict(list)
-        if isinstance(intervention, iv.Trace):
-            key, write = self.stats.noise_write(intervention, job.examples, job.samples)
-            writes[key].append(write)
-        return writes
-
-    # path patching (Wang et al. 2022)
-    def path_phase_a(self, intervention: iv.PathPatch, job: Job) -> dict[CacheKey, list[Write]]:
-        """Senders take the source run's values; every other head (and what `freezing` names) keeps its base value."""
-        masks = self.point_masks(intervention, job)
-        writes: defaultdict = defaultdict(list)
-        n_layers = self.adapter.n_layers
-        for point_index in job.points.unique().tolist():
-            rows = (job.points == point_index).nonzero()[:, 0]
-            first = min(layer for t in intervention.sweep.points[point_index] for layer in t.layers)
-            for site in ("z", *intervention.freezing):  # the senders themselves are excluded below
-                self.add_target(masks, Target(site, tuple(range(first, n_layers)), None), "freeze", rows, job)
-        for (key, role), where in masks.items():
-            if role == "freeze":
-                senders = masks.get((key, "main"))
-                keep = where & ~senders if senders is not None else where
-                writes[key].insert(0, Write(keep, self.caches.get(intervention.base, key, job.examples)))
-            else:
-                writes[key].append(Write(where, self.caches.get(intervention.source, key, job.examples)))
-        return dict(writes)
-
-    def path_receivers(self, intervention: iv.PathPatch, job: Job) -> dict[CacheKey, torch.Tensor]:
-        """(key -> (rows, width, *extra) mask) of the receiver inputs, the same for every row."""
-        masks: dict = {}
-        everyone = torch.arange(len(job.examples))
-        for target in intervention.receivers or ():
-            self.add_target(masks, target, "receiver", everyone, job)
-        return {key: where for (key, _), where in masks.items()}
+def grouped(writes: list[tuple[CacheKey, Write]]) -> dict[CacheKey, list[Write]]:
+    """(key, write) pairs -> writes per key, in order."""
+    out: defaultdict = defaultdict(list)
+    for key, write in writes:
+        out[key].append(write)
+    return dict(out)
 
 
-def intervention_base(experiment: Experiment, job: Job) -> str:
-    return experiment.interventions[job.intervention].base
-
-
-__all__ = ["Caches", "Write", "WriteBuilder", "as_hook"]
+__all__ = ["Caches", "Masks", "Write", "as_hook", "grouped"]

@@ -155,7 +155,7 @@ class MetricDecl:
     span: Span
 
 
-# --- steering vectors -----------------------------------------------------------------------
+# --- steering expressions -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -178,43 +178,6 @@ class BinaryOp:
 Expr = float | int | MeanOf | BinaryOp
 
 
-# --- interventions --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Patch:
-    sites: tuple[SiteRef, ...]
-    source: str
-    base: str
-    label: str | None
-    span: Span
-    source_span: Span
-    base_span: Span
-
-
-@dataclass(frozen=True)
-class Ablate:
-    sites: tuple[SiteRef, ...]
-    method: str
-    over: str | None  # reference prompts for mean / resample (default: the base prompts)
-    base: str | None
-    label: str | None
-    span: Span
-    method_span: Span
-    over_span: Span | None
-    base_span: Span | None
-
-
-@dataclass(frozen=True)
-class Steer:
-    sites: tuple[SiteRef, ...]
-    vector: Expr
-    base: str | None
-    label: str | None
-    span: Span
-    base_span: Span | None
-
-
 @dataclass(frozen=True)
 class Noise:
     """Gaussian noise of `scale` (times the embeddings' std when `relative`), k samples, a seed."""
@@ -225,44 +188,48 @@ class Noise:
     span: Span
 
 
-@dataclass(frozen=True)
-class Trace:
-    noise: Noise
-    noised: IndexSet  # positions the noise is added to
-    sites: tuple[SiteRef, ...]  # restored from the clean run
-    severing: tuple[tuple[str, Span], ...]
-    base: str | None
-    label: str | None
-    span: Span
-    base_span: Span | None
+# --- interventions --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class PathPatch:
-    senders: tuple[SiteRef, ...]
-    receivers: tuple[SiteRef, ...] | None  # None: the logits (direct path to the output)
-    source: str
-    base: str
-    freezing: tuple[tuple[str, Span], ...]
-    label: str | None
+class Clause:
+    """One named part of a statement: `from corrupt` is Clause("source", "corrupt", span)."""
+
+    name: str
+    value: object
     span: Span
-    source_span: Span
-    base_span: Span
 
 
 @dataclass(frozen=True)
-class Attribute:
-    sites: tuple[SiteRef, ...]
-    source: str
-    base: str
-    verify_top: int | None
-    label: str | None
+class Statement:
+    """An intervention statement: its keyword and its clauses, named as in the grammar.
+
+    The parser knows no method: what the clauses mean is the method module's business
+    (causal/methods/<kind>.py), so a new method needs a grammar rule and a module only.
+    """
+
+    kind: str  # the statement's keyword: patch, ablate, steer, trace, path, attribute, ...
+    clauses: tuple[Clause, ...]
     span: Span
-    source_span: Span
-    base_span: Span
 
+    def clause(self, name: str) -> Clause | None:
+        return next((c for c in self.clauses if c.name == name), None)
 
-Intervention = Patch | Ablate | Steer | Trace | PathPatch | Attribute
+    def get(self, name: str, default=None):
+        found = self.clause(name)
+        return default if found is None else found.value
+
+    def span_of(self, name: str) -> Span | None:
+        found = self.clause(name)
+        return None if found is None else found.span
+
+    @property
+    def label(self) -> str | None:
+        return self.get("label")
+
+    @property
+    def sites(self) -> tuple[SiteRef, ...]:
+        return self.get("sites", ())
 
 
 @dataclass(frozen=True)
@@ -277,6 +244,6 @@ class ExperimentFile:
     params: tuple[ParamDecl, ...]
     positions: tuple[PositionDef, ...]
     metrics: tuple[MetricDecl, ...]
-    interventions: tuple[Intervention, ...]
+    interventions: tuple[Statement, ...]
     span: Span = field(compare=False)
     positions_in: tuple[str, Span] | None = None  # the column named positions are located in

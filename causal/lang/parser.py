@@ -32,6 +32,17 @@ def _parser() -> Lark:
     return Lark(GRAMMAR_PATH.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
+DECLARATIONS = ("experiment", "model", "data", "param", "positions", "metric")
+
+
+@lru_cache(maxsize=1)
+def intervention_keywords() -> tuple[str, ...]:
+    """The grammar's statement keywords that are not declarations: one per method."""
+    names = dict.fromkeys(str(rule.origin.name) for rule in _parser().rules)
+    return tuple(n.removesuffix("_stmt") for n in names
+                 if n.endswith("_stmt") and n.removesuffix("_stmt") not in DECLARATIONS)
+
+
 def parse_file(path: str | Path, params: dict[str, object] | None = None,
                model_given: bool = False) -> ast.ExperimentFile:
     path = Path(path)
@@ -59,9 +70,9 @@ def _parse(text: str, path: str, params: dict[str, object] | None, model_given: 
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(exc, text, path) from None
-    values = _parameters(tree, text, path, params or {})
+    values = _parameters(tree, path, params or {})
     try:
-        statements = _ToAst(path, text, values).transform(tree).children
+        statements = _ToAst(path, values).transform(tree).children
     except VisitError as exc:
         if isinstance(exc.orig_exc, CausalError):
             raise exc.orig_exc from None
@@ -115,7 +126,7 @@ def _span(path: str, meta_or_token) -> Span:
 # --- parameters ------------------------------------------------------------------------------
 
 
-def _parameters(tree: Tree, text: str, path: str, overrides: dict[str, object]) -> dict[str, object]:
+def _parameters(tree: Tree, path: str, overrides: dict[str, object]) -> dict[str, object]:
     """The file's declared parameters with overrides applied, each keeping its declared type."""
     declared: dict[str, tuple[object, Span]] = {}
     for stmt in tree.children:
@@ -193,9 +204,9 @@ def _convert(name: str, raw: object, default: object) -> object:
 class _ToAst(Transformer):
     """Builds AST nodes bottom-up; statements come out as (kind, node, span) triples."""
 
-    def __init__(self, path: str, text: str, params: dict[str, object]):
+    def __init__(self, path: str, params: dict[str, object]):
         super().__init__()
-        self.path, self.text, self.params = path, text, params
+        self.path, self.params = path, params
 
     def _s(self, item) -> Span:
         return _span(self.path, item)
@@ -294,15 +305,6 @@ class _ToAst(Transformer):
             raise self._error(f"limit needs at least 1 example, got {items[0]}", meta)
         return ("limit", items[0])
 
-    def label(self, meta, items):
-        return ("label", str(items[0]), self._s(items[0]))
-
-    def on_clause(self, meta, items):
-        return ("on", str(items[0]), self._s(items[0]))
-
-    def over_clause(self, meta, items):
-        return ("over", str(items[0]), self._s(items[0]))
-
     def at_clause(self, meta, items):
         return ("at", items[0])
 
@@ -310,17 +312,6 @@ class _ToAst(Transformer):
         names = [str(t) for t in items if t is not None]
         clean, corrupt = names if names else ("clean", "corrupt")
         return ("normalized", ast.Normalization(clean, corrupt, self._s(meta)))
-
-    def sever(self, meta, items):
-        return ("severing", tuple((str(t), self._s(t)) for t in items))
-
-    def freeze(self, meta, items):
-        return ("freezing", tuple((str(t), self._s(t)) for t in items))
-
-    def verify(self, meta, items):
-        if items[0] < 1:
-            raise self._error(f"verify top needs at least 1 site, got {items[0]}", meta)
-        return ("verify", items[0])
 
     def noise(self, meta, items):
         scale = items[0]
@@ -395,51 +386,34 @@ class _ToAst(Transformer):
         node = ast.MetricDecl(str(items[0]), args, clauses.get("at"), clauses.get("normalized"), self._s(meta))
         return ("metric", node, self._s(meta))
 
-    def _clauses(self, items) -> dict[str, tuple]:
-        return {i[0]: i[1:] for i in items if isinstance(i, tuple)}
+    def names(self, meta, items):
+        return tuple((str(t), self._s(t)) for t in items)
 
-    def patch_stmt(self, meta, items):
-        sites, source, base = items[0], items[1], items[2]
-        label = self._clauses(items[3:]).get("label", (None,))[0]
-        node = ast.Patch(sites, str(source), str(base), label, self._s(meta), self._s(source), self._s(base))
-        return ("intervention", node, self._s(meta))
+    # intervention statements: generic; the method module of the keyword gives the clauses their meaning
+    def __default__(self, data, children, meta):
+        if data == "start":
+            return Tree(data, children, meta)
+        if data.endswith("_stmt"):
+            clauses = tuple(c if isinstance(c, ast.Clause) else self._unnamed(c, meta) for c in children)
+            return ("intervention", ast.Statement(data.removesuffix("_stmt"), clauses, self._s(meta)), self._s(meta))
+        return self._clause(str(data), children, meta)
 
-    def ablate_stmt(self, meta, items):
-        sites, method = items[0], items[1]
-        c = self._clauses(items[2:])
-        over, on = c.get("over", (None, None)), c.get("on", (None, None))
-        node = ast.Ablate(sites, str(method), over[0], on[0], c.get("label", (None,))[0], self._s(meta),
-                          self._s(method), over[1], on[1])
-        return ("intervention", node, self._s(meta))
+    def _clause(self, name: str, children: list, meta) -> ast.Clause:
+        """`source: NAME` -> the name (spanning the name); otherwise the value of its one part."""
+        if len(children) == 1 and isinstance(children[0], Token) and children[0].type == "NAME":
+            return ast.Clause(name, str(children[0]), self._s(children[0]))
+        value = children[0] if children else None
+        if isinstance(value, Token):  # a keyword alternative (`-> logits`): no value of its own
+            value = None
+        return ast.Clause(name, value, self._s(meta))
 
-    def steer_stmt(self, meta, items):
-        c = self._clauses(items[2:])
-        on = c.get("on", (None, None))
-        node = ast.Steer(items[0], items[1], on[0], c.get("label", (None,))[0], self._s(meta), on[1])
-        return ("intervention", node, self._s(meta))
-
-    def trace_stmt(self, meta, items):
-        noise, noised, sites = items[0], items[1], items[2]
-        c = self._clauses(items[3:])
-        on = c.get("on", (None, None))
-        node = ast.Trace(noise, noised, sites, c.get("severing", ((),))[0], on[0], c.get("label", (None,))[0],
-                         self._s(meta), on[1])
-        return ("intervention", node, self._s(meta))
-
-    def path_stmt(self, meta, items):
-        senders, receivers, source, base = items[0], items[1], items[2], items[3]
-        c = self._clauses(items[4:])
-        receivers = None if isinstance(receivers, Token) else receivers
-        node = ast.PathPatch(senders, receivers, str(source), str(base), c.get("freezing", ((),))[0],
-                             c.get("label", (None,))[0], self._s(meta), self._s(source), self._s(base))
-        return ("intervention", node, self._s(meta))
-
-    def attribute_stmt(self, meta, items):
-        sites, source, base = items[0], items[1], items[2]
-        c = self._clauses(items[3:])
-        node = ast.Attribute(sites, str(source), str(base), c.get("verify", (None,))[0],
-                             c.get("label", (None,))[0], self._s(meta), self._s(source), self._s(base))
-        return ("intervention", node, self._s(meta))
+    def _unnamed(self, child, meta) -> ast.Clause:
+        """Parts of a statement that are not clause rules: its sites and its noise."""
+        if isinstance(child, ast.Noise):
+            return ast.Clause("noise", child, child.span)
+        if isinstance(child, tuple) and all(isinstance(s, ast.SiteRef) for s in child):
+            return ast.Clause("sites", child, child[0].span if child else self._s(meta))
+        raise TypeError(f"statement part {child!r} has no clause name")  # a grammar rule without a clause rule
 
 
 def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.ExperimentFile:
@@ -464,7 +438,7 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
             raise CausalError(f"'{kind}' is declared twice (first at line {first.line})", span)
         else:
             singles[kind] = (node, span)
-    _check_unique_positions(positions, params, text)
+    _check_unique_positions(positions, params)
     start = Span(path, 1, 1)
     for required in ("data",) if model_given else ("model", "data"):
         if required not in singles:
@@ -474,7 +448,8 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
         raise CausalError("the experiment has no 'metric' statement", start,
                           hint=f"add a line such as: {_EXAMPLES['metric']}")
     if not interventions:
-        raise CausalError("the experiment has no intervention (patch, ablate, steer, trace, path or attribute)",
+        *others, last = intervention_keywords()
+        raise CausalError(f"the experiment has no intervention ({', '.join(others)} or {last})",
                           start, hint=f"add a line such as: {_EXAMPLES['intervention']}")
     return ast.ExperimentFile(
         path=path, text=text,
@@ -486,7 +461,7 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
     )
 
 
-def _check_unique_positions(positions: list[ast.PositionDef], params: list[ast.ParamDecl], text: str) -> None:
+def _check_unique_positions(positions: list[ast.PositionDef], params: list[ast.ParamDecl]) -> None:
     seen: dict[str, ast.PositionDef] = {}
     param_names = {p.name for p in params}
     for position in positions:

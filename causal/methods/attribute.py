@@ -1,137 +1,172 @@
-"""Attribution patching (Nanda 2023; Kramár et al. 2024, AtP*): every site from one backward pass.
+"""attribute SITES from SOURCE into BASE [verify top k]: attribution patching (Nanda 2023; Kramár et al. 2024, AtP*).
 
 The effect of patching a site from the source run is estimated to first order as
-(a_source - a_base) . dM/da, summed over the site's slice. For queries and keys that
-linearisation is poor (attention saturates), so, as AtP* prescribes, the attention
-pattern change they cause is computed exactly (a softmax with the patched scores) and
-multiplied with dM/d(pattern). The top sites can then be patched exactly to check.
+(a_source - a_base) . dM/da, summed over the site's slice, for every site from one
+backward pass per batch. For queries and keys that linearisation is poor (attention
+saturates), so, as AtP* prescribes, the attention pattern change they cause is computed
+exactly (a softmax with the patched scores) and multiplied with dM/d(pattern). The top k
+sites are then patched exactly to check (a second variable, `<name>_exact`).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
-from causal import interventions as iv
 from causal.engine.plan import Packer, RowStarts, row_starts
-from causal.resolve.experiment import Experiment
 from causal.metrics import metric_values, read_slots
-from causal.engine.writes import WriteBuilder
+from causal.methods.base import Method, Variable, method, source_writes
+from causal.models.adapter import KEY, PATTERN, QUERY
 
-if TYPE_CHECKING:
-    from causal.engine.execute import Executor
-
+ATTRIBUTABLE = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "neuron")
 SCALE_TOLERANCE = 1e-3  # max |log-pattern residual| for the dot-product-softmax model of attention
 
 
-class AttributionRun:
-    def __init__(self, experiment: Experiment, intervention: iv.Attribute):
-        self.experiment, self.intervention = experiment, intervention
-        n, metrics = experiment.n_examples, len(experiment.metrics)
-        self.estimates = torch.full((len(intervention.sweep.points), n, metrics), float("nan"))
-        self.exact = torch.full_like(self.estimates, float("nan"))
-        self.qk_fix_layers: set[int] = set()
-        self.qk_fallback_layers: set[int] = set()
-        self.correlation: list[float] = []
-        self.index = experiment.interventions.index(intervention)
+@dataclass
+class AttributionState:
+    """One run's estimates and exact values (points, examples, metrics), and where the q/k fix applied."""
+
+    estimates: torch.Tensor
+    exact: torch.Tensor
+    qk_fix_layers: set[int] = field(default_factory=set)
+    qk_fallback_layers: set[int] = field(default_factory=set)
+    correlation: list[float] = field(default_factory=list)
+
+
+@method("attribute")
+@dataclass
+class Attribute(Method):
+    source: str
+    verify_top: int | None
+    exact_name: str | None  # the variable of exactly patched top sites
+    query: str  # the model's query, key and pattern sites (AtP*'s exact attention fix)
+    key: str
+    pattern: str
+
+    plans_jobs = False  # gradient runs per chunk of examples, not patched jobs
+    works_per_chunk = True
+    reuses_prefix = False
+
+    @classmethod
+    def resolve(cls, node, resolution):
+        base, source = node.get("base"), node.get("source")
+        resolution.run_prompt(base, node.span_of("base"))
+        resolution.run_prompt(source, node.span_of("source"))
+        resolution.check_aligned(source, base, node.span, "attribution patching")
+        sweep = resolution.sweep(node.sites, base, ATTRIBUTABLE)
+        top = node.get("verify")
+        if top is not None and top < 1:
+            raise resolution.error(f"verify top needs at least 1 site, got {top}", node.span_of("verify"))
+        if top is not None and top > len(sweep.points):
+            raise resolution.error(f"verify top {top}: the statement has only {len(sweep.points)} sites", node.span)
+        name = resolution.name_for(node, node.sites[0].name)
+        exact = resolution.unique_name(f"{name}_exact") if top else None
+        adapter = resolution.adapter
+        return cls(name, resolution.statement(node.span), base, sweep, source, top, exact,
+                   adapter.site_with_role(QUERY), adapter.site_with_role(KEY), adapter.site_with_role(PATTERN))
+
+    def records(self, n_layers):
+        return {self.source: self.site_keys}
+
+    def new_state(self, experiment) -> AttributionState:
+        shape = (len(self.sweep.points), experiment.n_examples, len(experiment.metrics))
+        return AttributionState(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+
+    def writes(self, job, run, state):  # the exact verification of its top sites: a plain patch
+        return source_writes(self, self.source, job, run)
+
+    def describe_runs(self, plan, index):
+        return "gradients: one backward per batch of examples"
 
     # estimates
-    def chunk(self, executor: "Executor", chunk, caches) -> None:
+    def chunk_pass(self, run, chunk, caches, state):
         examples = chunk.examples
-        for start in range(0, len(examples), executor.plan.batch_size):
-            batch = examples[start:start + executor.plan.batch_size]
-            self.estimates[:, batch] = self.estimate(executor, batch, caches)
+        for start in range(0, len(examples), run.plan.batch_size):
+            batch = examples[start:start + run.plan.batch_size]
+            state.estimates[:, batch] = self.estimate(run, batch, caches, state)
+        return {"estimates": state.estimates[:, chunk.examples].contiguous(),
+                "qk_fix_layers": torch.tensor(sorted(state.qk_fix_layers), dtype=torch.long),
+                "qk_fallback_layers": torch.tensor(sorted(state.qk_fallback_layers), dtype=torch.long)}
 
-    def chunk_state(self, chunk) -> dict[str, torch.Tensor]:
-        """What a checkpoint keeps of one chunk: its estimates, and the layers the q/k fix was (not) used at."""
-        return {"estimates": self.estimates[:, chunk.examples].contiguous(),
-                "qk_fix_layers": torch.tensor(sorted(self.qk_fix_layers), dtype=torch.long),
-                "qk_fallback_layers": torch.tensor(sorted(self.qk_fallback_layers), dtype=torch.long)}
+    def restore_chunk(self, chunk, saved, state):
+        state.estimates[:, chunk.examples] = saved["estimates"]
+        state.qk_fix_layers.update(saved["qk_fix_layers"].tolist())
+        state.qk_fallback_layers.update(saved["qk_fallback_layers"].tolist())
 
-    def restore_chunk(self, chunk, state: dict[str, torch.Tensor]) -> None:
-        self.estimates[:, chunk.examples] = state["estimates"]
-        self.qk_fix_layers.update(state["qk_fix_layers"].tolist())
-        self.qk_fallback_layers.update(state["qk_fallback_layers"].tolist())
-
-    def estimate(self, executor: "Executor", examples: torch.Tensor, caches) -> torch.Tensor:
-        experiment, intervention = self.experiment, self.intervention
-        prompts = experiment.prompts[intervention.base]
-        keys = self.intervention.site_keys
-        qk_layers = {layer for site, layer in keys if site in ("q", "k")}
-        watched = keys | {(s, l) for l in qk_layers for s in ("q", "k", "pattern")}
+    def estimate(self, run, examples: torch.Tensor, caches, state) -> torch.Tensor:
+        experiment = run.experiment
+        prompts = experiment.prompts[self.base]
+        keys = self.site_keys
+        qk_layers = {layer for site, layer in keys if site in (self.query, self.key)}
+        watched = keys | {(s, l) for l in qk_layers for s in (self.query, self.key, self.pattern)}
         kept: dict[tuple, torch.Tensor] = {}
         hooks = {key: _keep_with_grad(kept, key) for key in watched}
-        slots = read_slots(experiment, intervention.base, examples)
+        slots = read_slots(experiment, self.base, examples)
         mask = prompts.attention_mask[examples]
         with _frozen_parameters(experiment.model.model), _input_requires_grad(experiment.model.model):
-            output = executor.runner.forward(prompts.ids[examples], mask, hooks, read=slots[0], grad=True)
-            values = metric_values(experiment, output, intervention.base, examples, slots,
-                                   executor.references_for(examples), mask)
+            output = run.runner.forward(prompts.ids[examples], mask, hooks, read=slots[0], grad=True)
+            values = metric_values(experiment, output, self.base, examples, slots, run.references_for(examples), mask)
             grads = []
             live = [k for k in sorted(watched, key=str) if kept[k].requires_grad]  # a constant site has no gradient
             for m in range(values.shape[1]):
                 got = torch.autograd.grad(values[:, m].sum(), [kept[k] for k in live],
                                           retain_graph=m < values.shape[1] - 1, allow_unused=True) if live else ()
                 grads.append({k: None for k in watched} | dict(zip(live, got)))
-        sources = {key: caches.get(intervention.source, key, examples).to(kept[key].device, kept[key].dtype)
-                   for key in keys}
+        sources = {key: caches.get(self.source, key, examples).to(kept[key].device, kept[key].dtype) for key in keys}
         scales: dict[int, float | None] = {}  # per q/k layer, shared by q, k and every metric
-        per_metric = [{key: self.contribution(key, kept, grad, sources[key], scales) for key in keys}
+        per_metric = [{key: self.contribution(run, key, kept, grad, sources[key], scales, state) for key in keys}
                       for grad in grads]
-        return self.point_estimates(values.detach(), per_metric, WriteBuilder(experiment, caches, executor.stats),
-                                    examples).cpu()
+        return self.point_estimates(run, values.detach(), per_metric, examples).cpu()
 
-    def point_estimates(self, values: torch.Tensor, per_metric: list[dict], builder: WriteBuilder,
-                        examples: torch.Tensor) -> torch.Tensor:
+    def point_estimates(self, run, values: torch.Tensor, per_metric: list[dict], examples: torch.Tensor) -> torch.Tensor:
         """(points, rows, metrics): base value plus each point's contributions, on the device, no sync per point."""
-        points = self.intervention.sweep.points
+        points = self.sweep.points
         out = values.float()[None].repeat(len(points), 1, 1)
         for index, point in enumerate(points):
             for target in point:
-                where = builder.target_mask(target, examples, self.intervention.base).to(values.device)
+                where = run.masks.target(target, examples, self.base).to(values.device)
                 for layer in target.layers:
                     for m, contributions in enumerate(per_metric):
                         contribution = contributions[(target.site, layer)].to(values.device)
                         out[index, :, m] += (contribution * where).flatten(1).sum(1)
         return out
 
-    def contribution(self, key, kept, grad, source, scales: dict) -> torch.Tensor:
+    def contribution(self, run, key, kept, grad, source, scales: dict, state) -> torch.Tensor:
         """(rows, width, *extra dims) first-order effect of patching each slice of the site."""
         site, layer = key
         base = kept[key].detach()
-        if site in ("q", "k"):
-            exact = self.qk_contribution(site, layer, kept, grad, source, scales)
+        if site in (self.query, self.key):
+            exact = self.qk_contribution(site, layer, kept, grad, source, scales, state)
             if exact is not None:
                 return exact
+        extra = len(run.experiment.model.adapter.site_info(site).extra_dims)
         if grad[key] is None:
-            return torch.zeros(base.shape[:2 + len(self.extra(site))], device=base.device)
+            return torch.zeros(base.shape[:2 + extra], device=base.device)
         product = (source - base).float() * grad[key].float()
-        feature_dims = product.dim() - 2 - len(self.extra(site))
+        feature_dims = product.dim() - 2 - extra
         return product.sum(tuple(range(product.dim() - feature_dims, product.dim()))) if feature_dims else product
 
-    def extra(self, site: str):
-        return self.experiment.model.adapter.site_info(site).extra_dims
-
-    def qk_contribution(self, site: str, layer: int, kept, grad, source, scales: dict) -> torch.Tensor | None:
+    def qk_contribution(self, site: str, layer: int, kept, grad, source, scales: dict, state) -> torch.Tensor | None:
         """AtP*: the exact pattern change of patching one query or key, times dM/d(pattern)."""
-        pattern = kept[("pattern", layer)].detach().double()  # (rows, q, heads, k)
-        pattern_grad = grad[("pattern", layer)]
+        pattern = kept[(self.pattern, layer)].detach().double()  # (rows, q, heads, k)
+        pattern_grad = grad[(self.pattern, layer)]
         if pattern_grad is None:
             return None
         pattern_grad = pattern_grad.double()
-        q, k = kept[("q", layer)].detach().double(), kept[("k", layer)].detach().double()
+        q, k = kept[(self.query, layer)].detach().double(), kept[(self.key, layer)].detach().double()
         group = q.shape[2] // k.shape[2]
         k_heads = k.repeat_interleave(group, dim=2)  # (rows, k, heads, d)
         if layer not in scales:
             scales[layer] = fit_scale(pattern, q, k_heads)
         scale = scales[layer]
         if scale is None:
-            self.qk_fallback_layers.add(layer)
+            state.qk_fallback_layers.add(layer)
             return None
-        self.qk_fix_layers.add(layer)
+        state.qk_fix_layers.add(layer)
         log_pattern = pattern.log()
-        if site == "q":
+        if site == self.query:
             delta = scale * torch.einsum("rqhd,rkhd->rqhk", source.double() - q, k_heads)
             changed = torch.softmax(log_pattern + delta, -1).nan_to_num(0.0)
             return ((changed - pattern) * pattern_grad).sum(-1).float()  # (rows, q, heads)
@@ -147,37 +182,35 @@ class AttributionRun:
         return per_head.view(rows, keys, heads // group, group).sum(-1).float()  # (rows, k, kv heads)
 
     # verification
-    def finish(self, executor: "Executor") -> None:
-        top = self.intervention.verify_top
+    def finish(self, run, state):
+        top = self.verify_top
         if not top:
             return
-        effect = (self.estimates - self.base_of(executor)[None]).nanmean(1)[..., 0]  # (points,) first metric
+        base = run.baselines[self.base]
+        effect = (state.estimates - base[None]).nanmean(1)[..., 0]  # (points,) first metric
         chosen = effect.abs().argsort(descending=True)[:top]
-        packer = Packer(self.experiment, executor.plan.batch_size, "auto", self.experiment.model.device.type)
-        for chunk_index, chunk in enumerate(executor.plan.chunks):
-            caches = executor.base_runs(chunk_index, chunk, set(), need=True)
-            rows = _only_points(row_starts(self.experiment, self.intervention, chunk.examples), chosen)
-            for job in packer.pack(self.index, rows):
-                values = executor.run_job(job, caches)
-                self.exact[job.points, job.examples] = values.float().cpu()
-        exact = (self.exact[chosen] - self.base_of(executor)[None]).nanmean(1)[..., 0]
+        index = run.experiment.interventions.index(self)
+        packer = Packer(run.experiment, run.plan.batch_size, "auto", run.experiment.model.device.type)
+        for chunk_index, chunk in enumerate(run.plan.chunks):
+            caches = run.base_runs(chunk_index, chunk, set(), need=True)
+            rows = _only_points(row_starts(run.experiment, self, chunk.examples), chosen)
+            for job in packer.pack(index, rows):
+                values = run.run_job(job, caches)
+                state.exact[job.points, job.examples] = values.float().cpu()
+        exact = (state.exact[chosen] - base[None]).nanmean(1)[..., 0]
         if len(chosen) > 1:
-            self.correlation = [float(torch.corrcoef(torch.stack([effect[chosen], exact]))[0, 1])]
+            state.correlation = [float(torch.corrcoef(torch.stack([effect[chosen], exact]))[0, 1])]
 
-    def base_of(self, executor: "Executor") -> torch.Tensor:
-        return executor.baselines[self.intervention.base]
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        out = {self.intervention.name: self.estimates}
-        if self.intervention.exact_name:
-            out[self.intervention.exact_name] = self.exact
+    def variables(self, effects, state):
+        note = {"qk_fix_layers": sorted(state.qk_fix_layers),
+                "qk_plain_gradient_layers": sorted(state.qk_fallback_layers)}
+        if state.correlation:
+            note["exact_correlation"] = state.correlation[0]
+        out = [Variable(self.name, state.estimates, self.sweep, {**self.attrs(), **note})]
+        if self.exact_name:
+            out.append(Variable(self.exact_name, state.exact, self.sweep,
+                                {**self.attrs(), "estimated_by": self.name}))
         return out
-
-    def notes(self) -> dict[str, dict]:
-        note = {"qk_fix_layers": sorted(self.qk_fix_layers), "qk_plain_gradient_layers": sorted(self.qk_fallback_layers)}
-        if self.correlation:
-            note["exact_correlation"] = self.correlation[0]
-        return {self.intervention.name: note}
 
 
 def fit_scale(pattern: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> float | None:

@@ -45,14 +45,36 @@ SITE_DOCS = {
 }
 
 
+# Index roles: what one slice of a site is, so the engine and methods ask the adapter, not the name.
+RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE, PATTERN, NEURON, MODULE = (
+    "residual", "embedding", "head output", "query", "key", "value", "pattern", "neuron", "module")
+SITE_ROLES = {"embed": EMBEDDING, "z": HEAD_OUTPUT, "q": QUERY, "k": KEY, "v": VALUE, "pattern": PATTERN,
+              "neuron": NEURON}
+KV_ROLES = (KEY, VALUE)  # indexed by key-value head (fewer than query heads under grouped-query attention)
+BLOCK_INPUT = "resid_pre"  # the residual stream entering a block: what a forward resumed at a layer starts from
+
+
 @dataclass(frozen=True)
 class SiteInfo:
-    """What a site is: canonical trailing dims after (batch, pos); a size of None is sized by the sequence."""
+    """What a site is: canonical trailing dims after (batch, pos); a size of None is sized by the sequence.
+
+    role: what the site is (RESIDUAL, HEAD_OUTPUT, QUERY, KEY, ...; KV_ROLES index key-value heads); `features`: numbers per slice
+    of the extra dims (d_head for per-head sites, 1 for patterns and neurons, d_model for the residual).
+    """
 
     name: str
     per_layer: bool
     extra_dims: tuple[tuple[str, int | None], ...]
     doc: str
+    role: str = RESIDUAL
+    features: int | None = None
+
+    def width(self, seq_len: int) -> int:
+        """Numbers per position of the activation (a pattern has one per key position)."""
+        size = self.features or 1
+        for _, extent in self.extra_dims:
+            size *= extent if extent is not None else seq_len
+        return size
 
 
 @dataclass(frozen=True)
@@ -235,12 +257,27 @@ class ModelAdapter:
         self.check_site(site)
         if site.startswith(MODULE_PREFIX):
             return SiteInfo(site, "{layer}" in site, (), "output of the named submodule (first element if a "
-                            "tuple), as the module returns it, with (batch, pos) leading")
+                            "tuple), as the module returns it, with (batch, pos) leading", MODULE, self.d_model)
         extra: dict[str, tuple[tuple[str, int | None], ...]] = {
             "z": (("head", self.n_heads),), "q": (("head", self.n_heads),),
             "k": (("head", self.n_kv_heads),), "v": (("head", self.n_kv_heads),),
             "pattern": (("head", self.n_heads), ("key_pos", None)), "neuron": (("neuron", self.d_mlp),)}
-        return SiteInfo(site, site != "embed", extra.get(site, ()), SITE_DOCS[site])
+        role = SITE_ROLES.get(site, RESIDUAL)
+        features = {QUERY: self.d_head, KEY: self.d_head, VALUE: self.d_head, HEAD_OUTPUT: self.d_head,
+                    PATTERN: 1, NEURON: 1}.get(role, self.d_model)
+        return SiteInfo(site, site != "embed", extra.get(site, ()), SITE_DOCS[site], role, features)
+
+    def site_width(self, site: str, seq_len: int) -> int:
+        """Numbers per position of a site's activation: what caching it costs."""
+        return self.site_info(site).width(seq_len)
+
+    def site_with_role(self, role: str) -> str | None:
+        """The site of this model that has `role` (None if none does), e.g. the pattern or the head outputs."""
+        return next((s for s in self.site_names if SITE_ROLES.get(s, RESIDUAL) == role), None)
+
+    @property
+    def embedding_site(self) -> str:
+        return "embed"
 
     def check_site(self, site: str) -> None:
         """Raise a CausalError (with a did-you-mean) unless `site` can be hooked on this model.

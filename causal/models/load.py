@@ -51,7 +51,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def resolve_reference(ref: str, span: Span | None = None, source: str | None = None) -> str:
+def resolve_reference(ref: str, span: Span | None = None) -> str:
     """The folder or hub id that `from_pretrained` should receive."""
     if ref.startswith("zoo:"):
         name = ref[4:]
@@ -60,11 +60,11 @@ def resolve_reference(ref: str, span: Span | None = None, source: str | None = N
                               span, hint=did_you_mean(name, zoo_names()))
         return str(zoo_path(name))
     if ref.startswith("pkg:"):
-        return str(package_folder(ref, span, source))
+        return str(package_folder(ref, span))
     return ref
 
 
-def package_folder(ref: str, span: Span | None = None, source: str | None = None) -> Path:
+def package_folder(ref: str, span: Span | None = None) -> Path:
     """`pkg:<package>[/<subfolder>]` -> that folder of the installed package (found without importing it)."""
     package, _, subfolder = ref[len("pkg:"):].partition("/")
     try:
@@ -97,10 +97,9 @@ def model_class_for(config) -> tuple[type, str]:
     return AutoModelForCausalLM, "lm"
 
 
-def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None,
-               source: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None, trust_remote_code: bool = False) -> LoadedModel:
     torch_dtype = _dtype(dtype)
-    target = resolve_reference(ref, span, source)
+    target = resolve_reference(ref, span)
     torch_device = pick_device(device)
     hf_logging.disable_progress_bar()  # our own progress bar covers the run; theirs is noise per load
     try:
@@ -117,7 +116,7 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
                           hint="use a local folder, a 'zoo:' or 'pkg:' model, or a hub id with network access "
                                "or a filled HF cache; models that ship their own code need trust_remote_code=true"
                           ) from None
-    _check_complete(ref, info, tokenizer, span, source)
+    _check_complete(ref, info, tokenizer, span)
     model.eval().to(torch_device)
     adapter = adapter_for(model)
     return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device, torch_dtype, head)
@@ -175,7 +174,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _check_complete(ref: str, info: dict, tokenizer, span: Span | None, source: str | None) -> None:
+def _check_complete(ref: str, info: dict, tokenizer, span: Span | None) -> None:
     """HF fills missing weights with random values and only logs it: every number after that would be noise."""
     missing = list(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
                                                         for k in info.get("mismatched_keys") or []]

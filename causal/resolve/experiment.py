@@ -12,6 +12,7 @@ import torch
 
 from causal.data import Examples, Prompts
 from causal.lang import ast
+from causal.metrics import MetricKind
 from causal.models import LoadedModel
 
 Position = int | str | None
@@ -48,7 +49,7 @@ class Sweep:
 @dataclass
 class Metric:
     name: str  # label, e.g. "logit_diff(io, s)"
-    kind: str
+    kind: "MetricKind"  # its declaration in causal/metrics.py
     answers: tuple[torch.Tensor, ...]  # per answer column, (examples,) token ids
     next_token: bool
     reference: str | None  # prompt column whose unpatched output kl/similarity compare against
@@ -90,7 +91,7 @@ class Experiment:
     prompts: dict[str, Prompts]
     positions: NamedPositions
     metrics: list[Metric]
-    interventions: list  # causal.interventions.Intervention
+    interventions: list  # causal.methods.Method, one per intervention statement
     seed: int = 0
     runs: list[str] = field(default_factory=list)  # prompt columns the model runs on (each gets a baseline)
 

@@ -18,21 +18,20 @@ from causal.resolve.sweeps import expand
 
 
 def resolve_positions(defs: tuple[ast.PositionDef, ...], anchor: str | None, prompts: Prompts | None,
-                      examples: Examples, source: str) -> NamedPositions:
+                      examples: Examples) -> NamedPositions:
     named = NamedPositions(anchor, lengths=None if prompts is None else prompts.lengths)
     for definition in defs:
-        named.indices[definition.name] = _locate(definition, prompts, examples, source)
+        named.indices[definition.name] = _locate(definition, prompts, examples)
     return named
 
 
-def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Examples,
-            source: str) -> list[tuple[int, ...]]:
+def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Examples) -> list[tuple[int, ...]]:
     span = definition.span
     if prompts is None:
         raise CausalError("named positions need a prompt column to be located in, and the data has none", span)
     lengths = prompts.lengths.tolist()
     if definition.anchor is None:
-        return [(_within(definition.offset + (n if definition.offset < 0 else 0), n, i, definition, source),)
+        return [(_within(definition.offset + (n if definition.offset < 0 else 0), n, i, definition),)
                 for i, n in enumerate(lengths)]
     column = definition.column
     if column not in examples.columns:
@@ -41,17 +40,17 @@ def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Exam
     out = []
     for i, text in enumerate(examples.columns[column]):
         occurrence = "last" if definition.anchor == "last" else "first"
-        first, last = find_span(prompts, i, str(text), occurrence, span, source)
+        first, last = find_span(prompts, i, str(text), occurrence, span)
         if definition.anchor == "span":
-            out.append(tuple(_within(p + definition.offset, lengths[i], i, definition, source)
+            out.append(tuple(_within(p + definition.offset, lengths[i], i, definition)
                              for p in range(first, last + 1)))
         else:
             base = first if definition.anchor == "first" else last
-            out.append((_within(base + definition.offset, lengths[i], i, definition, source),))
+            out.append((_within(base + definition.offset, lengths[i], i, definition),))
     return out
 
 
-def _within(position: int, length: int, example: int, definition: ast.PositionDef, source: str) -> int:
+def _within(position: int, length: int, example: int, definition: ast.PositionDef) -> int:
     if not 0 <= position < length:
         written = (f"{definition.anchor}({definition.column})" + (f"{definition.offset:+d}" if definition.offset else "")
                    if definition.anchor else str(definition.offset))
@@ -60,7 +59,7 @@ def _within(position: int, length: int, example: int, definition: ast.PositionDe
     return position
 
 
-def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedPositions, source: str,
+def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedPositions,
                    default_last: bool = True, shift: int = 0, what: str = "position",
                    span: Span | None = None) -> torch.Tensor:
     """(examples, width) bool mask of the positions an index set names in each prompt.
@@ -81,13 +80,13 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
         return mask
     if indices is None or isinstance(indices, ast.AllIndices):
         return torch.arange(width)[None, :] < usable[:, None]
-    for value in expand(indices, source):
+    for value in expand(indices):
         if isinstance(value, ast.Name):
             if value.name not in named.indices:
                 raise CausalError(f"unknown position {value.name!r}; named positions: "
                                   f"{', '.join(named.indices) or 'none'}", value.span,
                                   did_you_mean(value.name, named.indices))
-            check_anchor_alignment(named, prompts, value.name, value.span, source)
+            check_anchor_alignment(named, prompts, value.name, value.span)
             mask |= named.mask(value.name, width)
             continue
         absolute = absolute_positions(lengths, value)
@@ -106,7 +105,7 @@ def position_masks(indices: ast.IndexSet | None, prompts: Prompts, named: NamedP
     return mask
 
 
-def check_anchor_alignment(named: NamedPositions, prompts: Prompts, name: str, span: Span, source: str) -> None:
+def check_anchor_alignment(named: NamedPositions, prompts: Prompts, name: str, span: Span) -> None:
     """Named positions were located in the anchor prompts; other prompts must line up token for token."""
     anchor_lengths = named.lengths
     if anchor_lengths is None or prompts.lengths.shape != anchor_lengths.shape:

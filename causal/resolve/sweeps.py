@@ -49,8 +49,8 @@ def _as_tuple(value) -> tuple[int, ...] | None:
 class SweepBuilder:
     """Resolves site references for one experiment; positions are checked against `lengths`."""
 
-    def __init__(self, adapter: ModelAdapter, positions: NamedPositions, source: str):
-        self.adapter, self.positions, self.source = adapter, positions, source
+    def __init__(self, adapter: ModelAdapter, positions: NamedPositions):
+        self.adapter, self.positions = adapter, positions
 
     def error(self, message: str, span: Span, hint: str | None = None) -> CausalError:
         return CausalError(message, span, hint)
@@ -121,7 +121,7 @@ class SweepBuilder:
         """Layer, head and other model indices, normalised to 0..size-1."""
         if isinstance(sel.indices, ast.AllIndices):
             return list(range(size))
-        values = expand(sel.indices, self.source)
+        values = expand(sel.indices)
         for v in values:
             if isinstance(v, ast.Name):
                 raise self.error(f"{v.name!r} is not a number; {sel.dim} indices are whole numbers "
@@ -153,7 +153,7 @@ class SweepBuilder:
         shortest, longest = lengths
         if isinstance(indices, ast.AllIndices):
             return list(range(longest))
-        values = expand(indices, self.source)
+        values = expand(indices)
         out: list[Position] = []
         for v in values:
             if isinstance(v, ast.Name):
@@ -191,7 +191,7 @@ def rome_window(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
     return tuple(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
 
 
-def expand(indices: ast.IndexSet, source: str | None = None) -> list:
+def expand(indices: ast.IndexSet) -> list:
     """The values an index set names; ranges are inclusive and must be numeric."""
     if isinstance(indices, ast.SingleIndex):
         return [indices.value]

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import xarray as xr
 
-from causal import interventions as iv
 from causal.engine.execute import RawResults
 from causal.resolve.experiment import Experiment
 from causal.results.io import package_versions
@@ -26,14 +25,8 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
     names = metric_labels(experiment)
     several = len(names) > 1
     textual_pos = any(isinstance(v, str) for i in experiment.interventions for v in i.sweep.coords.get("pos", []))
-    variables = []
-    for intervention in experiment.interventions:
-        variables.append(_intervention_array(intervention, intervention.name, effects[intervention.name], names,
-                                             several, textual_pos, raw.notes.get(intervention.name, {})))
-        if isinstance(intervention, iv.Attribute) and intervention.exact_name:
-            variables.append(_intervention_array(intervention, intervention.exact_name,
-                                                 effects[intervention.exact_name], names, several, textual_pos,
-                                                 {"estimated_by": intervention.name}))
+    variables = [_variable_array(variable, effects[variable.name], names, several, textual_pos)
+                 for variable in raw.variables]
     for stream, values in baselines.items():
         variables.append(_labelled(values.numpy(), ["example"], {}, names, several, stream,
                                    {"kind": "baseline", "prompts": stream}))
@@ -64,7 +57,7 @@ def normalize(experiment: Experiment, raw: RawResults):
     Dividing by the mean gap (not each example's) keeps single examples with a tiny gap
     from exploding; the mean over examples is the usual (patched - corrupt) / (clean - corrupt).
     """
-    effects = {k: v.clone() for k, v in raw.effects.items()}
+    effects = {v.name: v.values.clone() for v in raw.variables}
     baselines = {k: v.clone() for k, v in raw.baselines.items()}
     for m, metric in enumerate(experiment.metrics):
         if metric.normalization is None:
@@ -77,18 +70,13 @@ def normalize(experiment: Experiment, raw: RawResults):
     return effects, baselines
 
 
-def _intervention_array(intervention: iv.Intervention, name: str, values: torch.Tensor, names: list[str],
-                        several: bool, textual_pos: bool, notes: dict) -> xr.DataArray:
-    sweep = intervention.sweep
+def _variable_array(variable, values: torch.Tensor, names: list[str], several: bool,
+                    textual_pos: bool) -> xr.DataArray:
+    sweep = variable.sweep
     data = values.numpy().reshape(*sweep.shape, values.shape[1], values.shape[2])
     coords = {d: [str(v) for v in c] if d == "pos" and textual_pos else list(c) for d, c in sweep.coords.items()}
-    base = intervention.noised_name if isinstance(intervention, iv.Trace) else intervention.base
-    source = getattr(intervention, "source", "") or (intervention.base if isinstance(intervention, iv.Trace) else "")
-    sites = sorted({t.site for point in sweep.points for t in point})
-    attrs = {"kind": "intervention", "method": intervention.method, "site": ",".join(sites), "prompts": base,
-             "source": source, "statement": intervention.statement,
-             **{k: json.dumps(v) if not isinstance(v, (str, int, float)) else v for k, v in notes.items()}}
-    return _labelled(data, [*sweep.dims, "example"], coords, names, several, name, attrs)
+    attrs = {k: json.dumps(v) if not isinstance(v, (str, int, float)) else v for k, v in variable.attrs.items()}
+    return _labelled(data, [*sweep.dims, "example"], coords, names, several, variable.name, attrs)
 
 
 def _labelled(data, dims, coords, names, several, name, attrs) -> xr.DataArray:

@@ -1,0 +1,93 @@
+"""ablate SITES with zero|mean|resample [over COLUMN] [on BASE]: remove what a site carries.
+
+zero writes zeros; mean writes the per-position mean over the reference prompts (examples
+too short for a position do not count towards its mean); resample writes another example's
+activation at the same position (a fixed derangement, seeded by the run's seed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from causal.engine.stats import PositionMean, derangement
+from causal.errors import did_you_mean
+from causal.engine.writes import ZERO, Write, grouped
+from causal.methods.base import Method, method
+
+ABLATIONS = ("zero", "mean", "resample")
+
+
+@method("ablate")
+@dataclass
+class Ablate(Method):
+    how: str  # zero | mean | resample
+    reference: str
+
+    @classmethod
+    def resolve(cls, node, resolution):
+        how, how_span = node.get("how"), node.span_of("how")
+        if how not in ABLATIONS:
+            raise resolution.error(f"unknown ablation {how!r}; use one of {', '.join(ABLATIONS)}", how_span,
+                                   did_you_mean(how, ABLATIONS))
+        base = node.get("on") or resolution.default_base(node.span)
+        resolution.run_prompt(base, node.span_of("on") or node.span)
+        over, over_span = node.get("over"), node.span_of("over")
+        if over and how == "zero":
+            raise resolution.error("'over' names the reference prompts of a mean or resample ablation; zero needs "
+                                   "none", over_span)
+        reference = over or base
+        resolution.run_prompt(reference, over_span or node.span)
+        if how == "mean":
+            cls.check_reference_covers(resolution, reference, base, over_span or node.span)
+        if how == "resample":
+            cls.check_resample(resolution, reference, base, over_span or node.span)
+        sweep = resolution.sweep(node.sites, base)
+        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, how,
+                   reference)
+
+    @staticmethod
+    def check_reference_covers(resolution, reference: str, base: str, span) -> None:
+        longest_ref = int(resolution.prompts[reference].lengths.max())
+        longest_base = int(resolution.prompts[base].lengths.max())
+        if longest_ref < longest_base:
+            raise resolution.error(f"the mean is taken per position, but the {reference!r} prompts have at most "
+                                   f"{longest_ref} tokens and the {base!r} prompts up to {longest_base}", span)
+
+    @staticmethod
+    def check_resample(resolution, reference: str, base: str, span) -> None:
+        import torch
+        lengths = torch.cat([resolution.prompts[reference].lengths, resolution.prompts[base].lengths])
+        if len(resolution.examples) < 2:
+            raise resolution.error("resample ablation takes another example's activations; the data has one example",
+                                   span)
+        if int(lengths.min()) != int(lengths.max()):
+            raise resolution.error("resample ablation takes another example's activation at the same position, so "
+                                   f"every prompt must have the same token length; here lengths range from "
+                                   f"{int(lengths.min())} to {int(lengths.max())}", span,
+                                   hint="use 'with mean', or data of one template")
+
+    @property
+    def method_label(self) -> str:
+        return self.how
+
+    def records(self, n_layers):
+        return {self.reference: self.site_keys} if self.how == "resample" else {}
+
+    def statistics(self, experiment, state):
+        if self.how == "resample":
+            state["donors"] = derangement(experiment.n_examples, experiment.seed)
+        if self.how != "mean":
+            return []
+        means = state.setdefault("means", {})
+        prompts = experiment.prompts[self.reference]
+        return [PositionMean(prompts, self.reference, key, means) for key in self.site_keys]
+
+    def writes(self, job, run, state):
+        masks = run.masks.of_points(self, job)
+        return grouped([(key, self.write(key, where, job, run, state)) for (key, _), where in masks.items()])
+
+    def write(self, key, where, job, run, state) -> Write:
+        if self.how == "zero":
+            return Write(where, ZERO)
+        if self.how == "mean":
+            return Write(where, state["means"][key][None])
+        return Write(where, run.caches.get(self.reference, key, state["donors"][job.examples]))

@@ -1,0 +1,31 @@
+"""patch SITES from SOURCE into BASE: interchange (activation) patching.
+
+The base run's activations at each swept site are replaced by the source run's at the same
+site and position; both directions (noising, denoising) are the choice of SOURCE and BASE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from causal.methods.base import Method, method, source_writes
+
+
+@method("patch")
+@dataclass
+class Patch(Method):
+    source: str
+
+    @classmethod
+    def resolve(cls, node, resolution):
+        base, source = node.get("base"), node.get("source")
+        resolution.run_prompt(base, node.span_of("base"))
+        resolution.run_prompt(source, node.span_of("source"))
+        resolution.check_aligned(source, base, node.span)
+        sweep = resolution.sweep(node.sites, base)
+        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, source)
+
+    def records(self, n_layers):
+        return {self.source: self.site_keys}
+
+    def writes(self, job, run, state):
+        return source_writes(self, self.source, job, run)

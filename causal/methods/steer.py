@@ -1,0 +1,85 @@
+"""steer SITES by EXPR [on BASE]: activation addition along a vector of mean activations.
+
+The vector is linear in `mean(column [at positions])` terms (e.g. 4 * (mean(pos) - mean(neg)));
+each mean is over examples and positions of that column's unpatched run, at the steered site.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from causal.engine.stats import MaskedMean
+from causal.engine.writes import Write, grouped
+from causal.errors import CausalError, Span
+from causal.lang import ast
+from causal.methods.base import Method, method
+from causal.resolve.positions import position_masks
+
+
+@dataclass(frozen=True, eq=False)
+class MeanTerm:
+    """coef * mean activation of `column` over examples and the positions in `mask`."""
+
+    coef: float
+    column: str
+    mask: torch.Tensor  # (examples, width) bool
+
+
+@method("steer")
+@dataclass
+class Steer(Method):
+    terms: tuple[MeanTerm, ...]
+
+    @classmethod
+    def resolve(cls, node, resolution):
+        base = node.get("on") or resolution.default_base(node.span)
+        resolution.run_prompt(base, node.span_of("on") or node.span)
+        terms = tuple(cls.mean_term(resolution, coef, mean) for coef, mean in linear_terms(node.get("vector"), node.span))
+        sweep = resolution.sweep(node.sites, base)
+        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, terms)
+
+    @staticmethod
+    def mean_term(resolution, coef: float, mean: ast.MeanOf) -> MeanTerm:
+        prompts = resolution.prompt(mean.column, mean.span)
+        mask = position_masks(mean.positions, prompts, resolution.named, default_last=False)
+        return MeanTerm(coef, mean.column, mask)
+
+    def statistics(self, experiment, state):
+        vectors = state.setdefault("vectors", {})
+
+        def adder(key, coef):
+            def add(mean: torch.Tensor) -> None:
+                vectors[key] = vectors.get(key, 0) + coef * mean
+            return add
+        return [MaskedMean(term.column, key, term.mask, adder(key, term.coef))
+                for key in self.site_keys for term in self.terms]
+
+    def writes(self, job, run, state):
+        masks = run.masks.of_points(self, job)
+        return grouped([(key, Write(where, state["vectors"][key][None, None], add=True))
+                        for (key, _), where in masks.items()])
+
+
+def linear_terms(expr: ast.Expr, span: Span) -> list[tuple[float, ast.MeanOf]]:
+    """A steering expression as coef * mean(...) terms; constants alone or products of means are errors."""
+    def walk(node) -> tuple[list[tuple[float, ast.MeanOf]], float]:
+        if isinstance(node, (int, float)):
+            return [], float(node)
+        if isinstance(node, ast.MeanOf):
+            return [(1.0, node)], 0.0
+        left, right = walk(node.left), walk(node.right)
+        if node.op in "+-":
+            sign = 1.0 if node.op == "+" else -1.0
+            return left[0] + [(sign * c, m) for c, m in right[0]], left[1] + sign * right[1]
+        if left[0] and right[0]:
+            raise CausalError("a steering vector is linear in the means: one side of '*' must be a number", node.span)
+        scale, terms = (left[1], right[0]) if right[0] else (right[1], left[0])
+        return [(scale * c, m) for c, m in terms], left[1] * right[1]
+    terms, constant = walk(expr)
+    if not terms:
+        raise CausalError("a steering vector needs at least one mean(column) term, e.g. "
+                          "4 * (mean(positive) - mean(negative))", span)
+    if constant:
+        raise CausalError(f"a steering vector cannot add a plain number ({constant:g}) to activations", span)
+    return terms
