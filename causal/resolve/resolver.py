@@ -11,6 +11,7 @@ import torch
 
 from causal.data import Examples, Prompts, answer_ids, load_examples, tokenize_column
 from causal.errors import CausalError, Span, did_you_mean
+from causal.resolve.names import metric_kind
 from causal.resolve.experiment import Experiment, Metric, NamedPositions, Sweep
 from causal.lang import ast
 from causal.metrics import EMBEDDING, LOGITS, METRICS, MetricKind
@@ -164,11 +165,7 @@ class Resolution:
 
     # metrics: what each one reads and takes is its declaration in causal/metrics.py
     def metric_kind(self, node: ast.MetricDecl) -> MetricKind:
-        kind = METRICS.get(node.name)
-        if kind is None:
-            raise self.error(f"unknown metric {node.name!r}; metrics: {', '.join(METRICS)}", node.span,
-                             did_you_mean(node.name, METRICS))
-        return kind
+        return metric_kind(node)
 
     def metric_columns(self, node: ast.MetricDecl) -> None:
         """Tokenize the prompt columns a metric compares with, so they get baselines and positions."""

@@ -14,6 +14,7 @@ from causal.errors import CausalError, Span, did_you_mean
 from causal.resolve.experiment import NamedPositions, Position, Sweep, Target
 from causal.lang import ast
 from causal.models import ModelAdapter
+from causal.models.adapter import KV_ROLES
 
 
 @dataclass
@@ -134,7 +135,7 @@ class SweepBuilder:
     def range_phrase(self, dim: str, size: int, site: str) -> str:
         if dim == "layer":
             return f"the model has {size} layers"
-        if dim == "head" and site in ("k", "v") and size != self.adapter.n_heads:
+        if dim == "head" and self.adapter.site_info(site).role in KV_ROLES and size != self.adapter.n_heads:
             return (f"the model has {size} key/value heads per layer (grouped-query attention; "
                     f"{self.adapter.n_heads} query heads)")
         if dim == "head":
