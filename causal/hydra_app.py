@@ -1,4 +1,9 @@
-"""The Hydra task: one experiment run into the Hydra run directory (results.nc + plots/)."""
+"""The Hydra task: one experiment run into the Hydra run directory (results.nc + plots/).
+
+The config is causal/conf/run.yaml over the structured config `RunSettings` (causal/settings.py),
+so Hydra checks the settings' types. Torch and the rest of the pipeline are imported when a run
+starts, not when this module is.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,17 +13,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from causal.api import RunConfig, run_keeping_checkpoints
-from causal.errors import CausalError
-from causal.plot import plot_all
-from causal.results import save
-from causal.summary import effect
+from causal.settings import RunConfig, from_command_line, register
 
+register()  # also done by importing causal.conf; here too, so the task never runs without its schema
 _exit_code = 0
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def _task(cfg: DictConfig) -> None:
+    from causal.errors import CausalError
     global _exit_code
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)
@@ -36,36 +39,34 @@ def _task(cfg: DictConfig) -> None:
     print(summary(dataset, results, plots))
 
 
-SETTING_TYPES = {"seed": int, "batch_size": int, "progress": bool, "plots": bool, "resume": bool,
-                 "trust_remote_code": bool, "cache_gb": float}
-
-
 def run_config(cfg: DictConfig, overrides: list[str]) -> RunConfig:
-    """RunConfig from the Hydra config, each setting checked: Hydra would pass `batch_size=abc` through."""
-    values = {}
-    for key, kind in SETTING_TYPES.items():
-        value = cfg.get(key)
-        if value is None and key == "cache_gb":
-            values[key] = None
-            continue
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok, value = True, float(value)
-        if not ok:
-            raise CausalError(f"setting {key}={value!r} must be {'true or false' if kind is bool else kind.__name__}")
-        values[key] = value
-    if values["cache_gb"] is not None and values["cache_gb"] <= 0:
-        raise CausalError(f"setting cache_gb={values['cache_gb']} must be positive (or null for the default)")
-    return RunConfig(seed=values["seed"], model=cfg.model, device=str(cfg.device), dtype=str(cfg.dtype),
-                     batch_size=values["batch_size"], pack=str(cfg.pack), params=dict(cfg.params),
-                     progress=values["progress"], checkpoints=cfg.checkpoints if values["resume"] else None,
-                     cache_gb=values["cache_gb"], trust_remote_code=values["trust_remote_code"], overrides=overrides)
+    """RunConfig from the Hydra config (whose types Hydra checked against RunSettings)."""
+    return from_command_line(cfg, overrides)
+
+
+# The pipeline, imported when a run starts (each a module attribute, so tests can replace it).
+
+def run_keeping_checkpoints(path, config: RunConfig):
+    from causal.api import run_keeping_checkpoints as run
+    return run(path, config)
+
+
+def save(dataset, path: Path) -> Path:
+    from causal.results import save as save_results
+    return save_results(dataset, path)
+
+
+def plot_all(dataset, folder: Path) -> list[Path]:
+    from causal.results.plot import plot_all as plot
+    return plot(dataset, folder)
 
 
 def compose_config(path: Path, overrides: list[str]) -> RunConfig:
     """The RunConfig `causal run` would use, composed by Hydra without starting a run."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
+
+    from causal.errors import CausalError
     try:
         with initialize_config_module("causal.conf", version_base="1.3"):
             cfg = compose("run", overrides=[f"file={path}", *overrides])
@@ -75,6 +76,7 @@ def compose_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 def summary(dataset, results: Path, plots: list[Path]) -> str:
+    from causal.results.summary import effect
     lines = [f"results: {results}"]
     if plots:
         lines.append(f"plots:   {plots[0].parent}/ ({len(plots)} file(s))")
@@ -99,6 +101,7 @@ def _where(key, dims) -> str:
 
 
 def launch(argv: list[str]) -> int:
+    """Run Hydra's command line (`argv`: Hydra flags and overrides) in this process; the exit status."""
     global _exit_code
     _exit_code = 0
     saved = sys.argv

@@ -124,3 +124,101 @@ def test_check_shows_parameters_with_command_line_values(write_experiment, no_fo
     path = write_experiment("param scale = 2\nmetric logprob(io)\nsteer resid_pre[layer=0] by scale * mean(clean)")
     assert main(["check", str(path), "device=cpu", "scale=3"]) == 0
     assert "params   scale=3\n" in capsys.readouterr().out and not no_forward
+
+
+# --------------------------------------------------------------------------------- the command line itself
+
+def test_each_command_has_help(capsys):
+    from causal.settings import command_line_settings
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert top.startswith("usage:\n  causal run FILE [key=value ...]")
+    assert all(f"    {command} " in top for command in ("run", "check", "plot"))
+    assert main(["run", "--help"]) == 0
+    run_help = capsys.readouterr().out
+    for f in command_line_settings():
+        assert f.name == "file" or f"  {f.name}=" in run_help, f.name
+    assert "--multirun, -m" in run_help and "--config-dir" in run_help and "--cfg" in run_help
+    assert "batch_size=128" in run_help and "checkpoints=outputs/.checkpoints" in run_help
+    assert main(["check", "-h"]) == 0 and "usage: causal check [-h] FILE [key=value ...]" in capsys.readouterr().out
+    assert main(["plot", "-h"]) == 0 and "RUN_DIR" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"causal {version('causal')}\n"
+
+
+def test_hydra_flags_pass_through(write_experiment, tmp_path, monkeypatch, no_forward, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment("param n = 3\nmetric logprob(io)\nablate mlp_out[layer=*] with zero")
+    assert main(["run", str(path), "--cfg", "job", "seed=4", "n=5", "cache_gb=2"]) == 0
+    shown = capsys.readouterr().out
+    assert f"file: {path}\nseed: 4\n" in shown and "params:\n  'n': 5\n" in shown and "cache_gb: 2.0\n" in shown
+    assert main(["run", "--info", "defaults"]) == 0  # Hydra's reports need no experiment file
+    assert "run_settings" in capsys.readouterr().out
+    launchers = tmp_path / "conf" / "hydra" / "launcher"
+    launchers.mkdir(parents=True)
+    (launchers / "mine.yaml").write_text("defaults:\n  - basic\n")
+    assert main(["run", str(path), "--config-dir", str(tmp_path / "conf"), "hydra/launcher=mine", "--cfg", "hydra",
+                 "--package", "hydra.launcher"]) == 0
+    assert "BasicLauncher" in capsys.readouterr().out
+    assert main(["run", "--hydra-help"]) == 0 and "Hydra (" in capsys.readouterr().out
+    assert main(["run", "-sc", "install=bash"]) == 0 and "hydra_bash_completion" in capsys.readouterr().out
+    assert not (tmp_path / "outputs").exists(), "nothing ran"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--cfg", "job", "--info"], "--cfg and --info: Hydra takes only one of"),
+    (["--cfg", "everything"], "argument --cfg/-c: invalid choice: 'everything'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["~seed"], "~seed would remove a run setting; give it a value instead (seed=0 is the default)"),
+], ids=["two-modes", "bad-choice", "unknown-flag", "delete-setting"])
+def test_bad_flags_exit_2(write_experiment, no_forward, capsys, arguments, message):
+    assert main(["run", str(write_experiment("metric logprob(io)\nablate mlp_out with zero")), *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_shell_completion_completes_settings(monkeypatch, capsys):
+    """Hydra's completion script calls `causal -sc query=bash` with the line typed so far."""
+    monkeypatch.setenv("COMP_LINE", "causal run exp.cx batch_size=4 se")
+    assert main(["-sc", "query=bash"]) == 0
+    assert capsys.readouterr().out.split() == ["seed="]
+
+
+def test_settings_are_declared_once():
+    """RunConfig's fields are the run settings; `causal run`'s structured config is built from them."""
+    from dataclasses import fields
+
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    import causal.api
+    import causal.conf
+    from causal.settings import RunConfig as Declared
+    from causal.settings import RunSettings
+    assert causal.RunConfig is causal.api.RunConfig is Declared
+    python_only = {f.name for f in fields(Declared) if not f.metadata["command_line"]}
+    assert python_only == {"optimize", "overrides"}
+    assert [f.name for f in fields(RunSettings)] == [
+        "file", *(f.name for f in fields(Declared) if f.name not in python_only), "plots", "resume"]
+    assert all(f.metadata["help"] for f in fields(RunSettings))
+    yaml = OmegaConf.load(causal.conf.__file__.replace("__init__.py", "run.yaml"))
+    assert set(yaml) == {"defaults", "hydra"}, "run.yaml declares no setting"
+    assert Declared().checkpoints is None  # Python: no checkpoints unless asked; `causal run`: resumable
+    with initialize_config_module("causal.conf", version_base="1.3"):
+        cfg = compose("run", overrides=["file=x.cx"])
+        assert cfg.checkpoints == "outputs/.checkpoints" and cfg.batch_size == 128
+        with pytest.raises(ConfigCompositionException):  # Hydra itself checks the types
+            compose("run", overrides=["file=x.cx", "batch_size=abc"])
+
+
+def test_python_dash_m_causal_runs(write_experiment, tmp_path):
+    path = write_experiment("metric logprob(io)\nablate mlp_out with zero")
+    result = subprocess.run([sys.executable, "-m", "causal", "run", str(path), f"hydra.run.dir={tmp_path / 'r'}",
+                             "device=cpu", "progress=false", "plots=false"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert causal.load(tmp_path / "r").attrs["overrides"]

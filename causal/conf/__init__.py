@@ -1,0 +1,5 @@
+"""Hydra's config module for `causal run`. Loading it (hydra.main, or compose with
+initialize_config_module("causal.conf")) registers the structured config run.yaml builds on."""
+from causal.settings import register
+
+register()

@@ -1,0 +1,166 @@
+"""Run settings, declared once.
+
+`RunConfig` is what a run takes from Python (`causal.run(path, RunConfig(device="cpu"))`). Each
+field carries its help text and whether (and with which default) `causal run` offers it.
+`RunSettings`, the config `causal run` composes with Hydra, is built from those fields plus the
+keys only the command line has (`file`, `plots`, `resume`). It is registered in Hydra's
+ConfigStore as a structured config, so Hydra checks each value's type, and the CLI's usage
+text, its list of setting names and the conversion back to a `RunConfig` all read it.
+
+Cheap to import: no torch, and omegaconf / hydra only inside the functions that need them.
+"""
+# No `from __future__ import annotations`: OmegaConf reads the field types, which must be real types.
+import dataclasses
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+REQUIRED = "???"  # omegaconf.MISSING: a value the command line must give (Hydra reports it if it does not)
+SCHEMA = "run_settings"  # the structured config's name in Hydra's ConfigStore (run.yaml's defaults list)
+_UNSET = dataclasses.MISSING
+
+
+def setting(default: Any = _UNSET, *, help: str, default_factory: Any = _UNSET, command_line: bool = True,
+            command_line_default: Any = _UNSET) -> Any:
+    """A dataclass field with its help text.
+
+    `command_line=False`: a Python-only setting, not a `causal run` key. `command_line_default`:
+    the default `causal run` uses where it differs from the Python default.
+    """
+    metadata = {"help": help, "command_line": command_line}
+    if command_line_default is not _UNSET:
+        metadata["command_line_default"] = command_line_default
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    """Settings that belong to a run rather than to the experiment (`causal run FILE key=value` sets them)."""
+
+    seed: int = setting(0, help="seed of everything random in the run (torch's generator, resampled donors, noise)")
+    model: str | None = setting(None, help="replaces the file's `model` (model=gpt2,zoo:attn-only-2l in a sweep)")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    dtype: str = setting("float32", help="float32 | float16 | bfloat16")
+    batch_size: int = setting(128, help="rows (site x example) per forward pass")
+    pack: str = setting("auto", help="how rows share forward passes: auto (cost model) | sites (fill every batch) "
+                                     "| exact (never merge rows that start differently)")
+    params: dict = setting(default_factory=dict, help="values for the file's `param` declarations: "
+                                                      "`causal run FILE n=50` lands here as params.n")
+    optimize: bool = setting(True, command_line=False,
+                             help="False: every row runs the whole model (the reference the fast path is tested "
+                                  "against)")
+    cache_gb: float | None = setting(None, help="memory for cached activations per chunk of examples (null: a "
+                                                "quarter of RAM, or half the free GPU memory)")
+    progress: bool = setting(True, help="show progress bars")
+    checkpoints: str | None = setting(None, command_line_default="outputs/.checkpoints",
+                                      help="folder for finished batches, so that a re-run resumes (null / None: no "
+                                           "checkpoints; `causal run` uses it while resume=true)")
+    trust_remote_code: bool = setting(False, help="run code shipped with a model (never, unless you opt in)")
+    overrides: list[str] = setting(default_factory=list, command_line=False,
+                              help="the command line's overrides, recorded in the results")
+
+
+@dataclass
+class _CommandLineOnly:
+    """Keys only `causal run` has: a Python caller holds the Dataset, and saves or plots it itself."""
+
+    file: str = setting(REQUIRED, help="the experiment file (FILE on the command line)")
+    plots: bool = setting(True, help="draw the plots into plots/ next to results.nc")
+    resume: bool = setting(True, help="checkpoint finished batches under `checkpoints`; the same command, run "
+                                      "again, resumes")
+
+
+def _command_line_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+    default = f.metadata.get("command_line_default", f.default)
+    return f.name, f.type, field(default=default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+_ONLY = {f.name: f for f in fields(_CommandLineOnly)}
+RunSettings = dataclasses.make_dataclass("RunSettings", [_command_line_field(f) for f in (
+    _ONLY["file"], *(f for f in fields(RunConfig) if f.metadata["command_line"]), _ONLY["plots"], _ONLY["resume"])])
+RunSettings.__module__ = __name__  # importable by name: launchers pickle the config (and its type)
+RunSettings.__doc__ = ("`causal run`'s config, Hydra's structured config: RunConfig's command-line settings, "
+                       "and file, plots, resume.")
+
+
+def command_line_settings() -> tuple[dataclasses.Field, ...]:
+    """The settings `causal run` takes as `key=value`, in order (with `file`, which FILE sets)."""
+    return fields(RunSettings)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not _UNSET else f.default
+
+
+def show(value: Any) -> str:
+    """A value as one writes it on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def kind(annotation: Any) -> str:
+    """What a value of this type is, for an error message: `int`, `true or false`, `float or null`."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{kind(rest[0]) if len(rest) == 1 else ' or '.join(map(kind, rest))} or null"
+    if annotation is bool:
+        return "true or false"
+    if annotation in (dict, list) or typing.get_origin(annotation) in (dict, list):
+        return "a mapping {name: value}" if dict in (annotation, typing.get_origin(annotation)) else "a list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def settings_help(width: int = 100, skip: tuple[str, ...] = ("file",)) -> str:
+    """`key=default  help` for each command-line setting: the run settings of `causal run --help`."""
+    rows = [(f"{f.name}={show(default_of(f))}", f.metadata["help"]) for f in command_line_settings()
+            if f.name not in skip]
+    left = min(26, max(len(key) for key, _ in rows) + 2)
+    lines = []
+    for key, text in rows:
+        wrapped = textwrap.wrap(text, max(30, width - 2 - left), break_on_hyphens=False)
+        if len(key) + 2 > left:  # a long default: the text starts on the next line
+            lines.append(f"  {key}")
+        else:
+            lines.append(f"  {key.ljust(left)}{wrapped.pop(0)}")
+        lines.extend(" " * (2 + left) + more for more in wrapped)
+    return "\n".join(lines)
+
+
+def check_value(name: str, value: Any) -> str | None:
+    """Why `name=value` is not a valid setting (Hydra's own type check on the structured config), or None."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    schema = OmegaConf.structured(RunSettings)
+    try:
+        schema[name] = value
+    except OmegaConfBaseException:
+        f = next(f for f in command_line_settings() if f.name == name)
+        return f"setting {name}={value!r} must be {kind(f.type)}"
+    return None
+
+
+def register() -> None:
+    """Put RunSettings in Hydra's ConfigStore, where causal/conf/run.yaml's defaults list finds it."""
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name=SCHEMA, node=RunSettings)
+
+
+def from_command_line(cfg: Any, overrides: list[str]) -> RunConfig:
+    """The RunConfig of a composed `causal run` config (types already checked by Hydra against RunSettings)."""
+    from omegaconf import OmegaConf
+
+    from causal.errors import CausalError
+    values = OmegaConf.to_container(cfg, resolve=True)
+    config = RunConfig(**{f.name: values[f.name] for f in fields(RunConfig) if f.name in values},
+                       overrides=list(overrides))
+    if not values["resume"]:
+        config.checkpoints = None
+    if config.cache_gb is not None and config.cache_gb <= 0:
+        raise CausalError(f"setting cache_gb={config.cache_gb} must be positive (or null for the default)")
+    return config
