@@ -707,7 +707,7 @@ SEMANTIC = [
     # attribution
     ("metric logprob(io)\nattribute pattern[layer=0] from corrupt into clean", "4:11",
      "site 'pattern' cannot be used here; use one of embed, resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, "
-     "q, k, v, neuron", None),
+     "q, k, v", None),  # the sites the toy has (no MLP neurons)
     ("metric logprob(io)\nattribute z[layer=*, head=*] from corrupt into clean verify top 9", "4:1",
      "verify top 9: the statement has only 8 sites", None),
     ("metric logprob(io)\nattribute z from corrupt into clean verify top 0", "4:37",

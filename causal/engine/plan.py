@@ -34,7 +34,7 @@ class Stream:
     name: str
     column: str
     samples: int = 1
-    owner: int | None = None  # the method (index) that added it; its forwards carry that method's stream_writes
+    owner: object | None = None  # the method that added it; every forward on it carries its stream_writes
 
 
 @dataclass

@@ -18,9 +18,9 @@ import torch
 from causal.engine.plan import Packer, RowStarts, row_starts
 from causal.metrics import metric_values, read_slots
 from causal.methods.base import Method, Variable, method, source_writes
-from causal.models.adapter import KEY, PATTERN, QUERY
+from causal.models.adapter import KEY, MODULE, PATTERN, QUERY
 
-ATTRIBUTABLE = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "neuron")
+NOT_ATTRIBUTABLE = (PATTERN, MODULE)  # a pattern is not patched on its own; a module's output has no known layout
 SCALE_TOLERANCE = 1e-3  # max |log-pattern residual| for the dot-product-softmax model of attention
 
 
@@ -55,7 +55,9 @@ class Attribute(Method):
         resolution.run_prompt(base, node.span_of("base"))
         resolution.run_prompt(source, node.span_of("source"))
         resolution.check_aligned(source, base, node.span, "attribution patching")
-        sweep = resolution.sweep(node.sites, base, ATTRIBUTABLE)
+        adapter = resolution.adapter
+        attributable = tuple(s for s in adapter.site_names if adapter.site_info(s).role not in NOT_ATTRIBUTABLE)
+        sweep = resolution.sweep(node.sites, base, attributable)
         top = node.get("verify")
         if top is not None and top < 1:
             raise resolution.error(f"verify top needs at least 1 site, got {top}", node.span_of("verify"))
@@ -63,7 +65,6 @@ class Attribute(Method):
             raise resolution.error(f"verify top {top}: the statement has only {len(sweep.points)} sites", node.span)
         name = resolution.name_for(node, node.sites[0].name)
         exact = resolution.unique_name(f"{name}_exact") if top else None
-        adapter = resolution.adapter
         return cls(name, resolution.statement(node.span), base, sweep, source, top, exact,
                    adapter.site_with_role(QUERY), adapter.site_with_role(KEY), adapter.site_with_role(PATTERN))
 

@@ -157,12 +157,6 @@ class Resolution:
             raise self.error(f"this model ({self.adapter.arch}) has no {site!r} site", span)
         return site
 
-    def choice(self, value: str, choices, what: str, span: Span) -> str:
-        """A name from a fixed set (an ablation, a severed sub-layer), with a did-you-mean."""
-        if value not in choices:
-            raise self.error(f"{what} {value!r}; choose from {', '.join(choices)}", span, did_you_mean(value, choices))
-        return value
-
     # metrics: what each one reads and takes is its declaration in causal/metrics.py
     def metric_kind(self, node: ast.MetricDecl) -> MetricKind:
         return metric_kind(node)
