@@ -51,10 +51,7 @@ class Attribute(Method):
 
     @classmethod
     def resolve(cls, node, resolution):
-        base, source = node.get("base"), node.get("source")
-        resolution.run_prompt(base, node.span_of("base"))
-        resolution.run_prompt(source, node.span_of("source"))
-        resolution.check_aligned(source, base, node.span, "attribution patching")
+        source, base = resolution.source_and_base(node, "attribution patching")
         adapter = resolution.adapter
         attributable = tuple(s for s in adapter.site_names if adapter.site_info(s).role not in NOT_ATTRIBUTABLE)
         sweep = resolution.sweep(node.sites, base, attributable)

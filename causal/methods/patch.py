@@ -17,10 +17,7 @@ class Patch(Method):
 
     @classmethod
     def resolve(cls, node, resolution):
-        base, source = node.get("base"), node.get("source")
-        resolution.run_prompt(base, node.span_of("base"))
-        resolution.run_prompt(source, node.span_of("source"))
-        resolution.check_aligned(source, base, node.span)
+        source, base = resolution.source_and_base(node)
         sweep = resolution.sweep(node.sites, base)
         return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, source)
 

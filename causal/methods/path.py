@@ -31,10 +31,7 @@ class PathPatch(Method):
 
     @classmethod
     def resolve(cls, node, resolution):
-        base, source = node.get("base"), node.get("source")
-        resolution.run_prompt(base, node.span_of("base"))
-        resolution.run_prompt(source, node.span_of("source"))
-        resolution.check_aligned(source, base, node.span, "path patching")
+        source, base = resolution.source_and_base(node, "path patching")
         sweep = resolution.sweep(node.sites, base, PATH_SENDERS)
         receivers = None
         if node.get("receivers") is not None:  # one joint set: every selected receiver at once, nothing swept

@@ -78,6 +78,14 @@ class Resolution:
             raise self.error(f"column {name!r}, example {i} has {longest} tokens, more than the {context} positions "
                              "the model was built for", span)
 
+    def source_and_base(self, node: ast.Statement, why: str = "patching") -> tuple[str, str]:
+        """`from SOURCE into BASE`: both run (with baselines), and token-aligned example by example."""
+        base, source = node.get("base"), node.get("source")
+        self.run_prompt(base, node.span_of("base"))
+        self.run_prompt(source, node.span_of("source"))
+        self.check_aligned(source, base, node.span, why)
+        return source, base
+
     def default_base(self, span: Span) -> str:
         if "clean" in self.examples.columns:
             return "clean"
