@@ -14,6 +14,7 @@ from causal.errors import CausalError, Span, did_you_mean
 from causal.resolve.names import metric_kind
 from causal.resolve.experiment import Experiment, Metric, NamedPositions, Sweep
 from causal.lang import ast
+from causal.methods import METHODS
 from causal.metrics import EMBEDDING, LOGITS, METRICS, MetricKind
 from causal.models import LoadedModel
 from causal.resolve.positions import check_anchor_alignment, position_masks, resolve_positions
@@ -28,6 +29,7 @@ class Resolution:
 
     def __init__(self, file: ast.ExperimentFile, model: LoadedModel, examples: Examples, seed: int):
         self.file, self.model, self.examples, self.seed = file, model, examples, seed
+        self.taken: set[str] = set(examples.columns)  # variable names in use: data columns, earlier statements
         self.adapter = model.adapter
         self.prompts: dict[str, Prompts] = {}
         self.runs: set[str] = set()
@@ -130,12 +132,10 @@ class Resolution:
         return sweep
 
     # interventions: each statement keyword's method module resolves its own clauses
-    def intervention(self, node: ast.Statement, taken: set[str]):
-        from causal.methods import METHODS
+    def intervention(self, node: ast.Statement):
         method = METHODS.get(node.kind)
         if method is None:  # a grammar rule without its method module
             raise self.error(f"no method module resolves {node.kind!r} statements", node.span)
-        self.taken = taken
         return method.resolve(node, self)
 
     def name_for(self, node: ast.Statement, site: str) -> str:
@@ -245,8 +245,7 @@ def resolve(file: ast.ExperimentFile, model: LoadedModel, seed: int = 0) -> Expe
     examples = load_examples(file.data, Path(file.path).resolve().parent, model.tokenizer)
     resolver = Resolution(file, model, examples, seed)
     resolver.resolve_named_positions()
-    taken: set[str] = set(examples.columns)
-    interventions = [resolver.intervention(node, taken) for node in file.interventions]
+    interventions = [resolver.intervention(node) for node in file.interventions]
     for node in file.metrics:
         resolver.metric_columns(node)
     bases = sorted(resolver.runs)
