@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["CausalError", "RunConfig", "load", "prepare", "prepare_text", "run", "run_prepared", "run_text",
+__all__ = ["CausalError", "RunConfig", "load", "merge_runs", "prepare", "prepare_text", "run", "run_prepared", "run_text",
            "save"]
 
 _HOME = {  # where each public name lives
@@ -16,6 +16,7 @@ _HOME = {  # where each public name lives
     "RunConfig": "causal.settings",
     "load": "causal.results",
     "save": "causal.results",
+    "merge_runs": "causal.results",
     "prepare": "causal.api",
     "prepare_text": "causal.api",
     "run": "causal.api",
@@ -26,7 +27,7 @@ _HOME = {  # where each public name lives
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
     from causal.api import prepare, prepare_text, run, run_prepared, run_text
     from causal.errors import CausalError
-    from causal.results import load, save
+    from causal.results import load, merge_runs, save
     from causal.settings import RunConfig
 
 

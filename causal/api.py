@@ -110,7 +110,8 @@ def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, Chu
     store = checkpoint_store(experiment, config, plan) if config.checkpoints else None
     raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
-    return assemble(experiment, raw, info), store
+    with reported_against(experiment.file.text, experiment.file.path):
+        return assemble(experiment, raw, info), store
 
 
 def default_cache_bytes(device: torch.device) -> float:

@@ -20,6 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from causal.folders import check_folder, hydra_quoted, safe_name
 from causal.settings import command_line_settings, settings_help
 
 COMMANDS = {
@@ -217,12 +218,24 @@ def _run(parser: _Parser, args: argparse.Namespace) -> int:
     report = any(getattr(args, d) not in (None, False) for d in _NEEDS_NO_FILE)
     path, given = file_and_overrides(parser, tokens, optional=report)
     overrides = check_command_line(path, given, multirun=args.multirun)
+    named = [f"file={hydra_quoted(str(path))}", f"hydra.job.name={safe_name(path.stem)}"] if path else []
     if not report:  # a run: Hydra creates the run folder first, so check it can
-        folders = [Path(o.split("=", 1)[1]) for o in given if o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
-        for folder in folders or [Path("outputs")]:
-            check_folder(folder)
-    named = [f"file={path}", f"hydra.job.name={path.stem}"] if path else []
+        named += run_folder(given, path, multirun=bool(args.multirun))
     return _launch([*flags, *named, *overrides])
+
+
+def run_folder(given: list[str], path: Path, *, multirun: bool) -> list[str]:
+    """The `hydra.run.dir` (or `hydra.sweep.dir`) override for a folder claimed now, unless one is given;
+    a given folder is checked (Hydra would fail raw on a file in its way)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    named = [Path(o.split("=", 1)[1]) for o in given if o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for folder in named or [Path("outputs")]:
+        check_folder(folder)
+    if any(o.startswith(f"{key}=") for o in given):
+        return []
+    from causal.folders import claim_new_folder
+    claimed = claim_new_folder(Path("outputs/multirun" if multirun else "outputs"), path.stem)
+    return [f"{key}={hydra_quoted(str(claimed))}"]
 
 
 def _launch(hydra_argv: list[str]) -> int:
@@ -243,9 +256,13 @@ def _check(parser: _Parser, args: argparse.Namespace) -> int:
 
 
 def _plot(parser: _Parser, args: argparse.Namespace) -> int:
+    from causal.errors import CausalError
     from causal.results import load
     from causal.results.plot import plot_all
-    for png in plot_all(load(args.run_dir), args.run_dir / "plots"):
+    written = plot_all(load(args.run_dir), args.run_dir / "plots")
+    if not written:
+        raise CausalError(f"nothing to plot in {str(args.run_dir)!r}: it has no intervention variables")
+    for png in written:
         print(png)
     return 0
 
@@ -264,12 +281,13 @@ def _completion_line() -> None:
 def file_and_overrides(parser: _Parser, args: list[str], optional: bool = False) -> tuple[Path | None, list[str]]:
     """The one experiment file (None only when `optional`) and the `key=value` arguments."""
     from causal.errors import CausalError
-    files = [a for a in args if "=" not in a and not a.startswith("~")]
+    files = [a for a in args if ("=" not in a and not a.startswith("~")) or os.path.isfile(a)]  # a.cx, or a=b.cx
     if len(files) > 1 or not (files or optional):
         raise CausalError(f"expected one experiment file, got {files or 'none'}\n{parser.format_usage().rstrip()}")
     path = Path(files[0]) if files else None
-    if path is not None and not path.is_file():
-        raise CausalError(f"no experiment file {str(path)!r}")
+    if path is not None:
+        from causal.files import check_experiment_file
+        check_experiment_file(path)
     return path, [a for a in args if a not in files]
 
 
@@ -365,17 +383,6 @@ def as_hydra_override(argument: str) -> str:
     if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key.split(".")[0] in (*run_settings(), "params"):
         return f"+{bare}" if key.startswith("params.") and not prefix else argument  # params is {} until set
     return f"~params.{bare}" if prefix == "~" else f"+params.{bare}"
-
-
-def check_folder(folder: Path) -> None:
-    """Hydra creates the run folder before the run: a file in its way would be a raw traceback there."""
-    from causal.errors import CausalError
-    for ancestor in [folder, *folder.parents]:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise CausalError(f"cannot write results under {str(folder)!r}: {str(ancestor)!r} is a file "
-                                  "(Not a directory)")
-            return
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reads it. So no function passes the experiment's text along just to build a mess
 from __future__ import annotations
 
 import difflib
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -49,20 +50,41 @@ class CausalError(Exception):
     def __str__(self) -> str:
         return self.render()
 
+    def _quoted_line(self) -> list[str]:
+        """The span's line and a caret under its column (tabs kept, so the caret lines up)."""
+        lines = source_lines(self.source)
+        if not 1 <= self.span.line <= len(lines):
+            return []
+        text = lines[self.span.line - 1]
+        width = 1
+        if self.span.end_line == self.span.line and self.span.end_column:
+            width = max(1, self.span.end_column - self.span.column)
+        shown = _SHOWN_AS_SPACE.sub(" ", text)
+        indent = "".join("\t" if c == "\t" else " " for c in shown[:self.span.column - 1])
+        return [f"    {shown}", f"    {indent}{'^' * width}"]
+
     def render(self) -> str:
         parts = [f"{self.span}: error: {self.message}" if self.span else f"error: {self.message}"]
         if self.span and self.source is not None:
-            lines = self.source.splitlines()
-            if 1 <= self.span.line <= len(lines):
-                text = lines[self.span.line - 1]
-                width = 1
-                if self.span.end_line == self.span.line and self.span.end_column:
-                    width = max(1, self.span.end_column - self.span.column)
-                parts.append(f"    {text}")
-                parts.append("    " + " " * (self.span.column - 1) + "^" * width)
+            parts.extend(self._quoted_line())
         if self.hint:
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
+
+
+# Characters a terminal (or str.splitlines) would break a line at, or that do not print: shown as a
+# space in a quoted line, one column each, so the caret stays under its column.
+_SHOWN_AS_SPACE = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
+
+
+def source_lines(text: str) -> list[str]:
+    """The lines of an experiment's text, as the lexer counts them: only "\\n" ends a line.
+
+    (Files are read with universal newlines, so "\\r\\n" and "\\r" arrive as "\\n".) Not
+    `str.splitlines`, which also breaks at U+2028, U+2029, form feed and others, and so would
+    put every later line number off by one against the lexer's.
+    """
+    return text.split("\n")
 
 
 @contextmanager

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from causal.folders import check_folder, held, hydra_quoted
 from causal.settings import RunConfig, from_command_line, register
 
 register()  # also done by importing causal.conf; here too, so the task never runs without its schema
@@ -23,15 +25,21 @@ _exit_code = 0
 def _task(cfg: DictConfig) -> None:
     from causal.errors import CausalError
     global _exit_code
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    overrides = list(HydraConfig.get().overrides.task)
+    hydra = HydraConfig.get()
+    out_dir = Path(hydra.runtime.output_dir)
+    overrides = list(hydra.overrides.task)
     try:
         config = run_config(cfg, overrides)
-        dataset, checkpoints = run_keeping_checkpoints(cfg.file, config)
-        results = save(dataset, out_dir / "results.nc")
-        if checkpoints:  # only once the results are safely on disk
-            checkpoints.clear()
-        plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
+        if cfg.plots:  # a file where plots/ goes would fail only after the compute
+            check_folder(out_dir / "plots")
+        with held(out_dir):
+            dataset, checkpoints = run_keeping_checkpoints(_from_start(cfg.file), config)
+            if hydra.mode == RunMode.MULTIRUN:  # which sweep the run belongs to: causal.load merges only one
+                dataset.attrs["sweep_dir"] = str(_from_start(hydra.sweep.dir).resolve())
+            results = save(dataset, out_dir / "results.nc")
+            if checkpoints:  # only once the results are safely on disk
+                checkpoints.clear()
+            plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
     except CausalError as exc:
         print(exc, file=sys.stderr)
         _exit_code = 2
@@ -41,7 +49,16 @@ def _task(cfg: DictConfig) -> None:
 
 def run_config(cfg: DictConfig, overrides: list[str]) -> RunConfig:
     """RunConfig from the Hydra config (whose types Hydra checked against RunSettings)."""
-    return from_command_line(cfg, overrides)
+    config = from_command_line(cfg, overrides)
+    if config.checkpoints:
+        config.checkpoints = str(_from_start(config.checkpoints))
+    return config
+
+
+def _from_start(path: str) -> Path:
+    """A relative path as meant where `causal run` started (Hydra may have changed into the run folder)."""
+    start = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else None
+    return Path(start) / path if start and not Path(path).is_absolute() else Path(path)
 
 
 # The pipeline, imported when a run starts (each a module attribute, so tests can replace it).
@@ -69,7 +86,7 @@ def compose_config(path: Path, overrides: list[str]) -> RunConfig:
     from causal.errors import CausalError
     try:
         with initialize_config_module("causal.conf", version_base="1.3"):
-            cfg = compose("run", overrides=[f"file={path}", *overrides])
+            cfg = compose("run", overrides=[f"file={hydra_quoted(str(path))}", *overrides])
     except HydraException as exc:  # a malformed override, or a sweep (a,b) where one value is needed
         raise CausalError(f"bad setting on the command line: {exc}") from None
     return run_config(cfg, overrides)

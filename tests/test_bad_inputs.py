@@ -106,7 +106,7 @@ def test_cli_bad_run_setting_exits_2_without_traceback(write_experiment, tmp_pat
 @pytest.mark.parametrize("args, message", [
     (["run"], "error: expected one experiment file, got none\nusage:"),
     (["run", "a.cx", "b.cx"], "error: expected one experiment file, got ['a.cx', 'b.cx']\nusage:"),
-    (["run", "missing.cx"], "error: no experiment file 'missing.cx'"),
+    (["run", "missing.cx"], "error: cannot read experiment file 'missing.cx': no such file"),
     (["frobnicate"], "usage:\n  causal run FILE [key=value ...]"),
     (["plot", "no-such-run"], "error: no results at 'no-such-run' (expected results.nc, a run directory or a "
                               "multirun directory)"),
@@ -217,7 +217,7 @@ def test_data_path_that_is_a_folder(write_experiment, tmp_path, no_forward):
     path.write_text(path.read_text().replace('data "data.jsonl"', 'data "folder.jsonl"'))
     (tmp_path / "folder.jsonl").mkdir()
     assert str(error_of(path)).startswith(
-        f"{path}:3:1: error: cannot read data file '{tmp_path / 'folder.jsonl'}': Is a directory")
+        f"{path}:3:1: error: cannot read data file '{tmp_path / 'folder.jsonl'}': it is a folder, not a regular file")
 
 
 @pytest.mark.parametrize("value", [{"a": 1}, None, True, [1, "x"], [1.5, 2], [True, 5]],
@@ -464,7 +464,7 @@ def test_experiment_file_that_is_not_utf8(tmp_path):
 def test_experiment_path_that_is_a_folder(tmp_path):
     (tmp_path / "folder.cx").mkdir()
     assert str(error_of(tmp_path / "folder.cx")) == (
-        f"error: cannot read experiment file '{tmp_path / 'folder.cx'}': Is a directory")
+        f"error: cannot read experiment file '{tmp_path / 'folder.cx'}': it is a folder, not a regular file")
 
 
 def test_experiment_file_with_a_byte_order_mark(write_experiment, cpu_config):

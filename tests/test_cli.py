@@ -57,7 +57,7 @@ def test_errors_exit_2_without_traceback(write_experiment, tmp_path):
     assert "Traceback" not in result.stderr
     assert f"{path}:5:23: error: layer 9 is out of range" in result.stderr
     missing = subprocess.run([sys.executable, "-m", "causal.cli", "run", "nope.cx"], capture_output=True, text=True)
-    assert missing.returncode == 2 and "no experiment file 'nope.cx'" in missing.stderr
+    assert missing.returncode == 2 and "cannot read experiment file 'nope.cx': no such file" in missing.stderr
 
 
 def test_check_shows_the_plan_without_running_anything(write_experiment, no_forward, capsys):

@@ -848,7 +848,7 @@ def test_induction_generator(tmp_path):
     ('data "missing.jsonl"', "2:1", "cannot read data file"),
     ('data "data.jsonl" limit 0', "2:19", "limit needs at least 1 example, got 0"),
     ('param n = -1\ndata "data.jsonl" limit n', "3:19", "limit needs at least 1 example, got -1"),
-    ('data "d\x00.jsonl"', "2:1", "embedded null byte"),  # a path the OS cannot take
+    ('data "d\x00.jsonl"', "2:8", "the file contains a NUL byte"),  # not text: refused before it is read as a path
     ("data inducton(n=2)", "2:1", "unknown data generator 'inducton'; available: counterfact, induction, ioi"),
     ("data induction(m=2)", "2:16", "generator 'induction' takes no argument 'm'; it takes n (an integer >= 1; "
      "default 64), length (an integer >= 1; default 10), seed (an integer >= 0; default 0)"),

@@ -114,7 +114,7 @@ def test_import_causal_is_lazy():
 
 
 def test_every_public_name_resolves():
-    assert causal.__all__ == ["CausalError", "RunConfig", "load", "prepare", "prepare_text", "run",
+    assert causal.__all__ == ["CausalError", "RunConfig", "load", "merge_runs", "prepare", "prepare_text", "run",
                               "run_prepared", "run_text", "save"]
     from causal.api import prepare, run
     from causal.settings import RunConfig

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal, Union
 
 from causal.errors import CausalError, Span, did_you_mean
+from causal.files import MAX_DATA_BYTES, file_problem
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,11 @@ def _check(generator_name: str, param: Param, value, base_dir: Path, span: Span)
     if not isinstance(value, str):
         raise bad()
     if param.kind is Path:
+        if "\0" in value:
+            raise bad("; a path cannot contain a NUL byte")
         path = (base_dir / value).resolve()
-        if not path.is_file():
-            raise bad(f"; there is no file {str(path)!r}")
+        problem = file_problem(path, MAX_DATA_BYTES)
+        if problem:
+            raise bad(f"; there is no file {str(path)!r}" if problem == "no such file" else f"; {str(path)!r}: {problem}")
         return path
     return value

@@ -7,11 +7,14 @@ exactly the ids a plain `model(**tokenizer(text))` would.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from causal.errors import CausalError, Span
+
+log = logging.getLogger(__name__)
 
 OCCURRENCES = ("first", "last")
 
@@ -51,6 +54,8 @@ def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None
         if max(row) >= len(tokenizer) or min(row) < 0:
             raise CausalError(f"column {name!r}, example {index}: token id outside the vocabulary "
                               f"(0..{len(tokenizer) - 1})", span)
+        if isinstance(value, str):
+            _check_known_words(value, row, row_offsets, tokenizer, f"column {name!r}, example {index}", span)
         ids.append(row)
         texts.append(value if isinstance(value, str) else None)
         offsets.append(row_offsets)
@@ -59,6 +64,27 @@ def tokenize_column(values: list, tokenizer, name: str, span: Span | None = None
     for i, row in enumerate(ids):
         padded[i, : len(row)] = torch.tensor(row)
     return Prompts(padded, lengths, [tokenizer.convert_ids_to_tokens(r) for r in ids], texts, offsets)
+
+
+def _check_known_words(text: str, row: list[int], offsets, tokenizer, where: str, span: Span | None) -> None:
+    """A word the tokenizer reads as its unknown token: an error for a word-level tokenizer (there it is a
+    typo or a word outside the vocabulary), a warning for others (a rare character, say)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None or unknown not in row or (tokenizer.unk_token and tokenizer.unk_token in text):
+        return
+    words = [text[a:b] for t, (a, b) in zip(row, offsets or []) if t == unknown and a < b]
+    shown = ", ".join(repr(w) for w in dict.fromkeys(words)) or f"{row.count(unknown)} token(s)"
+    message = f"{where}: {shown} not in the vocabulary (the tokenizer reads it as its unknown token " \
+              f"{tokenizer.unk_token!r}) in the prompt {text[:60]!r}"
+    if _word_level(tokenizer):
+        raise CausalError(message, span, hint="check the spelling; a word-level tokenizer knows only its "
+                                              "vocabulary's words")
+    log.warning("%s", message)
+
+
+def _word_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "model", None)).__name__ == "WordLevel"
 
 
 def _encode(text: str, tokenizer) -> tuple[list[int], list[tuple[int, int]] | None]:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from causal.errors import CausalError
@@ -61,6 +62,8 @@ class ChunkStore:
             os.replace(tmp, self._path(key))
         except OSError as exc:
             raise CausalError(f"cannot write checkpoint to {str(self.folder)!r}: {exc.strerror}") from None
+        except SafetensorError as exc:  # its own type for a failed write (e.g. the disk is full)
+            raise CausalError(f"cannot write checkpoint to {str(self.folder)!r}: {exc} (is the disk full?)") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

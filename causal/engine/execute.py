@@ -88,23 +88,19 @@ class Executor:
         numbered = iter(range(len(self.plan.jobs)))
         for chunk_index, chunk in enumerate(self.plan.chunks):
             indices = [next(numbered) for _ in chunk.jobs]
-            pending = []
-            for k, job in zip(indices, chunk.jobs):
-                saved = self.saved(f"job-{k:06d}", done)
-                if saved is None:
-                    pending.append((k, job))
-                else:
-                    self.collect(job, saved)
-                    bar.update(1)
+            values = {k: self.saved(f"job-{k:06d}", done) for k in indices}
+            pending = [(k, job) for k, job in zip(indices, chunk.jobs) if values[k] is None]
+            bar.update(len(indices) - len(pending))
             to_do = [(i, m) for i, m in per_chunk if not self.restored(i, m, chunk_index, chunk, done)]
             bar.update(len(per_chunk) - len(to_do))
             caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(to_do))
             for k, job in pending:
-                values = self.backoff.run(lambda j: self.run_job(j, caches), job)
+                values[k] = self.backoff.run(lambda j: self.run_job(j, caches), job)
                 if self.store:
-                    self.store.save(f"job-{k:06d}", values)
-                self.collect(job, values)
+                    self.store.save(f"job-{k:06d}", values[k])
                 bar.update(1)
+            for k, job in zip(indices, chunk.jobs):  # in job order, resumed or not: the sums add up alike
+                self.collect(job, values[k])
             for index, method in to_do:
                 saved = method.chunk_pass(self, chunk, caches, self.states[method.name])
                 if self.store and saved is not None:

@@ -6,13 +6,15 @@ applied, so later stages only ever see plain values.
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from causal.errors import CausalError, Span, did_you_mean, reported_against
+from causal.errors import CausalError, Span, did_you_mean, reported_against, source_lines
+from causal.files import check_experiment_file
 from causal.lang import ast
 
 GRAMMAR_PATH = Path(__file__).parent / "causal.lark"  # a link to grammars/causal.lark, packaged with the code
@@ -46,6 +48,7 @@ def intervention_keywords() -> tuple[str, ...]:
 def parse_file(path: str | Path, params: dict[str, object] | None = None,
                model_given: bool = False) -> ast.ExperimentFile:
     path = Path(path)
+    check_experiment_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of the file
     except OSError as exc:
@@ -66,6 +69,7 @@ def parse_text(text: str, path: str = "<experiment>", params: dict[str, object] 
 
 
 def _parse(text: str, path: str, params: dict[str, object] | None, model_given: bool) -> ast.ExperimentFile:
+    _check_characters(text, path)
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
@@ -80,11 +84,26 @@ def _parse(text: str, path: str, params: dict[str, object] | None, model_given: 
     return _assemble(statements, text, path, model_given)
 
 
+# NUL cannot be stored in the results' attributes (netCDF strings end at it), and a lone surrogate
+# is not UTF-8: either would be lost or fail when the experiment's text is saved with its results.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_characters(text: str, path: str) -> None:
+    found = _UNSTORABLE.search(text)
+    if found:
+        before = text[:found.start()]
+        line, column = before.count("\n") + 1, found.start() - (before.rfind("\n") + 1) + 1
+        what = "a NUL byte" if found.group() == "\x00" else f"a lone surrogate {found.group()!a}"
+        raise CausalError(f"the file contains {what}, which is not text (was it saved by a text editor?)",
+                          Span(path, line, column))
+
+
 def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CausalError:
     line, column = max(exc.line, 1), max(exc.column, 1)
     if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
         found = "end of file"
-        lines = text.rstrip().splitlines() or [""]
+        lines = source_lines(text.rstrip())
         line, column = len(lines), len(lines[-1]) + 1
     elif isinstance(exc, UnexpectedToken):
         found = repr(str(exc.token))

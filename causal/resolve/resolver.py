@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from causal.data import Examples, Prompts, answer_ids, load_examples, tokenize_column
-from causal.errors import CausalError, Span, did_you_mean
+from causal.errors import CausalError, Span, did_you_mean, source_lines
 from causal.resolve.names import metric_kind
 from causal.resolve.experiment import Experiment, Metric, NamedPositions, Sweep
 from causal.lang import ast
@@ -154,7 +154,7 @@ class Resolution:
         return unique_name(name, self.taken)
 
     def statement(self, span: Span) -> str:
-        lines = self.file.text.splitlines()[span.line - 1: (span.end_line or span.line)]
+        lines = source_lines(self.file.text)[span.line - 1: (span.end_line or span.line)]
         if len(lines) == 1:
             return lines[0][span.column - 1: span.end_column - 1 if span.end_column else None].strip()
         lines[0] = lines[0][span.column - 1:]
@@ -210,8 +210,27 @@ class Resolution:
                 if not torch.equal(positions[b], positions[reference]):
                     raise self.error(f"{node.name} compares with the {reference!r} run at the same positions, but they "
                                      f"differ from the {b!r} prompts' (prompts of different lengths?)", node.span)
+        if len(answers) == 2 and torch.equal(answers[0], answers[1]):
+            raise self.error(f"{node.name}({node.args[0][0]}, {node.args[1][0]}) is zero in every example: the two "
+                             "answer columns hold the same token in each", node.span)
+        if node.normalized:
+            self.check_gap(node.normalized)
         label = f"{node.name}({', '.join(a for a, _ in node.args)})"
         return Metric(label, kind, answers, next_token, reference, positions, node.normalized)
+
+    def check_gap(self, normalization: ast.Normalization) -> None:
+        """`normalized by clean, corrupt` divides by the mean gap between the two runs: refuse a gap that is
+        zero by construction (every normalized value would be inf or NaN)."""
+        clean, corrupt = normalization.clean, normalization.corrupt
+        if clean == corrupt:
+            raise self.error(f"normalized by {clean}, {corrupt}: one run against itself, so the gap is zero and "
+                             "every normalized value would be inf or NaN", normalization.span,
+                             hint="normalize by the clean run and the corrupted one: normalized by clean, corrupt")
+        a, b = self.prompts[clean], self.prompts[corrupt]
+        if torch.equal(a.lengths, b.lengths) and torch.equal(a.ids * a.attention_mask, b.ids * b.attention_mask):
+            raise self.error(f"normalized by {clean}, {corrupt}: the {clean!r} and {corrupt!r} prompts are the same "
+                             "in every example, so the gap is zero and every normalized value would be inf or NaN",
+                             normalization.span)
 
     def check_has_logit(self, name: str, ids: torch.Tensor, span: Span) -> None:
         """An answer the tokenizer knows but the unembedding has no row for would index past the logits."""

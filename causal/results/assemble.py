@@ -8,6 +8,7 @@ in attrs. Per-example values are always kept.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from datetime import datetime, timezone
 
@@ -16,6 +17,7 @@ import torch
 import xarray as xr
 
 from causal.engine.execute import RawResults
+from causal.errors import CausalError
 from causal.resolve.experiment import Experiment
 from causal.results.io import package_versions
 
@@ -65,6 +67,11 @@ def normalize(experiment: Experiment, raw: RawResults):
         clean = raw.baselines[metric.normalization.clean][:, m]
         corrupt = raw.baselines[metric.normalization.corrupt][:, m]
         gap = float(torch.nanmean(clean - corrupt))
+        if gap == 0 or not math.isfinite(gap):  # zero by construction is refused in resolve; this is the data
+            raise CausalError(f"metric {metric.name}: the normalization gap mean({metric.normalization.clean} - "
+                              f"{metric.normalization.corrupt}) over {len(clean)} examples is {gap}, so normalized "
+                              "values would be inf or NaN; drop `normalized by` or use data where the runs differ",
+                              metric.normalization.span)
         for table in (*effects.values(), *baselines.values()):
             table[..., m] = (table[..., m] - corrupt) / gap
     return effects, baselines

@@ -4,6 +4,7 @@ The schema is made in causal.results.assemble and documented in docs/results.md.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from causal.errors import CausalError
@@ -28,8 +30,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+SCHEMA = 1  # the results layout of docs/results.md; a file of a newer schema is refused, not misread
+SCHEMA_ATTR = "causal_schema"
+CHECKSUM_ATTR = "checksum"  # on every variable and coordinate: sha256 of its values, checked on load
+
+
 def save(dataset: xr.Dataset, path: str | Path) -> Path:
-    """Write to a temporary file beside the target, then rename: a killed run never leaves half a file."""
+    """Write to a temporary file beside the target, then rename: a killed run never leaves half a file.
+
+    Stamped with the schema version and a checksum of each variable, which `load` verifies."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,41 +47,112 @@ def save(dataset: xr.Dataset, path: str | Path) -> Path:
     except OSError as exc:
         raise CausalError(f"cannot write results to {str(path.parent)!r}: {exc.strerror}") from None
     try:
-        dataset.to_netcdf(tmp)
+        _stamped(dataset).to_netcdf(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep collaborators out
         os.replace(tmp, path)
     except OSError as exc:
         raise CausalError(f"cannot write results to {str(path)!r}: {exc.strerror}") from None
+    except RuntimeError as exc:  # netCDF's own errors, e.g. "NetCDF: HDF error" when the disk fills
+        raise CausalError(f"cannot write results to {str(path)!r}: {exc} (is the disk full?)") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
-def load(path: str | Path) -> xr.Dataset:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _stamped(dataset: xr.Dataset) -> xr.Dataset:
+    stamped = dataset.copy()
+    stamped.attrs[SCHEMA_ATTR] = SCHEMA
+    for name in [*stamped.data_vars, *stamped.coords]:
+        stamped[name].attrs[CHECKSUM_ATTR] = checksum(stamped[name])
+    return stamped
+
+
+def checksum(variable: xr.DataArray) -> str:
+    """sha256 of the values as they read back: numbers by their bytes, text by its UTF-8."""
+    values = variable.values
+    digest = hashlib.sha256(repr(variable.shape).encode())
+    if values.dtype.kind in "OUS":
+        digest.update("\x1f".join(str(v) for v in values.ravel()).encode("utf-8", "surrogatepass"))
+    else:
+        digest.update(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def load(path: str | Path, verify: bool = True) -> xr.Dataset:
     """Open finished results: a `results.nc`, a run directory, or a Hydra multirun directory.
 
     A multirun directory (sub-directories each holding a run) comes back as one Dataset
-    with each swept parameter as a new dimension; see `merge_runs`.
+    with each swept parameter as a new dimension; see `merge_runs`. `verify`: check each
+    variable's checksum (this reads every value once; pass False to open a large file lazily).
     """
     path = Path(path)
     if path.is_file():
-        return _open(path)
+        return _open(path, verify)
     if (path / "results.nc").exists():
-        return _open(path / "results.nc")
+        return _open(path / "results.nc", verify)
     runs = sorted(path.glob("*/results.nc"), key=lambda p: (len(p.parent.name), p.parent.name))
     if runs:
-        return merge_runs([_open(p) for p in runs])
+        datasets = [_open(p, verify) for p in runs]
+        _check_one_sweep(datasets, path)
+        return merge_runs(datasets)
     raise CausalError(f"no results at {str(path)!r} (expected results.nc, a run directory or a multirun directory)")
 
 
-def _open(path: Path) -> xr.Dataset:
-    """Lazily (dask) when dask is installed, so a large sweep is not read into memory at once."""
+def _open(path: Path, verify: bool) -> xr.Dataset:
+    """Lazily (dask) when dask is installed and `verify` is off, so a large sweep is not read into memory."""
     try:
-        import dask  # noqa: F401
-        return xr.open_dataset(path, chunks={})
+        if not verify:
+            import dask  # noqa: F401
+            return _unstamped(_checked_schema(xr.open_dataset(path, chunks={}), path))
     except ImportError:
-        with xr.open_dataset(path) as dataset:
-            return dataset.load()
+        pass
+    try:
+        with xr.open_dataset(path) as opened:
+            dataset = opened.load()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CausalError(f"cannot read results {str(path)!r}: {exc} (not a netCDF file, or a damaged one)") from None
+    _checked_schema(dataset, path)
+    if verify:
+        _verify(dataset, path)
+    return _unstamped(dataset)
+
+
+def _checked_schema(dataset: xr.Dataset, path: Path) -> xr.Dataset:
+    version = dataset.attrs.get(SCHEMA_ATTR)
+    if version is None:
+        raise CausalError(f"{str(path)!r} is not a causal results file (it has no {SCHEMA_ATTR!r} attribute; "
+                          "open it with xarray.open_dataset)")
+    if not isinstance(version, (int, np.integer)) or version > SCHEMA:
+        version = int(version) if isinstance(version, (int, np.integer)) else version
+        raise CausalError(f"{str(path)!r} has results schema {version!r}, newer than this causal reads "
+                          f"(schema {SCHEMA}): upgrade causal to read it")
+    return dataset
+
+
+def _verify(dataset: xr.Dataset, path: Path) -> None:
+    for name in [*dataset.data_vars, *dataset.coords]:
+        stored = dataset[name].attrs.get(CHECKSUM_ATTR)
+        if stored is None:
+            raise CausalError(f"{str(path)!r}: variable {name!r} has no checksum; the file was not written by "
+                              "causal.save, or was edited")
+        if checksum(dataset[name]) != stored:
+            raise CausalError(f"{str(path)!r}: variable {name!r} does not match its checksum: the file is damaged "
+                              "(a changed byte on disk or in transfer); run the experiment again")
+
+
+def _unstamped(dataset: xr.Dataset) -> xr.Dataset:
+    """The Dataset as it was saved: the stamps describe the file, not the values once in memory."""
+    for name in [*dataset.data_vars, *dataset.coords]:
+        dataset[name].attrs.pop(CHECKSUM_ATTR, None)
+    dataset.attrs.pop(SCHEMA_ATTR, None)
+    return dataset
 
 
 def swept_parameters(datasets: list[xr.Dataset]) -> dict[str, list[str]]:
@@ -101,6 +181,7 @@ def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:
     Runs that differ in what they swept (e.g. models with different layer counts) are
     aligned by coordinate; what a run does not have is NaN.
     """
+    _check_one_experiment(datasets)
     swept = swept_parameters(datasets)
     if not swept:
         if len(datasets) == 1:
@@ -112,6 +193,27 @@ def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:
     merged = xr.combine_by_coords(labelled, data_vars="all", join="outer", combine_attrs="drop_conflicts")
     merged.attrs["swept"] = json.dumps(sorted(swept))
     return merged
+
+
+def _check_one_sweep(datasets: list[xr.Dataset], folder: Path) -> None:
+    """A folder holds one sweep's runs; runs of another sweep in it were put there by accident."""
+    sweeps = {ds.attrs.get("sweep_dir") for ds in datasets}
+    if len(sweeps) > 1:
+        named = sorted(str(s) for s in sweeps if s)
+        raise CausalError(f"{str(folder)!r} holds runs of {len(sweeps)} different sweeps ({', '.join(named)}"
+                          f"{', and single runs' if None in sweeps else ''}); load each sweep's folder on its own, "
+                          "or pass the runs to causal.merge_runs to merge them deliberately")
+
+
+def _check_one_experiment(datasets: list[xr.Dataset]) -> None:
+    """Runs of different experiment files merge only as one sweep that varied the file; otherwise a
+    merge would line up numbers that measure different things."""
+    sweeps = {ds.attrs.get("sweep_dir") for ds in datasets}
+    if len({ds.attrs.get("experiment_text") for ds in datasets}) > 1 and (len(sweeps) > 1 or None in sweeps):
+        files = sorted({f"{ds.attrs.get('experiment_file')} (experiment {ds.attrs.get('experiment')!r})"
+                        for ds in datasets})
+        raise CausalError(f"these runs are of different experiments: {'; '.join(files)}; load each run folder on "
+                          "its own (runs of different files merge only as one sweep over the file)")
 
 
 def _parse_value(text: str):

