@@ -12,6 +12,7 @@ from causal.results.assemble import assemble
 from causal.engine.checkpoint import ChunkStore, fingerprint
 from causal.engine.plan import PACKING, Plan, compile_plan
 from causal.errors import CausalError, reported_against
+from causal.internal import guarded
 from causal.engine.execute import execute
 from causal.resolve.experiment import Experiment
 from causal.lang import ast
@@ -21,21 +22,25 @@ from causal.resolve import resolve
 from causal.results.io import package_versions
 
 
-from causal.settings import RunConfig  # the run settings, declared once there
+from causal.settings import RunConfig, check_config  # the run settings, declared once there
 
 
+@guarded
 def prepare(path: str | Path, config: RunConfig, *, model=None, tokenizer=None) -> Experiment:
     """Everything that can fail on user input, before any forward pass.
 
     `model`, `tokenizer`: an HF model object the caller holds (e.g. in a notebook), run in place of
     the file's `model` line, on its own device and dtype.
     """
+    check_config(config)
     file = parse_file(path, config.params, model_given=model is not None or tokenizer is not None)
     return _resolve(file, config, model, tokenizer)
 
 
+@guarded
 def prepare_text(text: str, config: RunConfig, *, model=None, tokenizer=None) -> Experiment:
     """`prepare` for an experiment written inline; data paths are relative to the working directory."""
+    check_config(config)
     file = parse_text(text, "<experiment>", config.params, model_given=model is not None or tokenizer is not None)
     return _resolve(file, config, model, tokenizer)
 
@@ -66,12 +71,14 @@ def _given_model(model, tokenizer, config: RunConfig) -> LoadedModel:
     return wrap_model(model, tokenizer, config.device, None if config.dtype == "float32" else config.dtype)
 
 
+@guarded
 def run(path: str | Path, config: RunConfig | None = None, *, model=None, tokenizer=None) -> xr.Dataset:
     config = config or RunConfig()
     torch.manual_seed(config.seed)
     return run_prepared(prepare(path, config, model=model, tokenizer=tokenizer), config)
 
 
+@guarded
 def run_text(text: str, config: RunConfig | None = None, *, model=None, tokenizer=None) -> xr.Dataset:
     """`run` for an experiment written inline (a notebook cell)."""
     config = config or RunConfig()
@@ -79,6 +86,7 @@ def run_text(text: str, config: RunConfig | None = None, *, model=None, tokenize
     return run_prepared(prepare_text(text, config, model=model, tokenizer=tokenizer), config)
 
 
+@guarded
 def run_keeping_checkpoints(path: str | Path, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
     """`run`, leaving the checkpoints for the caller to clear once the results are saved."""
     torch.manual_seed(config.seed)
@@ -86,6 +94,7 @@ def run_keeping_checkpoints(path: str | Path, config: RunConfig) -> tuple[xr.Dat
     return _compute(experiment, config)
 
 
+@guarded
 def run_prepared(experiment: Experiment, config: RunConfig) -> xr.Dataset:
     """The compute half of `run`: for callers (benchmarks, notebooks) that prepare once and run many times."""
     dataset, checkpoints = _compute(experiment, config)
@@ -98,8 +107,7 @@ def plan_run(experiment: Experiment, config: RunConfig) -> Plan:
     """The batched forward passes a run of `experiment` under `config` makes."""
     if config.pack not in PACKING:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
-    if config.batch_size < 1:
-        raise CausalError(f"batch_size must be at least 1, got {config.batch_size}")
+    check_config(config)
     budget = config.cache_gb * 2 ** 30 if config.cache_gb else default_cache_bytes(experiment.model.device)
     return compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type, budget,
                         optimize=config.optimize)

@@ -9,12 +9,21 @@ from __future__ import annotations
 import math
 
 from causal.engine.plan import Packer, Plan
+from causal.files import readable_size
 from causal.resolve.experiment import Experiment
+
+
+# Rough sustained rates for the estimate: a few CPU cores, one data-centre GPU. The figure is there to
+# tell a minute from a day, not to plan a cluster.
+FLOP_RATES = {"cpu": 2e10, "cuda": 2e13}
+WARN_SECONDS = 3600.0
+WARN_BYTES = 2 * 2 ** 30
 
 
 def describe(experiment: Experiment, plan: Plan) -> str:
     return "\n".join([f"{experiment.file.path}: ok, nothing run", *_model_lines(experiment),
-                      *_data_lines(experiment), *_statement_lines(experiment, plan), *_plan_lines(experiment, plan)])
+                      *_data_lines(experiment), *_statement_lines(experiment, plan), *_plan_lines(experiment, plan),
+                      *_estimate_lines(experiment, plan)])
 
 
 def _model_lines(experiment: Experiment) -> list[str]:
@@ -77,3 +86,44 @@ def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:
             planned += packer.cost(rows, layer, pos)
             full += packer.cost(rows, 0, 0)
     return planned, full
+
+
+def _estimate_lines(experiment: Experiment, plan: Plan) -> list[str]:
+    """Time (from the planned token-layers) and result size, with a warning for a plan of hours or GBs."""
+    adapter = experiment.model.adapter
+    planned, _ = block_work(experiment, plan)
+    width = max(int(p.lengths.max()) for p in experiment.prompts.values())
+    base = sum(stream.samples for stream in plan.streams.values()) * experiment.n_examples * width * adapter.n_layers
+    flops = (planned + base) * flops_per_token_layer(experiment)
+    rate = FLOP_RATES.get(experiment.model.device.type, FLOP_RATES["cpu"])
+    seconds = flops / rate
+    results = result_bytes(experiment)
+    lines = [f"estimate {flops:.1e} FLOPs in the layers: about {_duration(seconds)} at {rate:.0e} FLOP/s (a rough "
+             f"{experiment.model.device.type} figure); results {readable_size(results)}"]
+    if seconds > WARN_SECONDS or results > WARN_BYTES:
+        lines.append(f"warning  a large plan ({_duration(seconds)}, {readable_size(results)} of results): check the sweep, "
+                     "or start with `limit` on the data; runs resume from checkpoints if stopped")
+    return lines
+
+
+def flops_per_token_layer(experiment: Experiment) -> float:
+    """2 FLOPs per weight of one layer (the embeddings and head excluded): a forward's work per token."""
+    model = experiment.model.model
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = sum(m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                     if m is not None and getattr(m, "weight", None) is not None)
+    return 2.0 * max(total - embeddings, 1) / max(experiment.model.adapter.n_layers, 1)
+
+
+def result_bytes(experiment: Experiment) -> int:
+    """float32 values: each statement's points x examples x metrics, and one baseline per run."""
+    metrics = len(experiment.metrics)
+    points = sum(len(m.sweep.points) for m in experiment.interventions) + len(experiment.runs or experiment.prompts)
+    return 4 * points * experiment.n_examples * metrics
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"

@@ -56,27 +56,36 @@ USAGE = usage()
 
 def main(argv: list[str] | None = None) -> int:
     from causal.errors import CausalError
+    from causal.internal import EXIT_STATUS, InternalError, boundary
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-sc"], ["--shell-completion"]):  # Hydra's completion script calls `causal -sc query=...`
         argv = ["run", *argv]
     try:
-        if argv[:1] and argv[0] in COMMANDS:
-            parser = command_parser(argv[0])
-            args = parser.parse_intermixed_args(argv[1:])
-            return {"run": _run, "check": _check, "plot": _plot}[argv[0]](parser, args)
-        parsers()[0].parse_args(argv)  # --help, --version or a mistake: each ends in _Exit
-        print(USAGE, file=sys.stderr, end="")  # no command at all
-        return 2
+        with boundary():
+            return _command(argv)
     except _Exit as done:
         return done.status
+    except InternalError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_STATUS
     except CausalError as exc:
         print(exc, file=sys.stderr)
         return 2
 
 
+def _command(argv: list[str]) -> int:
+    if argv[:1] and argv[0] in COMMANDS:
+        parser = command_parser(argv[0])
+        args = parser.parse_intermixed_args(argv[1:])
+        return {"run": _run, "check": _check, "plot": _plot}[argv[0]](parser, args)
+    parsers()[0].parse_args(argv)  # --help, --version or a mistake: each ends in _Exit
+    print(USAGE, file=sys.stderr, end="")  # no command at all
+    return 2
+
+
 # --------------------------------------------------------------------------------- the parsers
 
-class _Exit(Exception):
+class _Exit(SystemExit):  # passes the internal-error boundary, as an exit does
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
@@ -296,7 +305,7 @@ def check_command_line(path: Path | None, arguments: list[str], *, multirun: boo
     as Hydra and the run would, but before either starts. Returns the arguments as Hydra overrides."""
     from causal.errors import CausalError, did_you_mean
     from causal.lang.parser import parse_file
-    from causal.settings import check_value, default_of, show
+    from causal.settings import check_value, default_of, show, text_problem
     parsed = _parse_overrides(arguments)
     file = parse_file(path) if path is not None else None  # a syntax error stops here, in a fraction of a second
     if file is not None:
@@ -323,7 +332,7 @@ def check_command_line(path: Path | None, arguments: list[str], *, multirun: boo
         values = [v for v in values if not (isinstance(v, str) and "${" in v)]  # interpolations: Hydra's
         if key.split(".")[0] in settings:  # a run setting (a key below one, seed.x=1, is Hydra's to refuse)
             for value in values if key in settings else []:
-                problem = check_value(key, value)
+                problem = text_problem(key, value) or check_value(key, value) or _range_problem(key, value)
                 if problem:
                     raise CausalError(problem)
             continue
@@ -342,6 +351,19 @@ def check_command_line(path: Path | None, arguments: list[str], *, multirun: boo
             for value in values[1:]:
                 parse_file(path, {**first, name: value})
     return [as_hydra_override(a) for a in arguments]
+
+
+def _range_problem(key: str, value) -> str | None:
+    """A setting's range (settings.config_problem), checked on this one value before Hydra starts."""
+    import dataclasses
+
+    from causal.settings import RunConfig, config_problem
+    if key not in {f.name for f in dataclasses.fields(RunConfig)} or isinstance(value, (dict, list)):
+        return None
+    try:
+        return config_problem(dataclasses.replace(RunConfig(), **{key: value}))
+    except TypeError:
+        return None
 
 
 def _setting(name: str):

@@ -35,7 +35,7 @@ def file_problem(path: Path, limit: int) -> str | None:
     if not stat.S_ISREG(info.st_mode):
         return "it is not a regular file"
     if info.st_size > limit:
-        return f"it is {_size(info.st_size)}, over the {_size(limit)} limit for this kind of file"
+        return f"it is {readable_size(info.st_size)}, over the {readable_size(limit)} limit for this kind of file"
     return None
 
 
@@ -51,8 +51,9 @@ def check_data_file(path: Path, span: Span | None) -> None:
         raise CausalError(f"cannot read data file {str(path)!r}: {problem}", span)
 
 
-def _size(n: int) -> str:
+def readable_size(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}".replace(".0 ", " ")
-    return f"{n} bytes"
+    return f"{int(n)} bytes"

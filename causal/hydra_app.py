@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from causal.folders import check_folder, held, hydra_quoted
+from causal.internal import EXIT_STATUS, InternalError, boundary
 from causal.settings import RunConfig, from_command_line, register
 
 register()  # also done by importing causal.conf; here too, so the task never runs without its schema
@@ -29,22 +30,33 @@ def _task(cfg: DictConfig) -> None:
     out_dir = Path(hydra.runtime.output_dir)
     overrides = list(hydra.overrides.task)
     try:
-        config = run_config(cfg, overrides)
-        if cfg.plots:  # a file where plots/ goes would fail only after the compute
-            check_folder(out_dir / "plots")
-        with held(out_dir):
-            dataset, checkpoints = run_keeping_checkpoints(_from_start(cfg.file), config)
-            if hydra.mode == RunMode.MULTIRUN:  # which sweep the run belongs to: causal.load merges only one
-                dataset.attrs["sweep_dir"] = str(_from_start(hydra.sweep.dir).resolve())
-            results = save(dataset, out_dir / "results.nc")
-            if checkpoints:  # only once the results are safely on disk
-                checkpoints.clear()
-            plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
+        with boundary(out_dir):
+            message = _run_into(out_dir, cfg, run_config(cfg, overrides))
+    except InternalError as exc:
+        print(exc, file=sys.stderr)
+        _exit_code = EXIT_STATUS
+        return
     except CausalError as exc:
         print(exc, file=sys.stderr)
         _exit_code = 2
         return
-    print(summary(dataset, results, plots))
+    print(message)
+
+
+def _run_into(out_dir: Path, cfg: DictConfig, config: RunConfig) -> str:
+    """One run into its folder (held for the run's length); the summary to print."""
+    if cfg.plots:  # a file where plots/ goes would fail only after the compute
+        check_folder(out_dir / "plots")
+    with held(out_dir):
+        dataset, checkpoints = run_keeping_checkpoints(_from_start(cfg.file), config)
+        hydra = HydraConfig.get()
+        if hydra.mode == RunMode.MULTIRUN:  # which sweep the run belongs to: causal.load merges only one
+            dataset.attrs["sweep_dir"] = str(_from_start(hydra.sweep.dir).resolve())
+        results = save(dataset, out_dir / "results.nc")
+        if checkpoints:  # only once the results are safely on disk
+            checkpoints.clear()
+        plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
+    return summary(dataset, results, plots)
 
 
 def run_config(cfg: DictConfig, overrides: list[str]) -> RunConfig:

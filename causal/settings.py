@@ -145,6 +145,50 @@ def check_value(name: str, value: Any) -> str | None:
     return None
 
 
+MAX_SEED = 2 ** 31 - 1  # as a seed written in an experiment file (the language's largest integer)
+MAX_BATCH = 2 ** 31 - 1
+
+
+def config_problem(config: "RunConfig") -> str | None:
+    """Why a RunConfig cannot run (a value outside its range), or None: the checks Hydra's types do not make."""
+    import math
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed <= MAX_SEED:
+        return f"setting seed={config.seed!r} must be a whole number in 0..{MAX_SEED}"
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or \
+            not 1 <= config.batch_size <= MAX_BATCH:
+        return f"setting batch_size={config.batch_size!r} must be a whole number in 1..{MAX_BATCH}"
+    if config.cache_gb is not None and (isinstance(config.cache_gb, bool) or not isinstance(config.cache_gb, (int, float))
+                                        or not math.isfinite(config.cache_gb) or config.cache_gb <= 0):
+        return f"setting cache_gb={config.cache_gb!r} must be a positive, finite number of GB (or null for the default)"
+    for name in ("model", "checkpoints", "device", "dtype", "pack"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            return f"setting {name}={value!r} must be text" + (" or null" if name in ("model", "checkpoints") else "")
+        if value == "":
+            return f"setting {name} is empty; give it a value" + (" or null" if name in ("model", "checkpoints") else "")
+    return None
+
+
+def check_config(config: "RunConfig") -> None:
+    from causal.errors import CausalError
+    problem = config_problem(config)
+    if problem:
+        raise CausalError(problem)
+
+
+# A value Hydra would turn into text without a word: `model=3`, `checkpoints=true` are typos, not names.
+_TEXT_SETTINGS = {"model": "a model reference such as gpt2 or zoo:attn-only-2l (quote a name that looks like a "
+                           "number: model='3')",
+                  "checkpoints": "a folder such as outputs/.checkpoints, or null (resume=false turns checkpoints off)"}
+
+
+def text_problem(name: str, value: Any) -> str | None:
+    """`model=3`, `checkpoints=true`: a number or boolean where a text is meant, or None."""
+    if name in _TEXT_SETTINGS and value is not None and not isinstance(value, str):
+        return f"setting {name}={show(value)} must be {_TEXT_SETTINGS[name]}"
+    return None
+
+
 def register() -> None:
     """Put RunSettings in Hydra's ConfigStore, where causal/conf/run.yaml's defaults list finds it."""
     from hydra.core.config_store import ConfigStore
@@ -161,6 +205,7 @@ def from_command_line(cfg: Any, overrides: list[str]) -> RunConfig:
                        overrides=list(overrides))
     if not values["resume"]:
         config.checkpoints = None
-    if config.cache_gb is not None and config.cache_gb <= 0:
-        raise CausalError(f"setting cache_gb={config.cache_gb} must be positive (or null for the default)")
+    problem = config_problem(config)
+    if problem:
+        raise CausalError(problem)
     return config

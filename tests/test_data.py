@@ -99,12 +99,12 @@ def test_csv_runs_through_prepare(tmp_path, tiny_gpt2, cpu_config):
 # ---------------------------------------------------------------- generator arguments
 
 @pytest.mark.parametrize("line, where, expected", [
-    ("data induction(n=0)", "2:16", "argument 'n' of 'induction' must be an integer >= 1, got 0"),
-    ("data induction(seed=-1)", "2:16", "argument 'seed' of 'induction' must be an integer >= 0, got -1"),
-    ("data induction(length=2.5)", "2:16", "must be an integer >= 1, got 2.5"),
-    ('data induction(n="many")', "2:16", "must be an integer >= 1, got 'many'"),
+    ("data induction(n=0)", "2:16", "argument 'n' of 'induction' must be an integer in 1..100000, got 0"),
+    ("data induction(seed=-1)", "2:16", "argument 'seed' of 'induction' must be an integer in 0..2147483647, got -1"),
+    ("data induction(length=2.5)", "2:16", "must be an integer in 1..100000, got 2.5"),
+    ('data induction(n="many")', "2:16", "must be an integer in 1..100000, got 'many'"),
     ("data induction(n=2, n=3)", "2:21", "argument 'n' is given twice"),
-    ("data induction(lenght=3)", "2:16", "takes no argument 'lenght'; it takes n (an integer >= 1; default 64)"),
+    ("data induction(lenght=3)", "2:16", "takes no argument 'lenght'; it takes n (an integer in 1..100000; default 64)"),
     ("data ioi(templates=ABAB)", "2:10", "must be one of 'mixed', 'ABBA', 'BABA', got 'ABAB'"),
     ("data ioi(corruption=3)", "2:10", "argument 'corruption' of 'ioi' must be one of 'ABC', got 3"),
     ("data counterfact(n=3)", "2:1", "needs argument(s) path (a file path (relative to the experiment file); "

@@ -106,7 +106,7 @@ def test_unknown_zoo_model_and_missing_model(write_experiment, cpu_config):
     assert "did you mean 'attn-only-2l'?" in str(err)
     err = error_of(lambda: causal.run(write_experiment("metric logprob(io)\nablate mlp_out with zero",
                                                        model="/nonexistent/model"), cpu_config))
-    assert "cannot load model '/nonexistent/model'" in str(err)
+    assert "no model folder '/nonexistent/model'" in str(err)
 
 
 def test_missing_experiment_file():

@@ -373,3 +373,200 @@ def test_a_file_where_plots_go_is_refused_before_the_run(write_experiment, tmp_p
 def test_an_unwritable_run_folder_is_refused_before_the_run(write_experiment, capsys, no_forward):
     code, _, err = cli(capsys, "run", str(write_experiment(BODY)), "hydra.run.dir=/proc/causal-x", "device=cpu")
     assert code == 2 and "cannot write results under '/proc/causal-x'" in err and not no_forward
+
+
+# --------------------------------------------------------------------------------- 7, 11. limits of the language
+
+HEAD = 'experiment p\nmodel "zoo:attn-only-2l"\ndata induction(n=8, length=6, seed=0)\n'
+
+
+def check_error(body: str, tmp_path: Path) -> CausalError:
+    path = tmp_path / "limits.cx"
+    path.write_text(HEAD + body + "\n")
+    with pytest.raises(CausalError) as info:
+        causal.prepare(path, RunConfig(device="cpu", progress=False))
+    return info.value
+
+
+@pytest.mark.parametrize("body, where, message", [
+    ("metric logprob(next) at 7\nablate z[layer=0, head=[1, 1]] with zero", "5:24", "head 1 is listed twice"),
+    ("metric logprob(next) at 7\nablate z[layer=0, head=[3, -1]] with zero", "5:24", "head 3 and -1 name the same index"),
+    ("metric logprob(next) at 7\nablate z[layer=[0, 0]] with zero", "5:16", "layer 0 is listed twice"),
+    ("metric logprob(next) at 7\nablate z[layer=0, pos=[2, 2]] with zero", "5:23", "position 2 is listed twice"),
+    ("metric logprob(next) at 7\nablate z[layer=0..2147483647] with zero", "5:16",
+     "the range 0..2147483647 names 2147483648 values, more than the 65536 an index set may name"),
+    ("metric logprob(next) at 0..2147483647\nablate z[layer=0] with zero", "4:25", "more than the 65536"),
+    ("metric logprob(next) at 7\nablate z[layer=" + "1" * 5000 + "] with zero", "5:16",
+     "the number 111111111111... (5000 digits) is too large (at most 2147483647)"),
+    ("metric logprob(next) at 7\nsteer resid_pre[layer=0] by " + " + ".join(["1"] * 3000), "5",
+     "this expression nests more than 200 deep"),
+    ("metric logprob(next) at 7\nsteer resid_pre[layer=0] by " + "-" * 2000 + "1", "5",
+     "this expression nests more than 200 deep"),
+    ("metric logprob(next) at 7\ntrace noise(3 sigma, samples=2000000000) on [1] restore resid_pre[layer=*]", "5:22",
+     "noise option 'samples' is 2000000000, more than the 10000 allowed"),
+], ids=["head-twice", "head-same-index", "layer-twice", "pos-twice", "huge-range", "huge-metric-range", "5000-digits",
+        "3000-term-sum", "2000-minuses", "samples"])
+def test_language_limits_are_errors_at_their_place(tmp_path, body, where, message):
+    err = check_error(body, tmp_path)
+    assert str(err).startswith(f"{tmp_path / 'limits.cx'}:{where}") and message in str(err), str(err)
+
+
+def test_named_positions_listed_twice(write_experiment, no_forward):
+    path = write_experiment("positions { A = first(io) }\nmetric logprob(io)\nablate z[layer=0, pos=[A, A]] with zero",
+                            [{**r, "clean": f"{r['io']} {r['clean']}", "corrupt": f"{r['io']} {r['corrupt']}"}
+                             for r in make_rows()])
+    assert "position A is listed twice" in str(error_of(path))
+
+
+@pytest.mark.parametrize("data, message", [
+    ("induction(n=2147483647)", "argument 'n' of 'induction' must be an integer in 1..100000, got 2147483647"),
+    ("induction(length=500000)", "argument 'length' of 'induction' must be an integer in 1..100000, got 500000"),
+])
+def test_generator_sizes_are_bounded(tmp_path, data, message):
+    path = tmp_path / "g.cx"
+    path.write_text(f'model "zoo:attn-only-2l"\ndata {data}\nmetric logprob(next) at 7\nablate z[layer=0] with zero\n')
+    with pytest.raises(CausalError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        causal.prepare(path, RunConfig(device="cpu"))
+
+
+# --------------------------------------------------------------------------------- 9. settings
+
+@pytest.mark.parametrize("setting, message", [
+    ("model=3", "setting model=3 must be a model reference such as gpt2"),
+    ("model=true", "setting model=true must be a model reference"),
+    ("checkpoints=123", "setting checkpoints=123 must be a folder such as outputs/.checkpoints, or null"),
+    ("checkpoints=true", "setting checkpoints=true must be a folder"),
+    ("cache_gb=inf", "setting cache_gb=inf must be a positive, finite number of GB"),
+    ("cache_gb=nan", "setting cache_gb=nan must be a positive, finite number of GB"),
+    ("seed=100000000000000", "setting seed=100000000000000 must be a whole number in 0..2147483647"),
+    ("seed=-1", "setting seed=-1 must be a whole number in 0..2147483647"),
+    ("batch_size=99999999999999999999", "setting batch_size=99999999999999999999 must be a whole number in "
+                                        "1..2147483647"),
+    ("device=meta", "device 'meta' holds no weights (shapes only), so no model can run on it"),
+    ("device=mps", "device 'mps' is not supported yet; use 'auto', 'cpu' or 'cuda[:N]'"),
+    ("device=xpu", "device 'xpu' is not supported yet"),
+])
+def test_settings_outside_their_range_are_refused_before_compute(write_experiment, tmp_path, capsys, no_forward,
+                                                                 setting, message):
+    code, _, err = cli(capsys, "run", str(write_experiment(BODY)), f"hydra.run.dir={tmp_path / 'r'}", setting)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not no_forward and not (tmp_path / "r" / "results.nc").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": 2 ** 40}, "setting seed=1099511627776 must be a whole number in 0..2147483647"),
+    ({"cache_gb": float("inf")}, "setting cache_gb=inf must be a positive"),
+    ({"batch_size": 10 ** 20}, "must be a whole number in 1..2147483647"),
+    ({"model": 3}, "setting model=3 must be text or null"),
+    ({"device": "meta"}, "holds no weights"),
+])
+def test_the_same_ranges_hold_for_python_callers(write_experiment, no_forward, settings, message):
+    assert message in str(error_of(write_experiment(BODY), **settings))
+
+
+# --------------------------------------------------------------------------------- 10. data files
+
+def _data_error(write_experiment, tmp_path, name: str) -> str:
+    path = write_experiment(BODY)
+    path.write_text(path.read_text().replace('"data.jsonl"', f'"{name}"'))
+    return str(error_of(path))
+
+
+def test_a_fifo_behind_a_data_path_is_refused_not_waited_on(write_experiment, tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    assert "cannot read data file" in (err := _data_error(write_experiment, tmp_path, "pipe.jsonl"))
+    assert "it is a FIFO (named pipe), not a regular file" in err
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_device_behind_a_data_path_is_refused_not_read(write_experiment, tmp_path, device):
+    (tmp_path / "dev.jsonl").symlink_to(device)
+    assert "it is a character device, not a regular file" in _data_error(write_experiment, tmp_path, "dev.jsonl")
+
+
+def test_a_data_file_over_the_size_limit_is_refused_by_its_size(write_experiment, tmp_path, monkeypatch):
+    monkeypatch.setattr("causal.files.MAX_DATA_BYTES", 1024)
+    with open(tmp_path / "big.jsonl", "wb") as sparse:  # a sparse file: its size costs no disk
+        sparse.truncate(3 * 1024 * 1024)
+    err = _data_error(write_experiment, tmp_path, "big.jsonl")
+    assert "it is 3 MiB, over the 1 KiB limit for this kind of file" in err
+
+
+def test_a_lone_surrogate_in_a_prompt_is_refused(write_experiment, tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"clean": "t1 \\ud800 t2", "corrupt": "t1 t3 t2", "io": "t1", "s": "t2"}\n')
+    assert "holds a lone UTF-16 surrogate '\\ud800', which is not text" in _data_error(write_experiment, tmp_path,
+                                                                                        "s.jsonl")
+
+
+def test_json_nested_too_deep_is_refused(write_experiment, tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert "JSON nested too deeply" in _data_error(write_experiment, tmp_path, "deep.json")
+
+
+def test_a_line_separator_inside_a_jsonl_string_is_text(write_experiment, tmp_path):
+    rows = make_rows()
+    rows[0]["clean"] = rows[0]["clean"].replace(" ", " \u2028 ", 1)
+    (tmp_path / "sep.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    path = write_experiment(BODY)
+    path.write_text(path.read_text().replace('"data.jsonl"', '"sep.jsonl"'))
+    assert run(path).sizes["example"] == 6
+
+
+def test_a_nul_in_a_generator_path_is_refused(tmp_path):
+    path = tmp_path / "g.cx"
+    path.write_text('model "zoo:attn-only-2l"\ndata counterfact(path="a\\u0000b.json")\nmetric logprob(next)\n'
+                    'ablate z[layer=0] with zero\n')
+    with pytest.raises(CausalError):
+        causal.prepare(path, RunConfig(device="cpu"))
+
+
+# --------------------------------------------------------------------------------- 12. messages
+
+def test_a_folder_or_fifo_given_as_the_experiment_file(tmp_path, capsys):
+    (tmp_path / "folder.cx").mkdir()
+    os.mkfifo(tmp_path / "pipe.cx")
+    for name, kind in (("folder.cx", "a folder"), ("pipe.cx", "a FIFO (named pipe)")):
+        code, _, err = cli(capsys, "run", name)
+        assert code == 2 and f"cannot read experiment file '{name}': it is {kind}, not a regular file" in err
+
+
+def test_a_null_text_for_a_named_position(write_experiment, no_forward):
+    rows = [{**r, "clean": f"{r['io']} {r['clean']}", "corrupt": f"{r['io']} {r['corrupt']}"} for r in make_rows()]
+    rows[2]["io"] = None
+    path = write_experiment("positions { A = first(io) }\nmetric logprob(s)\nablate z[layer=0, pos=A] with zero", rows)
+    err = str(error_of(path))
+    assert "column 'io', example 2: the value is missing (null), so position 'A' cannot be located" in err
+
+
+@pytest.mark.parametrize("args", [["run", "--help"], ["run", "-h"], ["check", "--help"], ["plot", "--help"]])
+def test_help_of_each_command(capsys, args):
+    code, out, _ = cli(capsys, *args)
+    assert code == 0 and out.startswith("usage:")
+
+
+# --------------------------------------------------------------------------------- the internal-error boundary
+
+def test_an_unexpected_exception_is_a_short_report_with_a_log(write_experiment, tmp_path, capsys, monkeypatch):
+    def broken(dataset, path):
+        return 1 / 0
+    monkeypatch.setattr("causal.hydra_app.save", broken)
+    code, out, err = cli(capsys, "run", str(write_experiment(BODY)), f"hydra.run.dir={tmp_path / 'r'}",
+                         "device=cpu", "progress=false")
+    log = tmp_path / "r" / "causal-internal-error.log"
+    assert code == 3 and "Traceback" not in err
+    assert err.splitlines() == ["internal error (a bug in causal, not in your input): ZeroDivisionError: division "
+                                "by zero", f"run folder: {tmp_path / 'r'}", f"the traceback is in {log}",
+                                "please report it with that file"]
+    assert "Traceback (most recent call last)" in log.read_text() and "in broken" in log.read_text()
+
+
+def test_python_callers_get_an_internal_error_chained_to_the_cause(write_experiment, monkeypatch):
+    from causal.internal import InternalError
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+    monkeypatch.setattr("causal.api.assemble", broken)
+    with pytest.raises(InternalError) as info:
+        run(write_experiment(BODY))
+    assert isinstance(info.value.__cause__, KeyError) and info.value.log.is_file()
+    assert not isinstance(info.value, CausalError)  # bad input and bugs stay apart

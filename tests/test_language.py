@@ -850,9 +850,9 @@ def test_induction_generator(tmp_path):
     ('param n = -1\ndata "data.jsonl" limit n', "3:19", "limit needs at least 1 example, got -1"),
     ('data "d\x00.jsonl"', "2:8", "the file contains a NUL byte"),  # not text: refused before it is read as a path
     ("data inducton(n=2)", "2:1", "unknown data generator 'inducton'; available: counterfact, induction, ioi"),
-    ("data induction(m=2)", "2:16", "generator 'induction' takes no argument 'm'; it takes n (an integer >= 1; "
-     "default 64), length (an integer >= 1; default 10), seed (an integer >= 0; default 0)"),
-    ("data induction(n=0)", "2:16", "argument 'n' of 'induction' must be an integer >= 1, got 0"),
+    ("data induction(m=2)", "2:16", "generator 'induction' takes no argument 'm'; it takes n (an integer in 1..100000; "
+     "default 64), length (an integer in 1..100000; default 10), seed (an integer in 0..2147483647; default 0)"),
+    ("data induction(n=0)", "2:16", "argument 'n' of 'induction' must be an integer in 1..100000, got 0"),
     ("data induction(n=2, n=3)", "2:21", "argument 'n' is given twice"),
     ("data counterfact(n=2)", "2:1", "generator 'counterfact' needs argument(s) path"),
     ('data counterfact(path="none.json")', "2:18", "argument 'path' of 'counterfact' must be a file path"),

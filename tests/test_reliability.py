@@ -247,7 +247,7 @@ def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_
     computed: list[int] = []
     real_chunk = Attribute.chunk_pass
 
-    class Killed(Exception):
+    class Killed(KeyboardInterrupt):  # as a real interruption: it passes the internal-error boundary
         pass
 
     kill = [True]

@@ -41,8 +41,10 @@ class Range:
         return f">= {self.low}" if self.low is not None else f"<= {self.high}"
 
 
-Count = Annotated[int, Range(1)]  # how many examples, tokens, ...
-Seed = Annotated[int, Range(0)]
+MAX_COUNT = 100_000  # examples (or tokens) a generator makes: larger sets are a typo, or a job for a data file
+MAX_SEED = 2 ** 31 - 1  # the language's largest integer (a seed is written in files too)
+Count = Annotated[int, Range(1, MAX_COUNT)]  # how many examples, tokens, ...
+Seed = Annotated[int, Range(0, MAX_SEED)]
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,11 @@ def find_spans(prompts: Prompts, texts: list[str], occurrence: str = "first",
     """(examples, 2) inclusive token spans of `texts[i]` in example i, e.g. the IO name of each IOI prompt."""
     if len(texts) != len(prompts.tokens):
         raise CausalError(f"{len(texts)} span texts for {len(prompts.tokens)} prompts", span)
-    return torch.tensor([find_span(prompts, i, str(t), occurrence, span) for i, t in enumerate(texts)],
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise CausalError(f"example {i}: the text to locate is {'missing (null)' if t is None else repr(t)}; "
+                              "a named position needs text", span)
+    return torch.tensor([find_span(prompts, i, t, occurrence, span) for i, t in enumerate(texts)],
                         dtype=torch.long).view(len(texts), 2)
 
 

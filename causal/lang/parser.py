@@ -74,6 +74,7 @@ def _parse(text: str, path: str, params: dict[str, object] | None, model_given: 
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(exc, text, path) from None
+    _check_depth(tree, path)
     values = _parameters(tree, path, params or {})
     try:
         statements = _ToAst(path, values).transform(tree).children
@@ -82,6 +83,21 @@ def _parse(text: str, path: str, params: dict[str, object] | None, model_given: 
             raise exc.orig_exc from None
         raise
     return _assemble(statements, text, path, model_given)
+
+
+MAX_DEPTH = 200  # how deep the parse tree may nest: a sum of n terms or n unary minuses nests n deep
+
+
+def _check_depth(tree: Tree, path: str) -> None:
+    """Refuse a tree nested deeper than MAX_DEPTH before the (recursive) transformer meets it."""
+    stack = [(tree, 1, None)]
+    while stack:
+        node, depth, where = stack.pop()
+        where = where if node.meta.empty else node.meta
+        if depth > MAX_DEPTH:
+            raise CausalError(f"this expression nests more than {MAX_DEPTH} deep (a sum of n terms, or n signs, "
+                              f"nests n deep); split it, or use a parameter", _span(path, where) if where else None)
+        stack.extend((child, depth + 1, where) for child in node.children if isinstance(child, Tree))
 
 
 # NUL cannot be stored in the results' attributes (netCDF strings end at it), and a lone surrogate
@@ -182,15 +198,21 @@ LARGEST = 2 ** 31 - 1  # indices, counts and seeds beyond this are typos, and ov
 
 
 def _number(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    if any(c in text for c in ".eE"):
+        return float(text)
+    if len(text.lstrip("+-")) > len(str(LARGEST)):  # Python refuses int() of 4,300+ digits: too large anyway
+        return math.copysign(math.inf, -1 if text.startswith("-") else 1)
+    return int(text)
 
 
 def _checked(value: int | float, written: str) -> str | None:
     """Why a number cannot be used, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"the number {written} is too large (it is {value} as a float)"
-    if isinstance(value, int) and abs(value) > LARGEST:
-        return f"the number {written} is too large (at most {LARGEST})"
+    shown = written if len(written) <= 24 else f"{written[:12]}... ({len(written.lstrip('+-'))} digits)"
+    whole = written.strip().lstrip("+-").isdigit()  # an integer as written, however large
+    if isinstance(value, float) and not math.isfinite(value) and not whole:
+        return f"the number {shown} is too large (it is {value} as a float)"
+    if (whole or isinstance(value, int)) and abs(value) > LARGEST:
+        return f"the number {shown} is too large (at most {LARGEST})"
     return None
 
 

@@ -20,6 +20,7 @@ from causal.resolve.experiment import Target
 from causal.resolve.positions import position_masks
 
 DEFAULT_NOISE = {"samples": 10, "seed": None}
+MAX_SAMPLES = 10_000  # noise samples per example: ROME uses 10; more only costs forwards
 SEVERABLE = {"mlp": "mlp_out", "attn": "attn_out"}
 
 
@@ -72,6 +73,9 @@ class Trace(Method):
                 raise resolution.error(f"noise option {key!r} must be a "
                                        f"{'positive' if key == 'samples' else 'non-negative'} whole number, "
                                        f"got {value!r}", span)
+            if key == "samples" and value > MAX_SAMPLES:  # a seed is bounded by the language's integers
+                raise resolution.error(f"noise option 'samples' is {value}, more than the {MAX_SAMPLES} allowed",
+                                       span)
             options[key] = value
         return options
 

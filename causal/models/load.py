@@ -46,8 +46,16 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise CausalError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "meta":
+        raise CausalError(f"device {name!r} holds no weights (shapes only), so no model can run on it; "
+                          "use 'auto', 'cpu' or 'cuda[:N]'")
+    if device.type not in ("cpu", "cuda"):
+        raise CausalError(f"device {name!r} is not supported yet; use 'auto', 'cpu' or 'cuda[:N]'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CausalError(f"device {name!r} was asked for but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CausalError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} "
+                          f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -61,7 +69,25 @@ def resolve_reference(ref: str, span: Span | None = None) -> str:
         return str(zoo_path(name))
     if ref.startswith("pkg:"):
         return str(package_folder(ref, span))
+    if ref.startswith((".", "/", "~")) or Path(ref).exists():  # a local folder, not a hub id
+        return str(_model_folder(Path(ref).expanduser(), ref, span))
     return ref
+
+
+def _model_folder(folder: Path, ref: str, span: Span | None) -> Path:
+    """A local model folder, checked here: transformers would take a missing one for a malformed hub id."""
+    if not folder.exists():
+        raise CausalError(f"no model folder {ref!r} (resolved to {str(folder.resolve())!r})", span,
+                          hint="a local path starts with ./, ../, / or ~; a hub id looks like org/name")
+    if not folder.is_dir():
+        raise CausalError(f"model {ref!r} is a file; a model is a folder holding config.json, the weights and the "
+                          "tokenizer's files", span)
+    if not (folder / "config.json").is_file():
+        held = sorted(p.name for p in folder.iterdir())[:8]
+        raise CausalError(f"model folder {ref!r} has no config.json, so it is not a Hugging Face model folder "
+                          f"(it holds: {', '.join(held) or 'nothing'})", span,
+                          hint="save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+    return folder
 
 
 def package_folder(ref: str, span: Span | None = None) -> Path:

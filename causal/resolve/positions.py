@@ -40,6 +40,9 @@ def _locate(definition: ast.PositionDef, prompts: Prompts | None, examples: Exam
     out = []
     for i, text in enumerate(examples.columns[column]):
         occurrence = "last" if definition.anchor == "last" else "first"
+        if text is None:
+            raise CausalError(f"column {column!r}, example {i}: the value is missing (null), so position "
+                              f"{definition.name!r} cannot be located", span)
         first, last = find_span(prompts, i, str(text), occurrence, span)
         if definition.anchor == "span":
             out.append(tuple(_within(p + definition.offset, lengths[i], i, definition)

@@ -130,7 +130,9 @@ class SweepBuilder:
             if not -size <= v < size:
                 raise self.error(f"{sel.dim} {v} is out of range: {self.range_phrase(sel.dim, size, site)} "
                                  f"(valid: 0..{size - 1}, or -{size}..-1 from the end)", sel.indices.span)
-        return [v % size for v in values]
+        normal = [v % size for v in values]
+        check_distinct(normal, values, sel.dim, sel.indices.span)
+        return normal
 
     def range_phrase(self, dim: str, size: int, site: str) -> str:
         if dim == "layer":
@@ -165,6 +167,7 @@ class SweepBuilder:
                                  f"(valid: {-shortest}..{shortest - 1})", indices.span)
             else:
                 out.append(v)
+        check_distinct(out, out, "position", indices.span)
         return out
 
     def check_position_name(self, name: ast.Name) -> None:
@@ -192,19 +195,43 @@ def rome_window(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
     return tuple(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
 
 
+MAX_INDICES = 65_536  # values one index set may name (a list or a range); `*` names all, at no cost
+
+
 def expand(indices: ast.IndexSet) -> list:
     """The values an index set names; ranges are inclusive and must be numeric."""
     if isinstance(indices, ast.SingleIndex):
         return [indices.value]
     if isinstance(indices, ast.IndexList):
+        _check_count(len(indices.values), indices)
         return list(indices.values)
     if isinstance(indices, ast.IndexRange):
         if isinstance(indices.start, ast.Name) or isinstance(indices.stop, ast.Name):
             raise CausalError(f"a range needs numbers at both ends, got {indices.describe()}", indices.span)
         if indices.stop < indices.start:
             raise CausalError(f"empty range {indices.describe()}: the end comes before the start", indices.span)
+        _check_count(indices.stop - indices.start + 1, indices)
         return list(range(indices.start, indices.stop + 1))
     raise TypeError(indices)
+
+
+def _check_count(count: int, indices: ast.IndexSet) -> None:
+    if count > MAX_INDICES:
+        what = f"the range {indices.describe()}" if isinstance(indices, ast.IndexRange) else "this list"
+        raise CausalError(f"{what} names {count} values, more than "
+                          f"the {MAX_INDICES} an index set may name", indices.span,
+                          hint="'*' selects every value of a dimension")
+
+
+def check_distinct(values: list, shown: list, dim: str, span: Span) -> None:
+    """A value listed twice would be one coordinate twice in the results: refuse it where it is written."""
+    seen: dict = {}
+    for value, written in zip(values, shown):
+        if value in seen:
+            same = f"{seen[value]} and {written}" if seen[value] != written else f"{written}"
+            raise CausalError(f"{dim} {same} {'name the same index' if seen[value] != written else 'is listed twice'}"
+                              f"; each value of a swept dimension is listed once", span)
+        seen[value] = written
 
 
 def _show(values: list) -> str:
