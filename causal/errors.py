@@ -59,8 +59,14 @@ class CausalError(Exception):
         width = 1
         if self.span.end_line == self.span.line and self.span.end_column:
             width = max(1, self.span.end_column - self.span.column)
-        shown = _SHOWN_AS_SPACE.sub(" ", text)
-        indent = "".join("\t" if c == "\t" else " " for c in shown[:self.span.column - 1])
+        shown, column = _SHOWN_AS_SPACE.sub(" ", text), self.span.column
+        if len(shown) > QUOTED_WIDTH:  # a window around the column: a 5,000-character line helps nobody
+            start = max(0, column - 1 - QUOTED_WIDTH // 3)
+            end = start + QUOTED_WIDTH
+            shown = ("..." if start else "") + shown[start:end] + ("..." if end < len(shown) else "")
+            column -= start - (3 if start else 0)
+            width = min(width, QUOTED_WIDTH - (column - 1) + 3)
+        indent = "".join("\t" if c == "\t" else " " for c in shown[:column - 1])
         return [f"    {shown}", f"    {indent}{'^' * width}"]
 
     def render(self) -> str:
@@ -71,6 +77,8 @@ class CausalError(Exception):
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
 
+
+QUOTED_WIDTH = 120  # characters of a long line shown around the error
 
 # Characters a terminal (or str.splitlines) would break a line at, or that do not print: shown as a
 # space in a quoted line, one column each, so the caret stays under its column.

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import time
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +25,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from causal.cli import check_command_line, run_settings
+from causal.data import read_table
 from causal.errors import CausalError
 from causal.lang.parser import parse_text
+from causal.settings import RunConfig, check_config
 from causal.models import load_model
 from causal.resolve import resolve
 from causal.zoo import word_tokenizer
 from tests.conftest import VOCAB
+from tests.grammar_fuzz import generate, unsampled_terminals
 
 TOY = "zoo:attn-only-2l"
 
@@ -263,3 +272,106 @@ def test_random_text_only_syntax_errors(text):
         parse_text(text, "fuzz.cx")
     except CausalError as exc:
         assert str(exc).startswith(("fuzz.cx:", "error:"))
+
+
+# --------------------------------------------------------------------------------- generated from the grammar
+
+GRAMMAR_SEED = int(os.environ.get("CAUSAL_FUZZ_SEED", 20261201))
+GRAMMAR_FILES = int(os.environ.get("CAUSAL_FUZZ_FILES", 1500))
+TIME_BOUND_S = float(os.environ.get("CAUSAL_FUZZ_SECONDS", 25))  # CI stops here even if files remain
+CASES = sorted((Path(__file__).parent / "fuzz_cases").glob("*.cx"))  # what scripts/fuzz.py found, kept
+
+
+def test_every_grammar_terminal_has_a_sampler():
+    assert unsampled_terminals() == set()
+
+
+def test_files_generated_from_the_grammar_fail_only_with_a_causal_error(world):
+    """Seeded, so a failure repeats; time-bounded, so a slow machine runs fewer files, not a longer suite."""
+    folder, models = world
+    rng = random.Random(GRAMMAR_SEED)
+    start, outcomes, failures = time.monotonic(), Counter(), []
+    for _ in range(GRAMMAR_FILES):
+        if time.monotonic() - start > TIME_BOUND_S:
+            break
+        text = generate(rng)
+        try:
+            resolve(parse_text(text, str(folder / "fuzz.cx")), models["toy"])
+            outcomes["resolved"] += 1
+        except CausalError as exc:
+            outcomes["syntax" if "syntax error" in exc.message else "semantic"] += 1
+            assert exc.span is None or str(exc).startswith(f"{exc.span}: error:")
+        except Exception as exc:  # noqa: BLE001 -- the bug this test looks for
+            failures.append(f"{type(exc).__name__}: {exc}\n{text}")
+    assert not failures, f"{len(failures)} generated file(s) raised a raw exception; first:\n{failures[0]}"
+    assert outcomes["semantic"] > 10 * outcomes["syntax"] / 2 and sum(outcomes.values()) >= 200, outcomes
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_saved_fuzz_cases(world, case):
+    """Files that once crashed (found by scripts/fuzz.py, or by hand): now a CausalError or a valid file."""
+    folder, models = world
+    with pytest.raises(CausalError) as info:  # each saved case is a bad file
+        resolve(parse_text(case.read_text(encoding="utf-8"), str(folder / case.name)), models["toy"])
+    assert str(info.value).startswith(f"{folder / case.name}:")
+
+
+SETTING_VALUES = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True, allow_infinity=True),
+                           st.booleans(), st.none(), st.text(max_size=6),
+                           st.sampled_from(["", "auto", "cpu", "cuda:7", "meta", "mps", "float64", "[a,b]", "{}",
+                                            "nan", "inf", "-1", "1e400", "null", "true", "${x}"]))
+
+
+@settings(FUZZ, max_examples=EXAMPLES)
+@given(key=st.sampled_from([f.name for f in fields(RunConfig) if f.name not in ("params", "overrides")]),
+       value=SETTING_VALUES)
+def test_random_settings_in_python_fail_only_with_a_causal_error(key, value):
+    try:
+        check_config(RunConfig(**{key: value}))
+    except CausalError as exc:
+        assert str(exc).startswith("error: setting ")
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)
+@given(key=st.sampled_from(run_settings() + ["n", "nope", "hydra.run.dir"]), value=SETTING_VALUES)
+def test_random_settings_on_the_command_line_fail_only_with_a_causal_error(world, key, value):
+    folder, _ = world
+    path = folder / "settings.cx"
+    path.write_text(SMALL.replace('model "zoo:attn-only-2l"', 'model "zoo:attn-only-2l"\nparam n = 3'))
+    written = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        check_command_line(path, [f"{key}={written}"])
+    except CausalError as exc:
+        assert str(exc).startswith(("error:", f"{path}:"))
+
+
+VALID_DATA = {".jsonl": "\n".join(json.dumps(r) for r in ROWS) + "\n",
+              ".csv": "clean,corrupt,io\n" + "\n".join(f'"{r["clean"]}",{r["corrupt"]},{r["io"]}' for r in ROWS) + "\n",
+              ".json": json.dumps(ROWS)}
+DATA_NOISE = [b"\x00", b"\xff", b'"', b"\n", b"\r", b",", b"{", b"}", b"[", b"]", b":", b"\\", b"\\ud800",
+              b"\xef\xbb\xbf", "\u2028".encode(), b'"clean": 1, ', b"\t", b"  "]
+
+
+@settings(FUZZ, max_examples=EXAMPLES)
+@given(suffix=st.sampled_from(sorted(VALID_DATA)), edits=st.lists(
+    st.tuples(st.floats(0, 1), st.sampled_from(["insert", "delete", "flip", "truncate"]), st.sampled_from(DATA_NOISE)),
+    min_size=1, max_size=4))
+def test_damaged_data_files_fail_only_with_a_causal_error(world, suffix, edits):
+    folder, _ = world
+    data = bytearray(VALID_DATA[suffix].encode())
+    for where, how, noise in edits:
+        at = int(where * len(data))
+        if how == "insert":
+            data[at:at] = noise
+        elif how == "delete":
+            del data[at:at + 3]
+        elif how == "flip" and at < len(data):
+            data[at] ^= 1 << (at % 8)
+        else:
+            del data[at:]
+    path = folder / f"damaged{suffix}"
+    path.write_bytes(bytes(data))
+    try:
+        read_table(path)
+    except CausalError as exc:
+        assert str(exc).startswith("error:")

@@ -220,44 +220,44 @@ class Packer:
         return rows * (self.n_layers - layer) * (self.width - pos)
 
     def pack(self, intervention: int, rows: RowStarts) -> list[Job]:
+        """Rows sorted by start; the job being filled is always a contiguous slice [begin, end) of that order."""
         order = torch.argsort(rows.layer * (self.width + 1) + rows.pos, stable=True)
         keys = torch.stack([rows.layer[order], rows.pos[order]], 1)
-        groups = torch.unique_consecutive(keys, dim=0, return_counts=True)[1].tolist()
-        jobs, start = [], 0
-        current: list[int] = []  # row indices (into order) of the job being filled
-        for count in groups:
-            group = list(range(start, start + count))
-            start += count
-            if current and self._merge_pays(keys, current, group):
-                current += group
+        counts = torch.unique_consecutive(keys, dim=0, return_counts=True)[1].tolist()
+        layers, positions = keys[:, 0].tolist(), keys[:, 1].tolist()
+        jobs: list[Job] = []
+        begin = end = 0  # the job being filled
+        for count in counts:
+            if end > begin and self._merge_pays(keys, begin, end, end, count):
+                end += count
             else:
-                jobs += self._cut(intervention, rows, order, keys, current)
-                current = group
-            while len(current) >= self.batch_size:  # full batches go; the rest keeps filling
-                jobs += self._cut(intervention, rows, order, keys, current[:self.batch_size])
-                current = current[self.batch_size:]
-        jobs += self._cut(intervention, rows, order, keys, current)
+                jobs += self._cut(intervention, rows, order, layers, positions, begin, end)
+                begin, end = end, end + count
+            while end - begin >= self.batch_size:  # full batches go; the rest keeps filling
+                jobs += self._cut(intervention, rows, order, layers, positions, begin, begin + self.batch_size)
+                begin += self.batch_size
+        jobs += self._cut(intervention, rows, order, layers, positions, begin, end)
         return jobs
 
-    def _merge_pays(self, keys: torch.Tensor, current: list[int], group: list[int]) -> bool:
+    def _merge_pays(self, keys: torch.Tensor, begin: int, end: int, group: int, count: int) -> bool:
         """Whether one pass over both costs less than two; `sites` always fills the batch."""
         if self.mode == "sites":
             return True
-        layer_a, pos_a = int(keys[current, 0].min()), int(keys[current, 1].min())
-        layer_b, pos_b = int(keys[group[0], 0]), int(keys[group[0], 1])
-        rows = len(current) + len(group)
+        layer_a, pos_a = int(keys[begin:end, 0].min()), int(keys[begin:end, 1].min())
+        layer_b, pos_b = int(keys[group, 0]), int(keys[group, 1])
+        rows = end - begin + count
         merged = self.cost(rows, min(layer_a, layer_b), min(pos_a, pos_b))
-        separate = self.cost(len(current), layer_a, pos_a) + self.cost(len(group), layer_b, pos_b) + self.overhead
+        separate = self.cost(end - begin, layer_a, pos_a) + self.cost(count, layer_b, pos_b) + self.overhead
         return rows <= self.batch_size and merged <= separate
 
-    def _cut(self, intervention: int, rows: RowStarts, order: torch.Tensor, keys: torch.Tensor,
-             members: list[int]) -> list[Job]:
+    def _cut(self, intervention: int, rows: RowStarts, order: torch.Tensor, layers: list[int], positions: list[int],
+             begin: int, end: int) -> list[Job]:
         jobs = []
-        for start in range(0, len(members), self.batch_size):
-            chosen = members[start:start + self.batch_size]
-            index = order[chosen]
+        for start in range(begin, end, self.batch_size):
+            stop = min(start + self.batch_size, end)
+            index = order[start:stop]
             jobs.append(Job(intervention, rows.examples[index], rows.points[index], rows.samples[index],
-                            int(keys[chosen, 0].min()), int(keys[chosen, 1].min())))
+                            min(layers[start:stop]), min(positions[start:stop])))
         return jobs
 
 
