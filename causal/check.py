@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from causal.engine.plan import Packer, Plan
+from causal.engine.plan import Packer, Plan, bytes_per_example
 from causal.files import readable_size
 from causal.resolve.experiment import Experiment
 
@@ -98,8 +98,10 @@ def _estimate_lines(experiment: Experiment, plan: Plan) -> list[str]:
     rate = FLOP_RATES.get(experiment.model.device.type, FLOP_RATES["cpu"])
     seconds = flops / rate
     results = result_bytes(experiment)
+    cache = bytes_per_example(experiment, plan) * max(len(chunk.examples) for chunk in plan.chunks)
     lines = [f"estimate {flops:.1e} FLOPs in the layers: about {_duration(seconds)} at {rate:.0e} FLOP/s (a rough "
-             f"{experiment.model.device.type} figure); results {readable_size(results)}"]
+             f"{experiment.model.device.type} figure); results {readable_size(results)}; cached activations up to "
+             f"{readable_size(cache)} per chunk (bounded by cache_gb)"]
     if seconds > WARN_SECONDS or results > WARN_BYTES:
         lines.append(f"warning  a large plan ({_duration(seconds)}, {readable_size(results)} of results): check the sweep, "
                      "or start with `limit` on the data; runs resume from checkpoints if stopped")

@@ -570,3 +570,16 @@ def test_python_callers_get_an_internal_error_chained_to_the_cause(write_experim
         run(write_experiment(BODY))
     assert isinstance(info.value.__cause__, KeyError) and info.value.log.is_file()
     assert not isinstance(info.value, CausalError)  # bad input and bugs stay apart
+
+
+def test_check_estimates_time_and_memory_and_warns_on_a_large_plan(write_experiment, monkeypatch):
+    from causal.api import plan_run
+    from causal.check import describe
+    config = RunConfig(device="cpu", progress=False)
+    experiment = causal.prepare(write_experiment(BODY), config)
+    plan = plan_run(experiment, config)
+    estimate = describe(experiment, plan).splitlines()[-1]
+    assert estimate.startswith("estimate ") and "FLOPs in the layers: about" in estimate
+    assert "results 96 bytes" in estimate and "cached activations up to" in estimate  # (3 layers + 1 baseline) x 6 x 4 B
+    monkeypatch.setattr("causal.check.WARN_SECONDS", 1e-9)
+    assert describe(experiment, plan).splitlines()[-1].startswith("warning  a large plan (")
