@@ -583,3 +583,16 @@ def test_check_estimates_time_and_memory_and_warns_on_a_large_plan(write_experim
     assert "results 96 bytes" in estimate and "cached activations up to" in estimate  # (3 layers + 1 baseline) x 6 x 4 B
     monkeypatch.setattr("causal.check.WARN_SECONDS", 1e-9)
     assert describe(experiment, plan).splitlines()[-1].startswith("warning  a large plan (")
+
+
+def test_attribution_over_ragged_prompts_is_nan_where_patching_is(write_experiment):
+    """A position a shorter prompt lacks has no value, for attribute as for patch (it used to hold the base value,
+    diluting the means `verify top k` ranks on)."""
+    import numpy as np
+    path = write_experiment("metric logprob(io) at -1\npatch resid_pre[layer=*, pos=*] from corrupt into clean\n"
+                            "attribute resid_pre[layer=*, pos=*] from corrupt into clean verify top 3",
+                            make_rows(ragged=True))
+    ds = run(path)
+    patched, estimated = ds["patch_resid_pre"].values, ds["attribute_resid_pre"].values
+    assert np.isnan(patched).any()
+    np.testing.assert_array_equal(np.isnan(estimated), np.isnan(patched))

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from causal.engine.plan import Packer, RowStarts, row_starts
+from causal.engine.plan import Packer, RowStarts, row_starts, target_first_position
 from causal.metrics import metric_values, read_slots
 from causal.methods.base import Method, Variable, method, source_writes
 from causal.models.adapter import KEY, MODULE, PATTERN, QUERY
@@ -122,6 +122,7 @@ class Attribute(Method):
         """(points, rows, metrics): base value plus each point's contributions, on the device, no sync per point."""
         points = self.sweep.points
         out = values.float()[None].repeat(len(points), 1, 1)
+        lengths = run.experiment.prompts[self.base].lengths[examples]
         for index, point in enumerate(points):
             for target in point:
                 where = run.masks.target(target, examples, self.base).to(values.device)
@@ -129,6 +130,8 @@ class Attribute(Method):
                     for m, contributions in enumerate(per_metric):
                         contribution = contributions[(target.site, layer)].to(values.device)
                         out[index, :, m] += (contribution * where).flatten(1).sum(1)
+                _, exists = target_first_position(run.experiment, target, examples, lengths)
+                out[index, ~exists.to(values.device)] = float("nan")  # as patch: the site is not in this prompt
         return out
 
     def contribution(self, run, key, kept, grad, source, scales: dict, state) -> torch.Tensor:
