@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def plan_run(experiment: Experiment, config: RunConfig) -> Plan:
 def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
     plan = plan_run(experiment, config)
     store = checkpoint_store(experiment, config, plan) if config.checkpoints else None
-    raw = execute(experiment, plan, progress=config.progress, store=store)
+    with store.held() if store else nullcontext():
+        raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
     with reported_against(experiment.file.text, experiment.file.path):
         return assemble(experiment, raw, info), store

@@ -48,12 +48,15 @@ def claim_new_folder(root: Path, stem: str, now: datetime | None = None) -> Path
     raise CausalError(f"{_MAX_TRIES} runs named {base!r} already exist under {str(parent)!r}")
 
 
+RUN_FOLDER_ADVICE = "give each run its own folder (leave hydra.run.dir unset for a fresh one)"
+
+
 @contextmanager
-def held(folder: Path) -> Iterator[None]:
+def held(folder: Path, advice: str = RUN_FOLDER_ADVICE) -> Iterator[None]:
     """Hold `folder` for one run: refused while another live run holds it; a dead run's lock is taken over."""
     lock = folder / LOCK
     mine = f"{socket.gethostname()} {os.getpid()}"
-    _take(lock, mine)
+    _take(lock, mine, advice)
     try:
         yield
     finally:
@@ -64,23 +67,22 @@ def held(folder: Path) -> Iterator[None]:
             pass
 
 
-def _take(lock: Path, mine: str) -> None:
+def _take(lock: Path, mine: str, advice: str) -> None:
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             if _held_by_a_live_run(lock):
-                raise CausalError(f"another run ({_read(lock)}) is writing into {str(lock.parent)!r}; give each "
-                                  f"run its own folder (leave hydra.run.dir unset for a fresh one), or delete "
-                                  f"{str(lock)!r} if no run is using it") from None
+                raise CausalError(f"another run ({_read(lock)}) is writing into {str(lock.parent)!r}; {advice}, or "
+                                  f"delete {str(lock)!r} if no run is using it") from None
             lock.unlink(missing_ok=True)  # left by a killed run
             continue
         except OSError as exc:
-            raise CausalError(f"cannot write into the run folder {str(lock.parent)!r}: {exc.strerror}") from None
+            raise CausalError(f"cannot write into the folder {str(lock.parent)!r}: {exc.strerror}") from None
         with os.fdopen(fd, "w") as out:
             out.write(mine)
         return
-    raise CausalError(f"cannot lock the run folder {str(lock.parent)!r}: another run keeps taking it")
+    raise CausalError(f"cannot lock the folder {str(lock.parent)!r}: another run keeps taking it")
 
 
 def _read(lock: Path) -> str:

@@ -6,6 +6,7 @@ starts, not when this module is.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from causal.folders import check_folder, held, hydra_quoted
+from causal.folders import LOCK, check_folder, held, hydra_quoted
 from causal.internal import EXIT_STATUS, InternalError, boundary
 from causal.settings import RunConfig, from_command_line, register
 
@@ -39,8 +40,20 @@ def _task(cfg: DictConfig) -> None:
     except CausalError as exc:
         print(exc, file=sys.stderr)
         _exit_code = 2
+        if hydra.mode == RunMode.RUN:
+            _remove_if_empty(out_dir)
         return
     print(message)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A run refused before it computed anything leaves no folder behind (Hydra's own files aside)."""
+    if not folder.is_dir():
+        return
+    left = [p for p in folder.iterdir() if p.name not in (".hydra", LOCK) and not p.name.endswith(".log")
+            and not (p.name == "plots" and p.is_dir() and not any(p.iterdir()))]
+    if left == []:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run_into(out_dir: Path, cfg: DictConfig, config: RunConfig) -> str:

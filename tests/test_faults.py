@@ -596,3 +596,25 @@ def test_attribution_over_ragged_prompts_is_nan_where_patching_is(write_experime
     patched, estimated = ds["patch_resid_pre"].values, ds["attribute_resid_pre"].values
     assert np.isnan(patched).any()
     np.testing.assert_array_equal(np.isnan(estimated), np.isnan(patched))
+
+
+def test_a_second_run_of_the_same_experiment_at_once_is_refused_not_crashed(write_experiment, tmp_path, no_forward):
+    """Both would share one checkpoint folder (same fingerprint); the first would delete it under the second."""
+    from causal.api import checkpoint_store, plan_run
+    config = RunConfig(device="cpu", progress=False, checkpoints=str(tmp_path / "ck"))
+    path = write_experiment(BODY)
+    experiment = causal.prepare(path, config)
+    store = checkpoint_store(experiment, config, plan_run(experiment, config))
+    (store.folder / LOCK).write_text(f"{os.uname().nodename} {os.getppid()}")  # a live run holds it
+    err = str(error_of(path, checkpoints=str(tmp_path / "ck")))
+    assert f"another run ({os.uname().nodename} {os.getppid()}) is writing into {str(store.folder)!r}; the same " \
+           "experiment with the same settings is running now" in err
+    store.clear()  # held by the other run: left for it
+    assert store.folder.is_dir()
+
+
+def test_a_run_refused_before_compute_leaves_no_folder(write_experiment, tmp_path, capsys):
+    path = write_experiment("metric logprob(io)\nablate mlp_out[layer=9] with zero")
+    code, _, err = cli(capsys, "run", str(path), "device=cpu")
+    assert code == 2 and "layer 9 is out of range" in err
+    assert list((tmp_path / "outputs").glob("*/*")) == []

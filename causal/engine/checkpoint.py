@@ -12,13 +12,19 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from causal.errors import CausalError
+from causal.folders import held
+
+SAME_RUN_ADVICE = ("the same experiment with the same settings is running now; wait for it (a re-run then finds its "
+                   "results), or give this run checkpoints=<another folder> or resume=false")
 
 
 def fingerprint(parts: dict) -> str:
@@ -68,5 +74,17 @@ class ChunkStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """The folder for this run alone while it computes: a second run of the same experiment and settings
+        (the same fingerprint) at the same time is refused instead of finding the folder deleted under it."""
+        with held(self.folder, SAME_RUN_ADVICE):
+            yield
+
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the folder, unless another run holds it now (it resumed from these batches and will clear it)."""
+        try:
+            with held(self.folder, SAME_RUN_ADVICE):
+                shutil.rmtree(self.folder, ignore_errors=True)
+        except CausalError:
+            pass
