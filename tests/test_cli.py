@@ -222,3 +222,18 @@ def test_python_dash_m_causal_runs(write_experiment, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert causal.load(tmp_path / "r").attrs["overrides"]
+
+
+def test_the_readme_sweep_on_ioi_varies_the_prompts(tmp_path):
+    """README: `causal run -m experiments/ioi.cx ... data_seed=0,1`: the two jobs draw different prompts (the run
+    seed does not reach the generator; a sweep over it used to give identical jobs)."""
+    from pathlib import Path
+    ioi = Path(__file__).resolve().parents[1] / "experiments" / "ioi.cx"
+    assert "data_seed=0,1" in (ioi.parents[1] / "README.md").read_text()
+    sweep = tmp_path / "sweep"
+    assert main(["run", "-m", str(ioi), f"hydra.sweep.dir={sweep}", "n=6", "data_seed=0,1", "device=cpu",
+                 "progress=false", "plots=false"]) == 0
+    merged = causal.load(sweep)
+    assert merged.sizes["data_seed"] == 2
+    first, second = (merged["patch_resid_pre"].sel(data_seed=s).values for s in (0, 1))
+    assert not (first == second).all()

@@ -618,3 +618,43 @@ def test_a_run_refused_before_compute_leaves_no_folder(write_experiment, tmp_pat
     code, _, err = cli(capsys, "run", str(path), "device=cpu")
     assert code == 2 and "layer 9 is out of range" in err
     assert list((tmp_path / "outputs").glob("*/*")) == []
+
+
+def test_results_written_before_checksums_still_load(saved, caplog):
+    dataset = xr.open_dataset(saved).load()
+    del dataset.attrs["causal_schema"]
+    for name in [*dataset.data_vars, *dataset.coords]:
+        dataset[name].attrs.pop("checksum", None)
+    saved.unlink()
+    dataset.to_netcdf(saved)  # as causal < 0.2 wrote it: provenance, no stamps
+    with caplog.at_level("WARNING"):
+        loaded = causal.load(saved)
+    assert "written before results carried checksums (schema 0): loaded without verifying" in caplog.text
+    assert loaded["ablate_mlp_out"].shape == dataset["ablate_mlp_out"].shape
+
+
+def test_plots_facet_instead_of_averaging_a_dimension(write_experiment, tmp_path, monkeypatch):
+    """Issue "a researcher's first week", item 2: a merged sweep's seed, or a third site dim, is one panel per
+    value; only examples are averaged."""
+    from causal.results import plot
+    path = write_experiment("metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\n"
+                            "patch z[layer=*, head=*, pos=[1, -1]] from corrupt into clean")
+    runs = []
+    for seed in (0, 1):
+        dataset = run(path, seed=seed)
+        dataset.attrs["overrides"] = json.dumps([f"seed={seed}"])
+        runs.append(dataset)
+    panels: list[tuple[tuple, dict]] = []
+    real = plot._draw
+
+    def recording(ax, change, dataset, dims, limit):
+        panels.append((tuple(change.dims), {d: change[d].item() for d in ("seed", "pos")
+                                            if d in change.coords and change[d].size == 1}))
+        real(ax, change, dataset, dims, limit)
+    monkeypatch.setattr(plot, "_draw", recording)
+    plot.plot_all(causal.merge_runs(runs), tmp_path / "plots")
+    resid = [where for dims, where in panels if dims == ("layer", "pos", "example")]
+    assert [where["seed"] for where in resid] == [0, 1]
+    heads = [where for dims, where in panels if dims == ("layer", "head", "example")]
+    assert sorted((where["seed"], where["pos"]) for where in heads) == [(0, -1), (0, 1), (1, -1), (1, 1)]
+    assert len(panels) == len(resid) + len(heads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -16,6 +17,8 @@ import numpy as np
 import xarray as xr
 
 from causal.errors import CausalError
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("causal", "torch", "transformers", "lark", "xarray", "hydra-core", "numpy")
 
@@ -119,13 +122,16 @@ def _open(path: Path, verify: bool) -> xr.Dataset:
     except (OSError, ValueError, RuntimeError) as exc:
         raise CausalError(f"cannot read results {str(path)!r}: {exc} (not a netCDF file, or a damaged one)") from None
     _checked_schema(dataset, path)
-    if verify:
+    if verify and dataset.attrs.get(SCHEMA_ATTR) is not None:
         _verify(dataset, path)
     return _unstamped(dataset)
 
 
 def _checked_schema(dataset: xr.Dataset, path: Path) -> xr.Dataset:
     version = dataset.attrs.get(SCHEMA_ATTR)
+    if version is None and {"experiment_text", "versions"} <= set(dataset.attrs):
+        log.warning("%s was written before results carried checksums (schema 0): loaded without verifying", path)
+        return dataset
     if version is None:
         raise CausalError(f"{str(path)!r} is not a causal results file (it has no {SCHEMA_ATTR!r} attribute; "
                           "open it with xarray.open_dataset)")

@@ -1,6 +1,8 @@
 """Seaborn figures for a results Dataset: one PNG per intervention variable (and metric)."""
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from pathlib import Path
 
@@ -37,29 +39,60 @@ def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
     return written
 
 
+SITE_DIMS = ("layer", "head", "pos", "neuron", "key_pos")  # what a statement sweeps: the axes of a panel
+MAX_PANELS = 16
+
+
 def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Path) -> Path:
+    """Mean change over examples. Nothing is averaged but examples: the site dims make a panel's axes (two
+    at most), every other dim (a merged sweep's seed or model, a third site dim) one panel per value."""
     for dim in [d for d in change.dims if d != "example"]:  # the merged Dataset's union of positions, etc.
         change = change.dropna(dim, how="all")
     single = [d for d in change.dims if d != "example" and change.sizes[d] == 1]
     if single:  # a one-value axis is a label, not a plot dimension
         title += " (" + ", ".join(f"{d}={change[d].values[0]}" for d in single) + ")"
         change = change.squeeze(single, drop=True)
+    dims = [d for d in change.dims if d != "example"]
+    axes_dims = ([d for d in dims if d in SITE_DIMS] + [d for d in dims if d not in SITE_DIMS])[:2]
+    facets = [d for d in dims if d not in axes_dims]
+    panels = [dict(zip(facets, values)) for values in itertools.product(*(change[d].values for d in facets))]
+    shown = panels[:MAX_PANELS]
+    if len(panels) > len(shown):
+        title += f"; the first {len(shown)} of {len(panels)} panels ({', '.join(facets)})"
+    columns = min(len(shown), 4)
+    rows = math.ceil(len(shown) / columns)
+    width, height = _size(change.mean("example").isel({d: 0 for d in facets}).transpose(*axes_dims))
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    limit = float(np.nanmax(np.abs(change.mean("example").values))) if change.size else 1.0
+    for ax, where in zip(axes.flat, shown):
+        _draw(ax, change.sel(where) if where else change, dataset, axes_dims, limit or 1.0)
+        if where:
+            ax.set_title(", ".join(f"{d}={v}" for d, v in where.items()), fontsize=10)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    if facets or len(shown) > 1:
+        fig.suptitle(title)
+    else:
+        axes.flat[0].set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def _draw(ax, change: xr.DataArray, dataset: xr.Dataset, dims: list[str], limit: float) -> None:
+    """One panel: a heatmap of two dims, lines or bars over one, or the examples' histogram."""
     mean = change.mean("example")
-    swept = [d for d in mean.dims]
-    fig, ax = plt.subplots(figsize=_size(mean))
-    if len(swept) >= 2:
-        rows, cols = swept[0], swept[1]
-        grid = mean.mean([d for d in swept[2:]]) if len(swept) > 2 else mean
-        grid = grid.transpose(rows, cols)
-        limit = float(np.nanmax(np.abs(grid.values))) or 1.0
+    if len(dims) == 2:
+        rows, cols = dims
+        grid = mean.transpose(rows, cols)
         sns.heatmap(grid.values, ax=ax, cmap="RdBu_r", center=0, vmin=-limit, vmax=limit,
                     xticklabels=_labels(dataset, cols, grid[cols].values),
                     yticklabels=_labels(dataset, rows, grid[rows].values),
                     annot=grid.size <= 64, fmt=".2f", cbar_kws={"label": "mean change"})
         ax.set_xlabel(cols)
         ax.set_ylabel(rows)
-    elif len(swept) == 1:
-        dim = swept[0]
+    elif len(dims) == 1:
+        dim = dims[0]
         frame = change.to_dataframe(name="change").reset_index()
         if _ordered(change[dim]):  # layers, positions: a line over them
             sns.lineplot(frame, x=dim, y="change", ax=ax, errorbar=("ci", 95), marker="o")
@@ -71,10 +104,6 @@ def plot_effect(change: xr.DataArray, dataset: xr.Dataset, title: str, path: Pat
     else:
         sns.histplot(change.values, ax=ax)
         ax.set_xlabel("change per example")
-    ax.set_title(title)
-    fig.tight_layout()
-    _save(fig, path)
-    return path
 
 
 def _save(fig, path: Path) -> None:
