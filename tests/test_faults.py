@@ -658,3 +658,25 @@ def test_plots_facet_instead_of_averaging_a_dimension(write_experiment, tmp_path
     heads = [where for dims, where in panels if dims == ("layer", "head", "example")]
     assert sorted((where["seed"], where["pos"]) for where in heads) == [(0, -1), (0, 1), (1, -1), (1, 1)]
     assert len(panels) == len(resid) + len(heads)
+
+
+def test_resample_runs_on_prompts_of_several_lengths_within_each_length(write_experiment):
+    """Issue "a researcher's first week", item 14: donors come from prompts of the same length; the ioi
+    generator's mixed templates used to be refused outright."""
+    from causal.engine.stats import derangement
+    rows = make_rows(n=9, ragged=True)  # lengths 5, 6, 7, three examples each
+    dataset = run(write_experiment("metric logprob(io) at -1\nablate z[layer=*, head=*] with resample", rows))
+    assert not dataset["ablate_z"].isnull().any()
+    lengths = __import__("torch").tensor([len(r["clean"].split()) for r in rows])
+    donors = derangement(9, 0, groups=lengths)
+    assert (donors != __import__("torch").arange(9)).all() and (lengths[donors] == lengths).all()
+    assert derangement(9, 3).tolist() == derangement(9, 3, groups=__import__("torch").zeros(9, dtype=int)).tolist()
+
+
+def test_resample_refuses_a_length_only_one_example_has(write_experiment, no_forward):
+    rows = make_rows(n=4)
+    rows[2]["clean"] += " t3"
+    rows[2]["corrupt"] += " t3"
+    err = str(error_of(write_experiment("metric logprob(io) at -1\nablate z[layer=*, head=*] with resample", rows)))
+    assert "resample ablation takes a donor of the same token length, but example 2 is the only prompt with 8 tokens" \
+        in err

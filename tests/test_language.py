@@ -671,8 +671,8 @@ SEMANTIC = [
      "the mean is taken per position, but the 'subject' prompts have at most 2 tokens and the 'clean' prompts up to 7",
      None),
     ("metric logprob(io)\nablate z with resample over subject", "4:29",
-     "resample ablation takes another example's activation at the same position, so every prompt must have the same "
-     "token length; here lengths range from 2 to 7", "use 'with mean'"),
+     "resample ablation writes another example's 'subject' activation at the same position of the 'clean' prompt, "
+     "but example 0 has 2 and 7 tokens there", "use 'with mean'"),
     ("metric logprob(io)\nablate z with zero on nope", "4:23", "no data column 'nope'", None),
     # steering
     ("metric logprob(io)\nsteer resid_pre by 3", "4:1", "a steering vector needs at least one mean(column) term", None),

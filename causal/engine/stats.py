@@ -53,12 +53,16 @@ def standard_noise(seed: int, example: int, shape: tuple[int, ...]) -> torch.Ten
     return torch.randn(shape, generator=generator)
 
 
-def derangement(n: int, seed: int) -> torch.Tensor:
-    """A permutation with no fixed point, so every example takes another example's activations."""
+def derangement(n: int, seed: int, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """A permutation with no fixed point, so every example takes another example's activations; with
+    `groups` (a key per example, e.g. its token length), only within each group (each of 2 or more)."""
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
     donors = torch.empty(n, dtype=torch.long)
-    donors[order] = order.roll(1)
+    keys = torch.zeros(n, dtype=torch.long) if groups is None else groups
+    for key in keys.unique().tolist():  # ascending: one group draws exactly what the ungrouped version drew
+        members = (keys == key).nonzero().flatten()
+        order = members[torch.randperm(len(members), generator=generator)]
+        donors[order] = order.roll(1)
     return donors
 
 

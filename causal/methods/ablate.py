@@ -54,16 +54,24 @@ class Ablate(Method):
 
     @staticmethod
     def check_resample(resolution, reference: str, base: str, span) -> None:
-        import torch
-        lengths = torch.cat([resolution.prompts[reference].lengths, resolution.prompts[base].lengths])
+        """Donors come from prompts of the same token length (the same position is the same place in both):
+        each example needs another of its length, and its reference and base prompts one length."""
+        ref, own = resolution.prompts[reference].lengths, resolution.prompts[base].lengths
         if len(resolution.examples) < 2:
             raise resolution.error("resample ablation takes another example's activations; the data has one example",
                                    span)
-        if int(lengths.min()) != int(lengths.max()):
-            raise resolution.error("resample ablation takes another example's activation at the same position, so "
-                                   f"every prompt must have the same token length; here lengths range from "
-                                   f"{int(lengths.min())} to {int(lengths.max())}", span,
-                                   hint="use 'with mean', or data of one template")
+        differ = (ref != own).nonzero()
+        if len(differ):
+            i = int(differ[0])
+            raise resolution.error(f"resample ablation writes another example's {reference!r} activation at the same "
+                                   f"position of the {base!r} prompt, but example {i} has {int(ref[i])} and "
+                                   f"{int(own[i])} tokens there", span, hint="use 'with mean'")
+        for length in ref.unique().tolist():
+            alone = (ref == length).nonzero().flatten()
+            if len(alone) == 1:
+                raise resolution.error(f"resample ablation takes a donor of the same token length, but example "
+                                       f"{int(alone[0])} is the only prompt with {length} tokens", span,
+                                       hint="use 'with mean', more examples, or data of one template")
 
     @property
     def method_label(self) -> str:
@@ -74,7 +82,8 @@ class Ablate(Method):
 
     def statistics(self, experiment, state):
         if self.how == "resample":
-            state["donors"] = derangement(experiment.n_examples, experiment.seed)
+            state["donors"] = derangement(experiment.n_examples, experiment.seed,
+                                          groups=experiment.prompts[self.reference].lengths)
         if self.how != "mean":
             return []
         means = state.setdefault("means", {})
