@@ -680,3 +680,12 @@ def test_resample_refuses_a_length_only_one_example_has(write_experiment, no_for
     err = str(error_of(write_experiment("metric logprob(io) at -1\nablate z[layer=*, head=*] with resample", rows)))
     assert "resample ablation takes a donor of the same token length, but example 2 is the only prompt with 8 tokens" \
         in err
+
+
+def test_bar_plots_print_no_matplotlib_info_lines(write_experiment, tmp_path, caplog):
+    """Issue "a researcher's first week", item 13: "Using categorical units ..." printed on every path run."""
+    from causal.results.plot import plot_all
+    dataset = run(write_experiment("metric logprob(io)\nablate z[layer=0, head=*] with zero"))
+    with caplog.at_level("INFO"):
+        assert plot_all(dataset, tmp_path / "plots")
+    assert not [r for r in caplog.records if r.name.startswith("matplotlib")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+# Bar plots of heads/neurons have category labels that look like numbers; matplotlib says so at INFO on
+# every bar plot, which Hydra's logging prints. Our labels are meant as categories.
+logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
