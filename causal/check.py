@@ -21,9 +21,10 @@ WARN_BYTES = 2 * 2 ** 30
 
 
 def describe(experiment: Experiment, plan: Plan) -> str:
+    work = block_work(experiment, plan)  # one walk over the jobs, for the plan and the estimate
     return "\n".join([f"{experiment.file.path}: ok, nothing run", *_model_lines(experiment),
-                      *_data_lines(experiment), *_statement_lines(experiment, plan), *_plan_lines(experiment, plan),
-                      *_estimate_lines(experiment, plan)])
+                      *_data_lines(experiment), *_statement_lines(experiment, plan),
+                      *_plan_lines(experiment, plan, work), *_estimate_lines(experiment, plan, work[0])])
 
 
 def _model_lines(experiment: Experiment) -> list[str]:
@@ -60,11 +61,11 @@ def _statement_lines(experiment: Experiment, plan: Plan) -> list[str]:
     return lines
 
 
-def _plan_lines(experiment: Experiment, plan: Plan) -> list[str]:
+def _plan_lines(experiment: Experiment, plan: Plan, work: tuple[float, float]) -> list[str]:
     base_rows = sum(stream.samples for stream in plan.streams.values()) * experiment.n_examples
     base_passes = sum(math.ceil(len(chunk.examples) * stream.samples / plan.batch_size)
                       for chunk in plan.chunks for stream in plan.streams.values())
-    planned, full = block_work(experiment, plan)
+    planned, full = work
     job_passes = sum(len(experiment.interventions[job.intervention].passes(job, plan.optimize)) for job in plan.jobs)
     lines = [f"plan     {job_passes + base_passes} forward passes of up to {plan.batch_size} rows: "
              f"{base_rows} base rows ({', '.join(plan.streams)}) and {plan.rows} intervention rows, "
@@ -88,10 +89,9 @@ def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:
     return planned, full
 
 
-def _estimate_lines(experiment: Experiment, plan: Plan) -> list[str]:
+def _estimate_lines(experiment: Experiment, plan: Plan, planned: float) -> list[str]:
     """Time (from the planned token-layers) and result size, with a warning for a plan of hours or GBs."""
     adapter = experiment.model.adapter
-    planned, _ = block_work(experiment, plan)
     width = max(int(p.lengths.max()) for p in experiment.prompts.values())
     base = sum(stream.samples for stream in plan.streams.values()) * experiment.n_examples * width * adapter.n_layers
     flops = (planned + base) * flops_per_token_layer(experiment)

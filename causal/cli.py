@@ -20,7 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from causal.folders import check_folder, hydra_quoted, safe_name
+from causal.folders import check_folder, claim_new_folder, hydra_quoted, safe_name
 from causal.settings import command_line_settings, settings_help
 
 COMMANDS = {
@@ -242,7 +242,6 @@ def run_folder(given: list[str], path: Path, *, multirun: bool) -> list[str]:
         check_folder(folder)
     if any(o.startswith(f"{key}=") for o in given):
         return []
-    from causal.folders import claim_new_folder
     claimed = claim_new_folder(Path("outputs/multirun" if multirun else "outputs"), path.stem)
     return [f"{key}={hydra_quoted(str(claimed))}"]
 

@@ -11,9 +11,7 @@ import stat
 from pathlib import Path
 
 from causal.errors import CausalError, Span
-
-MAX_EXPERIMENT_BYTES = 1 << 20  # 1 MiB: an experiment file is a page of text
-MAX_DATA_BYTES = 1 << 30  # 1 GiB: a data file (JSONL, JSON, CSV, TSV); a generator makes larger sets
+from causal.limits import MAX_DATA_BYTES, MAX_EXPERIMENT_BYTES
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

@@ -32,7 +32,7 @@ def _task(cfg: DictConfig) -> None:
     overrides = list(hydra.overrides.task)
     try:
         with boundary(out_dir):
-            message = _run_into(out_dir, cfg, run_config(cfg, overrides))
+            message = _run_into(out_dir, cfg, run_config(cfg, overrides), hydra)
     except InternalError as exc:
         print(exc, file=sys.stderr)
         _exit_code = EXIT_STATUS
@@ -56,13 +56,12 @@ def _remove_if_empty(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_into(out_dir: Path, cfg: DictConfig, config: RunConfig) -> str:
+def _run_into(out_dir: Path, cfg: DictConfig, config: RunConfig, hydra) -> str:
     """One run into its folder (held for the run's length); the summary to print."""
     if cfg.plots:  # a file where plots/ goes would fail only after the compute
         check_folder(out_dir / "plots")
     with held(out_dir):
         dataset, checkpoints = run_keeping_checkpoints(_from_start(cfg.file), config)
-        hydra = HydraConfig.get()
         if hydra.mode == RunMode.MULTIRUN:  # which sweep the run belongs to: causal.load merges only one
             dataset.attrs["sweep_dir"] = str(_from_start(hydra.sweep.dir).resolve())
         results = save(dataset, out_dir / "results.nc")

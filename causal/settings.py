@@ -145,13 +145,11 @@ def check_value(name: str, value: Any) -> str | None:
     return None
 
 
-MAX_SEED = 2 ** 31 - 1  # as a seed written in an experiment file (the language's largest integer)
-MAX_BATCH = 2 ** 31 - 1
-
-
 def config_problem(config: "RunConfig") -> str | None:
     """Why a RunConfig cannot run (a value outside its range), or None: the checks Hydra's types do not make."""
     import math
+
+    from causal.limits import MAX_BATCH, MAX_SEED
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed <= MAX_SEED:
         return f"setting seed={config.seed!r} must be a whole number in 0..{MAX_SEED}"
     if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or \
@@ -199,13 +197,10 @@ def from_command_line(cfg: Any, overrides: list[str]) -> RunConfig:
     """The RunConfig of a composed `causal run` config (types already checked by Hydra against RunSettings)."""
     from omegaconf import OmegaConf
 
-    from causal.errors import CausalError
     values = OmegaConf.to_container(cfg, resolve=True)
     config = RunConfig(**{f.name: values[f.name] for f in fields(RunConfig) if f.name in values},
                        overrides=list(overrides))
     if not values["resume"]:
         config.checkpoints = None
-    problem = config_problem(config)
-    if problem:
-        raise CausalError(problem)
+    check_config(config)
     return config

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal, Union
 
 from causal.errors import CausalError, Span, did_you_mean
-from causal.files import MAX_DATA_BYTES, file_problem
+from causal.files import file_problem
+from causal.limits import MAX_COUNT, MAX_DATA_BYTES, MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,6 @@ class Range:
         return f">= {self.low}" if self.low is not None else f"<= {self.high}"
 
 
-MAX_COUNT = 100_000  # examples (or tokens) a generator makes: larger sets are a typo, or a job for a data file
-MAX_SEED = 2 ** 31 - 1  # the language's largest integer (a seed is written in files too)
 Count = Annotated[int, Range(1, MAX_COUNT)]  # how many examples, tokens, ...
 Seed = Annotated[int, Range(0, MAX_SEED)]
 

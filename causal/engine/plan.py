@@ -228,7 +228,7 @@ class Packer:
         jobs: list[Job] = []
         begin = end = 0  # the job being filled
         for count in counts:
-            if end > begin and self._merge_pays(keys, begin, end, end, count):
+            if end > begin and self._merge_pays(keys, begin, end, count):
                 end += count
             else:
                 jobs += self._cut(intervention, rows, order, layers, positions, begin, end)
@@ -239,12 +239,13 @@ class Packer:
         jobs += self._cut(intervention, rows, order, layers, positions, begin, end)
         return jobs
 
-    def _merge_pays(self, keys: torch.Tensor, begin: int, end: int, group: int, count: int) -> bool:
-        """Whether one pass over both costs less than two; `sites` always fills the batch."""
+    def _merge_pays(self, keys: torch.Tensor, begin: int, end: int, count: int) -> bool:
+        """Whether one pass over the job [begin, end) and the next `count` rows costs less than two passes;
+        `sites` always fills the batch."""
         if self.mode == "sites":
             return True
         layer_a, pos_a = int(keys[begin:end, 0].min()), int(keys[begin:end, 1].min())
-        layer_b, pos_b = int(keys[group, 0]), int(keys[group, 1])
+        layer_b, pos_b = int(keys[end, 0]), int(keys[end, 1])
         rows = end - begin + count
         merged = self.cost(rows, min(layer_a, layer_b), min(pos_a, pos_b))
         separate = self.cost(end - begin, layer_a, pos_a) + self.cost(count, layer_b, pos_b) + self.overhead

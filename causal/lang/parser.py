@@ -16,6 +16,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from causal.errors import CausalError, Span, did_you_mean, reported_against, source_lines
 from causal.files import check_experiment_file
 from causal.lang import ast
+from causal.limits import LARGEST, MAX_DEPTH
 
 GRAMMAR_PATH = Path(__file__).parent / "causal.lark"  # a link to grammars/causal.lark, packaged with the code
 
@@ -83,9 +84,6 @@ def _parse(text: str, path: str, params: dict[str, object] | None, model_given: 
             raise exc.orig_exc from None
         raise
     return _assemble(statements, text, path, model_given)
-
-
-MAX_DEPTH = 200  # how deep the parse tree may nest: a sum of n terms or n unary minuses nests n deep
 
 
 def _check_depth(tree: Tree, path: str) -> None:
@@ -192,9 +190,6 @@ def _literal_value(tree: Tree):
     if tree.data == "string":
         return str(token)[1:-1]
     return str(token)
-
-
-LARGEST = 2 ** 31 - 1  # indices, counts and seeds beyond this are typos, and overflow torch
 
 
 def _number(text: str) -> int | float:

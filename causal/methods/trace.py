@@ -15,12 +15,12 @@ from causal.engine.plan import Stream
 from causal.engine.stats import standard_noise
 from causal.engine.writes import Write, grouped
 from causal.errors import did_you_mean
+from causal.limits import MAX_SAMPLES
 from causal.methods.base import Method, method
 from causal.resolve.experiment import Target
 from causal.resolve.positions import position_masks
 
 DEFAULT_NOISE = {"samples": 10, "seed": None}
-MAX_SAMPLES = 10_000  # noise samples per example: ROME uses 10; more only costs forwards
 SEVERABLE = {"mlp": "mlp_out", "attn": "attn_out"}
 
 

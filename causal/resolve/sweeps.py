@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from causal.errors import CausalError, Span, did_you_mean
+from causal.limits import MAX_INDICES
 from causal.resolve.experiment import NamedPositions, Position, Sweep, Target
 from causal.lang import ast
 from causal.models import ModelAdapter
@@ -195,9 +196,6 @@ def rome_window(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
     return tuple(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
 
 
-MAX_INDICES = 65_536  # values one index set may name (a list or a range); `*` names all, at no cost
-
-
 def expand(indices: ast.IndexSet) -> list:
     """The values an index set names; ranges are inclusive and must be numeric."""
     if isinstance(indices, ast.SingleIndex):
@@ -228,9 +226,9 @@ def check_distinct(values: list, shown: list, dim: str, span: Span) -> None:
     seen: dict = {}
     for value, written in zip(values, shown):
         if value in seen:
-            same = f"{seen[value]} and {written}" if seen[value] != written else f"{written}"
-            raise CausalError(f"{dim} {same} {'name the same index' if seen[value] != written else 'is listed twice'}"
-                              f"; each value of a swept dimension is listed once", span)
+            twice = f"{written} is listed twice" if seen[value] == written else \
+                f"{seen[value]} and {written} name the same index"
+            raise CausalError(f"{dim} {twice}; each value of a swept dimension is listed once", span)
         seen[value] = written
 
 

@@ -5,6 +5,7 @@ The schema is made in causal.results.assemble and documented in docs/results.md.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -111,14 +112,11 @@ def load(path: str | Path, verify: bool = True) -> xr.Dataset:
 def _open(path: Path, verify: bool) -> xr.Dataset:
     """Lazily (dask) when dask is installed and `verify` is off, so a large sweep is not read into memory."""
     try:
-        if not verify:
-            import dask  # noqa: F401
-            return _unstamped(_checked_schema(xr.open_dataset(path, chunks={}), path))
-    except ImportError:
-        pass
-    try:
-        with xr.open_dataset(path) as opened:
-            dataset = opened.load()
+        if not verify and importlib.util.find_spec("dask") is not None:
+            dataset = xr.open_dataset(path, chunks={})
+        else:
+            with xr.open_dataset(path) as opened:
+                dataset = opened.load()
     except (OSError, ValueError, RuntimeError) as exc:
         raise CausalError(f"cannot read results {str(path)!r}: {exc} (not a netCDF file, or a damaged one)") from None
     _checked_schema(dataset, path)
