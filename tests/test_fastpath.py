@@ -246,6 +246,19 @@ def test_skips_layers_and_positions_and_unembeds_only_read_positions(resid_sweep
     assert token_layers(fast_jobs) < 0.5 * token_layers(reference_jobs)
 
 
+
+def test_resumed_forwards_use_the_cache_argument_transformers_wants(resid_sweep, recwarn):
+    """Issue "a researcher's first week", item 13: `past_key_values=` warned on every run ("removed in 5.40")."""
+    import inspect
+    model = resid_sweep.model.model
+    wanted = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert Runner(resid_sweep.model).cache_argument == wanted
+    with logged_forwards() as calls:
+        run_prepared(resid_sweep, config(pack="exact", batch_size=LARGE_BATCH))
+    assert any(c["pos"] > 0 for c in calls)  # the KV-prefix path ran
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
 # a model whose attention has a sliding window no longer than the prompts
 
 @pytest.mark.parametrize("statement", ["patch resid_pre[layer=*, pos=*] from corrupt into clean",

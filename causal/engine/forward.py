@@ -3,12 +3,13 @@
 Resuming is how sweeps skip work (see causal.engine.plan): blocks below `start_layer` are
 swapped, for the duration of the call, for stand-ins that return the base run's cached
 residual stream; positions below `start_pos` are not recomputed at all, their keys and
-values come from the base run's cache through HF's own `past_key_values`. Everything
+values come from the base run's cache through HF's own cache argument. Everything
 else (masks, position ids, rotary embeddings, the blocks from `start_layer` on) is the
 model's own forward.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,8 +20,6 @@ from transformers import DynamicCache
 
 from causal.models import LoadedModel
 from causal.models.adapter import ActivationFn
-
-
 
 
 @dataclass
@@ -58,6 +57,7 @@ class Runner:
         self.adapter = loaded.adapter
         self.blocks_return_tuple: bool | None = None
         self.lm_head = self.model.get_output_embeddings() if loaded.head == "lm" else None
+        self.cache_argument = _cache_argument(self.model)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, hooks: dict[tuple, ActivationFn],
                 resume: Resume | None = None, read: torch.Tensor | None = None, record_kv: bool = False,
@@ -71,7 +71,7 @@ class Runner:
             cache = DynamicCache(config=self.model.config)
         kwargs = {"input_ids": ids[:, resume.pos:], "attention_mask": attention_mask}
         if cache is not None:
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self.cache_argument: cache, "use_cache": True})
         elif self.adapter.is_causal:
             kwargs["use_cache"] = False
         context = torch.enable_grad() if grad else torch.inference_mode()
@@ -81,7 +81,7 @@ class Runner:
         if self.lm_head is None:
             return Output(None, out.last_hidden_state, None)
         logits = out.logits
-        recorded = [(layer.keys, layer.values) for layer in out.past_key_values.layers] if record_kv else None
+        recorded = [(layer.keys, layer.values) for layer in out[self.cache_argument].layers] if record_kv else None
         return Output(logits, None, recorded)
 
     def _prefix_cache(self, keys_values) -> DynamicCache:
@@ -133,6 +133,12 @@ class Runner:
             self.blocks_return_tuple = isinstance(output, tuple)
 
         return _temporary_hook(self.adapter.blocks[0], seen)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """`cache` where the model's forward takes it (transformers >= 5.2x; `past_key_values`, the older name,
+    is deprecated there and goes in 5.40), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @contextmanager

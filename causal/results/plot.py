@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 # Bar plots of heads/neurons have category labels that look like numbers; matplotlib says so at INFO on
 # every bar plot, which Hydra's logging prints. Our labels are meant as categories.
-logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # and "generated new fontManager" once per machine
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
