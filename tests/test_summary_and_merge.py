@@ -109,3 +109,14 @@ def test_model_sweep_merges_models_of_different_depth(write_experiment, tmp_path
     assert values.sizes["layer"] == 3
     assert np.isnan(values.sel(model="zoo:attn-only-2l", layer=2)).all()
     assert np.isfinite(values.sel(model=str(tiny_gpt2))).all()
+
+
+def test_normalized_effect_of_an_ablation_says_it_has_no_source():
+    """An ablation has no source run to normalize by: a CausalError pointing to `effect`, not KeyError ''."""
+    ds = toy_dataset()
+    ds["ablate_x"] = ds["patch_x"].assign_attrs(source="", method="mean", statement="ablate x with mean")
+    with pytest.raises(causal.CausalError, match="'ablate_x' .ablate x with mean. has no source run") as info:
+        normalized_effect(ds, "ablate_x")
+    assert "effect(ds, 'ablate_x')" in info.value.hint
+    with pytest.raises(causal.CausalError, match="'clean' .a baseline."):
+        normalized_effect(ds, "clean")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from causal.errors import CausalError
+
 
 def effect(dataset: xr.Dataset, name: str) -> xr.DataArray:
     """Per-example change caused by an intervention, relative to its unpatched base prompts."""
@@ -20,9 +22,15 @@ def normalized_effect(dataset: xr.Dataset, name: str) -> xr.DataArray:
 
     Denoising (`from clean into corrupt`) gives the usual (patched - corrupt) / (clean - corrupt);
     noising gives the share of the damage done. Means are taken over examples first, as
-    the per-example ratio explodes where base ~ source.
+    the per-example ratio explodes where base ~ source. Only variables with a source run have
+    this share: an ablation or a steering vector has none, so asking is an error, not a KeyError.
     """
     variable = dataset[name]
+    if variable.attrs.get("source") not in dataset:
+        what = variable.attrs.get("statement") or "a baseline"
+        raise CausalError(f"normalized_effect({name!r}): {name!r} ({what}) has no source run to normalize by "
+                          "(only patch, path, attribute and trace variables have one)",
+                          hint=f"use effect(ds, {name!r}), its change from the base prompts")
     base, source = dataset[variable.attrs["prompts"]], dataset[variable.attrs["source"]]
     return (variable - base).mean("example") / (source - base).mean("example")
 
