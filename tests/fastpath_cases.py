@@ -104,8 +104,8 @@ def sites_body(arch: Arch) -> str:
         f"patch mlp_out[layer=*, pos=[S, END]] {PATCH}",
         f"patch z[layer=*, head=*, pos=END] {PATCH}",
         f"patch q[layer=*, head=[0, -1], pos=END] {PATCH}",
-        f"patch k[layer=*, head=[0, -1], pos=S] {PATCH}",
-        f"patch v[layer=*, head=[0, -1], pos=1] {PATCH}",
+        f"patch k[layer=*, kv_head=[0, -1], pos=S] {PATCH}",
+        f"patch v[layer=*, kv_head=[0, -1], pos=1] {PATCH}",
         f"patch pattern[layer=*, head=[1, 2], pos=END] {PATCH}",
         f"patch pattern[layer=-1, pos=END, key_pos=*] {PATCH}",
         f'patch module("{arch.module}")[layer=*, pos=[S, END]] {PATCH}',
@@ -133,7 +133,7 @@ def interventions_body(arch: Arch) -> str:
         "trace noise(3 sigma, samples=2) on [0, S] restore attn_out[layer=* window 2, pos=END] severing mlp",
         f"patch z[layer=*, head=*] {PATCH} as patch_heads",
         f"attribute z[layer=*, head=*] {PATCH} verify top 3 as atp_heads",
-        f"attribute k[layer=*, head=*, pos=S] {PATCH} verify top 2",
+        f"attribute k[layer=*, kv_head=*, pos=S] {PATCH} verify top 2",
         f"attribute q[layer=*, head=*, pos=END] {PATCH}",
     ]
     return HEADER + LAST_METRICS + "\n".join(lines)
@@ -143,7 +143,7 @@ def paths_body(arch: Arch) -> str:
     """Path patching alone: its second phase starts at the first receiver layer, which no other statement records."""
     lines = [
         f"path z[layer=0, head=*] -> q[layer=-1] {PATCH}",
-        f"path z[layer=0, head=[0, 2]] -> k[layer=-1, pos=S] + v[layer=-1, head=0] {PATCH}",
+        f"path z[layer=0, head=[0, 2]] -> k[layer=-1, pos=S] + v[layer=-1, kv_head=0] {PATCH}",
         f"path attn_out[layer=0] -> v[layer=-1] {PATCH}",
         f"path z[layer=*, head=*] -> logits {PATCH}" + (" freezing mlp" if arch.mlp else ""),
     ]
@@ -165,7 +165,7 @@ def resample_body(arch: Arch) -> str:
     lines = [
         "ablate resid_post[layer=*, pos=[0, S, END]] with resample",
         "ablate z[layer=*, head=*, pos=END] with resample over corrupt",
-        f"patch k[layer=*, head=*, pos=S] {PATCH}",
+        f"patch k[layer=*, kv_head=*, pos=S] {PATCH}",
     ]
     return HEADER + LAST_METRICS + "\n".join(lines)
 

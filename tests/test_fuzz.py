@@ -63,7 +63,7 @@ ablate mlp_out[layer=0..1] with mean over corrupt
 ablate z[layer=*, head=*] with resample on clean
 steer resid_pre[layer=1] by alpha * (mean(clean at END) - mean(corrupt at END)) on clean
 trace noise(3 sigma, samples=2) on SUBJ restore resid_post[layer=* window 2, pos=*] severing mlp
-path z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, head=0] from corrupt into clean freezing mlp
+path z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, kv_head=0] from corrupt into clean freezing mlp
 path z[layer=*, head=*] -> logits from corrupt into clean
 attribute z[layer=*, head=*] from corrupt into clean verify top 5
 patch module("gpt_neox.layers.{layer}.attention")[layer=*] from corrupt into clean
@@ -96,11 +96,11 @@ steer resid_pre by 2 * mean(clean) - mean(corrupt at 1) as push
 GQA = """model "llama"
 data "data.jsonl"
 metric logit_diff(io, s)
-patch k[layer=*, head=*] from corrupt into clean
-patch v[layer=0, head=1] + q[layer=0, head=3] from corrupt into clean
+patch k[layer=*, kv_head=*] from corrupt into clean
+patch v[layer=0, kv_head=1] + q[layer=0, head=3] from corrupt into clean
 ablate neuron[layer=1, neuron=0..3] with zero
 ablate resid_mid[layer=*, pos=-1] with resample
-path attn_out[layer=0] -> v[layer=1, head=-1, pos=-1] from corrupt into clean
+path attn_out[layer=0] -> v[layer=1, kv_head=-1, pos=-1] from corrupt into clean
 """
 
 SEEDS = {"toy": [SAMPLE, SMALL, GENERATED], "llama": [GQA, SMALL.replace("zoo:attn-only-2l", "llama")]}

@@ -239,7 +239,7 @@ def test_trace_statement():
 
 def test_path_statement():
     to_heads, to_logits = parse(
-        "metric logprob(io)\npath z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, head=0] from corrupt into clean "
+        "metric logprob(io)\npath z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, kv_head=0] from corrupt into clean "
         "freezing mlp\npath z[layer=*, head=*] -> logits from corrupt into clean").interventions
     assert [s.name for s in to_heads.sites] == ["z"] and [r.name for r in to_heads.get("receivers")] == ["q", "k"]
     assert [k for k, _ in to_heads.get("freeze")] == ["mlp"]
@@ -504,7 +504,7 @@ def test_every_intervention_kind_resolves_with_its_settings(tmp_path):
         "ablate z[layer=*, head=*] with resample on clean",
         "steer resid_pre[layer=1] by 4 * (mean(clean at END) - mean(corrupt at END)) on clean",
         "trace noise(3 sigma, samples=5) on SUBJ restore resid_post[layer=* window 2, pos=*] severing mlp",
-        "path z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, head=0] from corrupt into clean freezing mlp",
+        "path z[layer=0, head=*] -> q[layer=1, head=*] + k[layer=1, kv_head=0] from corrupt into clean freezing mlp",
         "path z[layer=*, head=*] -> logits from corrupt into clean",
         "attribute z[layer=*, head=*] from corrupt into clean verify top 5",
         'patch module("gpt_neox.layers.{layer}.attention")[layer=*] from corrupt into clean',
@@ -756,13 +756,12 @@ def test_positions_in_patches_on_prompts_of_different_lengths_across_examples(tm
 # --------------------------------------------------------------------------------- grouped-query attention
 
 @pytest.mark.parametrize("statement, column, message", [
-    ("ablate k[layer=0, head=2] with zero", 24,
-     "head 2 is out of range: the model has 2 key/value heads per layer (grouped-query attention; 4 query heads) "
+    ("ablate k[layer=0, kv_head=2] with zero", 27,
+     "kv_head 2 is out of range: the model has 2 key/value heads per layer (grouped-query attention; 4 query heads) "
      "(valid: 0..1, or -2..-1 from the end)"),
-    ("ablate v[layer=0, head=-3] with zero", 24, "head -3 is out of range: the model has 2 key/value heads"),
+    ("ablate v[layer=0, kv_head=-3] with zero", 27, "kv_head -3 is out of range: the model has 2 key/value heads"),
     ("ablate q[layer=0, head=4] with zero", 24, "head 4 is out of range: the model has 4 heads per layer"),
-    ("ablate q[layer=0, head=*] + k[layer=0, head=*] with zero", 29,
-     "the sites joined with '+' both sweep 'head' but over different values ([0, 1, 2, 3] and [0, 1])"),
+    ("ablate k[layer=0, head=1] with zero", 19, "site 'k' has no dimension 'head'; it has layer, pos, kv_head"),
     ("ablate neuron[layer=0, neuron=64] with zero", 31, "neuron 64 is out of range"),
 ])
 def test_grouped_query_head_ranges(tmp_path, no_forward, gqa_llama, statement, column, message):
@@ -771,10 +770,24 @@ def test_grouped_query_head_ranges(tmp_path, no_forward, gqa_llama, statement, c
 
 
 def test_grouped_query_heads_resolve_per_site(tmp_path, gqa_llama):
-    sweep = sweep_of(tmp_path, "patch q[layer=0, head=3] + k[layer=0, head=1] from corrupt into clean", gqa_llama)
+    sweep = sweep_of(tmp_path, "patch q[layer=0, head=3] + k[layer=0, kv_head=1] from corrupt into clean", gqa_llama)
     assert targets(sweep) == [[("q", (0,), None, ((3,),)), ("k", (0,), None, ((1,),))]]
-    assert sweep_of(tmp_path, "patch v[layer=*, head=*] from corrupt into clean", gqa_llama).coords["head"] == [0, 1]
+    assert sweep_of(tmp_path, "patch v[layer=*, kv_head=*] from corrupt into clean", gqa_llama).coords["kv_head"] == [0, 1]
+    joined = sweep_of(tmp_path, "patch q[layer=0, head=*] + k[layer=0, kv_head=*] from corrupt into clean", gqa_llama)
+    assert joined.dims == ("layer", "head", "kv_head") and len(joined.points) == 4 * 2  # two axes, not one
     assert sweep_of(tmp_path, "ablate neuron[layer=1, neuron=-1] with zero", gqa_llama).coords["neuron"] == [63]
+
+
+
+def test_key_value_heads_are_their_own_dimension_in_results(tmp_path, gqa_llama):
+    """Issue "a researcher's first week", item 4: q and k shared `head`, so k had NaN at heads >= n_kv and
+    k.sel(head=1) was a different head from q.sel(head=1)."""
+    path = write(tmp_path, "metric logprob(io)\npatch q[layer=0, head=*] from corrupt into clean\n"
+                           "patch k[layer=0, kv_head=*] from corrupt into clean", model=gqa_llama)
+    ds = causal.run(path, causal.RunConfig(device="cpu", progress=False))
+    assert dict(ds.sizes) == {"layer": 1, "head": 4, "kv_head": 2, "example": len(ROWS)}
+    assert ds["patch_q"].dims == ("layer", "head", "example") and ds["patch_k"].dims == ("layer", "kv_head", "example")
+    assert not ds["patch_k"].isnull().any()
 
 
 # --------------------------------------------------------------------------------- encoders
@@ -1066,7 +1079,7 @@ def test_steering_with_the_mean_of_shorter_prompts(tmp_path):
 
 @pytest.mark.parametrize("statement", [
     "path z[layer=1, head=*] -> q[layer=0] from corrupt into clean",  # the receiver runs before the sender
-    "path z[layer=*, head=0] -> v[layer=0, head=1] from corrupt into clean",
+    "path z[layer=*, head=0] -> v[layer=0, kv_head=1] from corrupt into clean",
 ])
 def test_path_receivers_that_no_sender_reaches(tmp_path, statement):
     """A sender at or after the receivers' layer has no path to them: a file error, or no effect; never a crash."""

@@ -285,7 +285,8 @@ def test_atp_star_query_key_fix_uses_the_exact_pattern_change(write_experiment, 
     from causal.models import load_model
     rows = make_rows(n=3)
     layer, pos = 1, 2
-    body = f"metric logprob(io)\nattribute {site}[layer={layer}, head=*, pos={pos}] from corrupt into clean"
+    head_dim = "kv_head" if site == "k" else "head"
+    body = f"metric logprob(io)\nattribute {site}[layer={layer}, {head_dim}=*, pos={pos}] from corrupt into clean"
     ds = causal.run(write_experiment(body, rows, tiny_models["gpt2"]), cpu_config)
     assert json_list(ds[f"attribute_{site}"].attrs["qk_fix_layers"]) == [layer]
     loaded = load_model(str(tiny_models["gpt2"]), device="cpu")
@@ -314,7 +315,7 @@ def test_atp_star_query_key_fix_uses_the_exact_pattern_change(write_experiment, 
                 return act
             new = _adapter_read(loaded, clean, ("pattern", layer), {(site, layer): patched})
             expected = float(ds["clean"][i]) + float(((new - pattern) * grad).sum())
-            got = float(ds[f"attribute_{site}"].sel(head=head, example=i).squeeze())
+            got = float(ds[f"attribute_{site}"].sel({head_dim: head, "example": i}).squeeze())
             assert got == pytest.approx(expected, abs=ATOL)
 
 

@@ -237,7 +237,7 @@ def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_
     """Killed after two of five chunks, the re-run restores those two (estimates and q/k notes) and
     computes only the rest; the result equals an uninterrupted run's."""
     from causal.methods.attribute import Attribute
-    path = write_experiment("metric logprob(io)\nattribute q[layer=*, head=*] + k[layer=*, head=*] "
+    path = write_experiment("metric logprob(io)\nattribute q[layer=*, head=*] + k[layer=*, kv_head=*] "
                             "from corrupt into clean verify top 2", make_rows(n=10))
     experiment = causal.prepare(path, RunConfig(device="cpu", progress=False))
     per_example = bytes_per_example(experiment, compile_plan(experiment, 8))

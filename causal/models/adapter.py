@@ -38,8 +38,8 @@ SITE_DOCS = {
     "mlp_out": "what the MLP sub-layer adds to the residual stream",
     "z": "per-head attention output, before the output projection (dims: pos, head, d_head)",
     "q": "per-head queries as they enter the attention computation, after rotary (dims: pos, head, d_head)",
-    "k": "per-KV-head keys as they enter the attention computation, after rotary (dims: pos, head, d_head)",
-    "v": "per-KV-head values as they enter the attention computation (dims: pos, head, d_head)",
+    "k": "per-KV-head keys as they enter the attention computation, after rotary (dims: pos, kv_head, d_head)",
+    "v": "per-KV-head values as they enter the attention computation (dims: pos, kv_head, d_head)",
     "pattern": "attention probabilities after softmax (dims: query pos, head, key_pos)",
     "neuron": "MLP hidden activations: the input of the MLP's down/output projection (dims: pos, neuron)",
 }
@@ -260,7 +260,7 @@ class ModelAdapter:
                             "tuple), as the module returns it, with (batch, pos) leading", MODULE, self.d_model)
         extra: dict[str, tuple[tuple[str, int | None], ...]] = {
             "z": (("head", self.n_heads),), "q": (("head", self.n_heads),),
-            "k": (("head", self.n_kv_heads),), "v": (("head", self.n_kv_heads),),
+            "k": (("kv_head", self.n_kv_heads),), "v": (("kv_head", self.n_kv_heads),),
             "pattern": (("head", self.n_heads), ("key_pos", None)), "neuron": (("neuron", self.d_mlp),)}
         role = SITE_ROLES.get(site, RESIDUAL)
         features = {QUERY: self.d_head, KEY: self.d_head, VALUE: self.d_head, HEAD_OUTPUT: self.d_head,

@@ -21,7 +21,7 @@ from causal.resolve.positions import check_anchor_alignment, position_masks, res
 from causal.resolve.sweeps import SweepBuilder
 
 NEXT_TOKEN = "next"
-RESERVED = {"layer", "pos", "head", "neuron", "key_pos", "example", "metric"}  # result dims: not variable names
+RESERVED = {"layer", "pos", "head", "kv_head", "neuron", "key_pos", "example", "metric"}  # result dims: not variable names
 
 
 class Resolution:

@@ -92,7 +92,7 @@ class SweepBuilder:
         for sel in site.selectors:
             if sel.dim not in dims_allowed:
                 raise self.error(f"site {site.name!r} has no dimension {sel.dim!r}; it has "
-                                 f"{', '.join(dims_allowed)}", sel.span, did_you_mean(sel.dim, dims_allowed))
+                                 f"{', '.join(dims_allowed)}", sel.span, _dim_hint(sel.dim, dims_allowed, info))
             if sel.dim in coords or sel.dim in fixed:
                 raise self.error(f"dimension {sel.dim!r} is selected twice", sel.span)
             if sel.window is not None:
@@ -138,9 +138,10 @@ class SweepBuilder:
     def range_phrase(self, dim: str, size: int, site: str) -> str:
         if dim == "layer":
             return f"the model has {size} layers"
-        if dim == "head" and self.adapter.site_info(site).role in KV_ROLES and size != self.adapter.n_heads:
-            return (f"the model has {size} key/value heads per layer (grouped-query attention; "
-                    f"{self.adapter.n_heads} query heads)")
+        if dim == "kv_head":
+            grouped = f" (grouped-query attention; {self.adapter.n_heads} query heads)" \
+                if size != self.adapter.n_heads else ""
+            return f"the model has {size} key/value heads per layer{grouped}"
         if dim == "head":
             return f"the model has {size} heads per layer"
         if dim == "neuron":
@@ -177,6 +178,13 @@ class SweepBuilder:
             listed = ", ".join(known) or "none (declare them with positions { NAME = first(column), ... })"
             raise self.error(f"unknown position {name.name!r}; named positions: {listed}", name.span,
                              did_you_mean(name.name, known))
+
+
+def _dim_hint(dim: str, dims: list[str], info) -> str | None:
+    if dim == "head" and info.role in KV_ROLES:
+        return ("keys and values are indexed by key-value head, kv_head=... (fewer than the query heads under "
+                "grouped-query attention; query head h reads kv_head h // (n_heads / n_kv_heads))")
+    return did_you_mean(dim, dims)
 
 
 def _fix_distinct_singletons(parts: list[_Part]) -> None:

@@ -43,7 +43,7 @@ def plot_all(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
     return written
 
 
-SITE_DIMS = ("layer", "head", "pos", "neuron", "key_pos")  # what a statement sweeps: the axes of a panel
+SITE_DIMS = ("layer", "head", "kv_head", "pos", "neuron", "key_pos")  # what a statement sweeps: the axes of a panel
 MAX_PANELS = 16
 
 
