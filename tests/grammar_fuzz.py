@@ -20,7 +20,7 @@ SITES = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "embed",
          "neuron"]
 # What a NAME means where it stands (the rule it is in): mostly meaningful values, so the resolver is reached.
 NAMES_BY_RULE = {
-    "site": SITES, "selector": ["layer", "pos", "head", "key_pos", "neuron"], "source": COLUMNS, "base": COLUMNS,
+    "site": SITES, "selector": ["layer", "pos", "head", "kv_head", "key_pos", "neuron"], "source": COLUMNS, "base": COLUMNS,
     "on": COLUMNS, "over": COLUMNS, "normalized": COLUMNS, "position_expr": COLUMNS,
     "how": ["zero", "mean", "resample"], "names": ["mlp", "attn"], "position_def": ["A", "B", "END"],
     "index": ["A", "B", "END", "n"], "factor": ["alpha", "n"], "count": ["n"], "param_stmt": ["n", "alpha"],

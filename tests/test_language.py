@@ -790,6 +790,26 @@ def test_key_value_heads_are_their_own_dimension_in_results(tmp_path, gqa_llama)
     assert not ds["patch_k"].isnull().any()
 
 
+
+def test_key_pos_star_covers_the_longest_prompt_like_pos_star(tmp_path):
+    """Issue "a researcher's first week", item 5: key_pos=* covered only the shortest prompt (4 of 9 tokens
+    here), pos=* the longest; both cover the longest now, NaN where a prompt has no such position."""
+    import numpy as np
+    ds = causal.run(write(tmp_path, "metric logprob(io)\nablate pattern[layer=0, pos=-1, key_pos=*] with zero",
+                          RAGGED), config())
+    effect = ds["ablate_pattern"]
+    assert effect["key_pos"].values.tolist() == list(range(9))
+    missing = effect.isnull().squeeze(["layer", "pos"]).transpose("example", "key_pos").values
+    lengths = [7, 9, 4]
+    assert (missing == (np.arange(9)[None, :] >= np.array(lengths)[:, None])).all()
+
+
+def test_key_pos_from_the_end_on_prompts_of_several_lengths_is_refused(tmp_path, no_forward):
+    path = write(tmp_path, "metric logprob(io)\nablate pattern[layer=0, pos=-1, key_pos=-1] with zero", RAGGED)
+    assert str(run_error(path, no_forward)).startswith(
+        f"{path}:4:41: error: key_pos counts from the end here, but the prompts have 4 to 9 tokens")
+
+
 # --------------------------------------------------------------------------------- encoders
 
 ENCODER_ROWS = [{"clean": "the cat sat on the mat", "corrupt": "the dog sat on the mat", "io": "cat"}] * 2

@@ -189,14 +189,23 @@ def first_read_position(experiment: Experiment, column: str) -> torch.Tensor:
 def target_first_position(experiment: Experiment, target: Target, examples: torch.Tensor,
                           lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(first position the target writes, whether the example has that position) per example."""
+    has = within_prompt(experiment, target, lengths)
     if target.pos is None:
-        return torch.zeros_like(lengths), torch.ones_like(lengths, dtype=torch.bool)
+        return torch.zeros_like(lengths), has
     if isinstance(target.pos, str):
-        first = experiment.positions.first(target.pos)[examples]
-        return first, torch.ones_like(lengths, dtype=torch.bool)
+        return experiment.positions.first(target.pos)[examples], has
     absolute = absolute_positions(lengths, target.pos)
-    ok = (absolute >= 0) & (absolute < lengths)
-    return absolute.clamp(min=0), ok
+    return absolute.clamp(min=0), has & (absolute >= 0) & (absolute < lengths)
+
+
+def within_prompt(experiment: Experiment, target: Target, lengths: torch.Tensor) -> torch.Tensor:
+    """Whether each prompt has the positions the target's prompt-sized dims (key_pos) select."""
+    ok = torch.ones_like(lengths, dtype=torch.bool)
+    dims = experiment.model.adapter.site_info(target.site).extra_dims
+    for (_, size), indices in zip(dims, target.extra):
+        if size is None and indices is not None:
+            ok &= max(indices) < lengths
+    return ok
 
 
 class Packer:

@@ -101,9 +101,11 @@ class SweepBuilder:
                 windows = {l: rome_window(l, sel.window, self.adapter.n_layers) for l in layers}
             if sel.dim == "pos":
                 values = self.positions_of(sel.indices, lengths)
+            elif sel.dim != "layer" and sizes[sel.dim] is None:
+                values = self.prompt_indices_of(sel, lengths, site.name)
             else:
                 size = self.adapter.n_layers if sel.dim == "layer" else sizes[sel.dim]
-                values = self.indices_of(sel, size if size is not None else lengths[0], site.name)
+                values = self.indices_of(sel, size, site.name)
             swept.append(sel.dim)
             coords[sel.dim] = values
         for dim in dims_allowed:
@@ -135,6 +137,17 @@ class SweepBuilder:
         check_distinct(normal, values, sel.dim, sel.indices.span)
         return normal
 
+    def prompt_indices_of(self, sel: ast.Selector, lengths: tuple[int, int], site: str) -> list[int]:
+        """Indices into the prompt (key_pos): like pos=*, `*` covers the longest prompt and a prompt
+        shorter than an index gets NaN there; counting from the end needs prompts of one length."""
+        shortest, longest = lengths
+        if shortest != longest and not isinstance(sel.indices, ast.AllIndices) and \
+                any(isinstance(v, int) and v < 0 for v in expand(sel.indices)):
+            raise self.error(f"{sel.dim} counts from the end here, but the prompts have {shortest} to {longest} "
+                             f"tokens, so the end differs between them; write {sel.dim} from the start "
+                             f"(0..{longest - 1}, NaN for prompts shorter than that)", sel.indices.span)
+        return self.indices_of(sel, longest, site)
+
     def range_phrase(self, dim: str, size: int, site: str) -> str:
         if dim == "layer":
             return f"the model has {size} layers"
@@ -147,7 +160,7 @@ class SweepBuilder:
         if dim == "neuron":
             return f"the model has {size} MLP neurons per layer"
         if dim == "key_pos":
-            return f"the shortest prompt has {size} tokens to attend to"
+            return f"the longest prompt has {size} tokens to attend to"
         return f"{site} has {size} values of {dim}"
 
     def positions_of(self, indices: ast.IndexSet, lengths: tuple[int, int]) -> list[Position]:
