@@ -227,6 +227,8 @@ def _run(parser: _Parser, args: argparse.Namespace) -> int:
     report = any(getattr(args, d) not in (None, False) for d in _NEEDS_NO_FILE)
     path, given = file_and_overrides(parser, tokens, optional=report)
     overrides = check_command_line(path, given, multirun=args.multirun)
+    from causal.launchers import check_launcher
+    check_launcher(given)  # a plugin's launcher without the plugin: name the package, before Hydra fails raw
     named = [f"file={hydra_quoted(str(path))}", f"hydra.job.name={safe_name(path.stem)}"] if path else []
     if not report:  # a run: Hydra creates the run folder first, so check it can
         named += run_folder(given, path, multirun=bool(args.multirun))

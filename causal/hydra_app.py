@@ -15,35 +15,46 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from causal import launchers
 from causal.folders import LOCK, check_folder, held, hydra_quoted
 from causal.internal import EXIT_STATUS, InternalError, boundary
+from causal.launchers import JobOutcome
+from causal.runlog import copied_to_log
 from causal.settings import RunConfig, from_command_line, register
 
-register()  # also done by importing causal.conf; here too, so the task never runs without its schema
+register()  # also done by importing causal.conf; here too, so the task never runs without its schemas
+launchers.register()
 _exit_code = 0
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
-def _task(cfg: DictConfig) -> None:
-    from causal.errors import CausalError
+def _task(cfg: DictConfig) -> JobOutcome:
+    """One run; its outcome for a sweep's report (errors are printed here, never raised to Hydra, so a
+    sweep runs every job)."""
     global _exit_code
     hydra = HydraConfig.get()
     out_dir = Path(hydra.runtime.output_dir)
-    overrides = list(hydra.overrides.task)
+    with copied_to_log():
+        outcome = _outcome(out_dir, cfg, hydra)
+    if outcome.status == 2:  # refused: a run that wrote nothing leaves no folder, in a sweep too
+        _remove_if_empty(out_dir)
+    _exit_code = max(_exit_code, outcome.status)
+    return outcome
+
+
+def _outcome(out_dir: Path, cfg: DictConfig, hydra) -> JobOutcome:
+    from causal.errors import CausalError
     try:
         with boundary(out_dir):
-            message = _run_into(out_dir, cfg, run_config(cfg, overrides), hydra)
+            message = _run_into(out_dir, cfg, run_config(cfg, list(hydra.overrides.task)), hydra)
     except InternalError as exc:
         print(exc, file=sys.stderr)
-        _exit_code = EXIT_STATUS
-        return
+        return JobOutcome(EXIT_STATUS, str(exc))
     except CausalError as exc:
         print(exc, file=sys.stderr)
-        _exit_code = 2
-        if hydra.mode == RunMode.RUN:
-            _remove_if_empty(out_dir)
-        return
+        return JobOutcome(2, str(exc))
     print(message)
+    return JobOutcome(0)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -147,10 +158,12 @@ def launch(argv: list[str]) -> int:
     _exit_code = 0
     saved = sys.argv
     sys.argv = ["causal", *argv]
+    launchers.finished_jobs()  # none left from an earlier sweep in this process
     try:
         _task()
     except SystemExit as exc:  # Hydra's own errors (a bad override) print their message and exit
         return 2 if exc.code else _exit_code
     finally:
         sys.argv = saved
-    return _exit_code
+    jobs = launchers.finished_jobs()
+    return launchers.report(jobs) if jobs else _exit_code
