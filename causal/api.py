@@ -12,7 +12,7 @@ import xarray as xr
 from causal.results.assemble import assemble
 from causal.engine.checkpoint import ChunkStore, fingerprint
 from causal.engine.plan import PACKING, Plan, compile_plan
-from causal.errors import CausalError, reported_against
+from causal.errors import COMMAND_LINE, CausalError, Span, argument_span, reported_against
 from causal.internal import guarded
 from causal.engine.execute import execute
 from causal.resolve.experiment import Experiment
@@ -53,14 +53,22 @@ def _resolve(file: ast.ExperimentFile, config: RunConfig, model, tokenizer) -> E
 
 def _load_and_resolve(file: ast.ExperimentFile, config: RunConfig, model, tokenizer) -> Experiment:
     if model is None and tokenizer is None:
-        if config.model is not None:
-            file = replace(file, model=replace(file.model, ref=config.model))
-        loaded = load_model(file.model.ref, config.device, config.dtype, file.model.span,
-                            trust_remote_code=config.trust_remote_code)
+        argument = f"model={config.model}"
+        if config.model is not None:  # a bad model is the setting's fault, not the file's `model` line's
+            file = replace(file, model=ast.ModelDecl(config.model, _setting_span(config, "model", argument)))
+        with reported_against(argument, COMMAND_LINE):
+            loaded = load_model(file.model.ref, config.device, config.dtype, file.model.span,
+                                trust_remote_code=config.trust_remote_code)
     else:
         loaded = _given_model(model, tokenizer, config)
         file = replace(file, model=ast.ModelDecl(loaded.ref, file.model.span if file.model else file.span))
     return resolve(file, loaded, config.seed)
+
+
+def _setting_span(config: RunConfig, key: str, argument: str) -> Span | None:
+    """Where a setting's value stands: in its argument when the command line gave it, else nowhere."""
+    given = any(o.lstrip("+").split("=", 1)[0] == key for o in config.overrides)
+    return argument_span(argument) if given else None
 
 
 def _given_model(model, tokenizer, config: RunConfig) -> LoadedModel:

@@ -24,7 +24,19 @@ class Span:
     end_column: int | None = None
 
     def __str__(self) -> str:
+        if self.file == COMMAND_LINE:  # its one line is the argument, quoted below the message
+            return COMMAND_LINE
         return f"{self.file}:{self.line}:{self.column}"
+
+
+COMMAND_LINE = "command line"  # the file of a span in a `key=value` argument of `causal run`
+
+
+def argument_span(argument: str) -> Span:
+    """The value of a `key=value` argument: an error there shows the argument, a caret under its value
+    (errors raised inside `reported_against(argument, COMMAND_LINE)`)."""
+    start = argument.index("=") + 2
+    return Span(COMMAND_LINE, 1, start, 1, max(start + 1, len(argument) + 1))
 
 
 class CausalError(Exception):
