@@ -83,7 +83,7 @@ def register() -> None:
 
 def report(jobs: list) -> int:
     """Say which jobs of a sweep failed (their overrides and run folders); the sweep's exit status."""
-    failed = [(job, _outcome(job)) for job in jobs if _outcome(job).status != 0]
+    failed = [(job, outcome) for job in jobs if (outcome := _outcome(job)).status != 0]
     if not failed:
         return 0
     lines = [f"{len(failed)} of {len(jobs)} jobs failed:"]

@@ -3,17 +3,22 @@
 References: `zoo:<name>` (a toy model shipped here), `pkg:<python_package>[/<subfolder>]`
 (a folder inside an installed Python package, e.g. a model packaged on PyPI for offline
 use), a local folder, or a HF hub id. HF models are used exactly as published: no weight
-conversion, `trust_remote_code` off unless asked. Hub ids need network access; offline,
-they load from the local HF cache. Decoders load with their LM head; encoders load with
+conversion, `trust_remote_code` off unless asked. Hub ids are loaded from the hub when it can
+be reached; when a quick probe says it cannot (or HF_HUB_OFFLINE=1), from the local HF cache
+only, and one that is not there is refused at once (transformers would retry for minutes). Decoders load with their LM head; encoders load with
 their masked-LM head when the checkpoint has one, else as the bare encoder (never with a
 randomly initialised head).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
@@ -128,12 +133,12 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
     target = resolve_reference(ref, span)
     torch_device = pick_device(device)
     hf_logging.disable_progress_bar()  # our own progress bar covers the run; theirs is noise per load
+    options = {"trust_remote_code": trust_remote_code, "local_files_only": _cache_only(ref, target, span)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(target, **options)
+        config = AutoConfig.from_pretrained(target, **options)
         model_class, head = model_class_for(config)
-        model, info = model_class.from_pretrained(target, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                  output_loading_info=True)
+        model, info = model_class.from_pretrained(target, dtype=torch_dtype, output_loading_info=True, **options)
     except CausalError:
         raise
     except Exception as exc:  # noqa: BLE001 -- whatever a broken folder or weights file raises, say so plainly
@@ -146,6 +151,44 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
     model.eval().to(torch_device)
     adapter = adapter_for(model)
     return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device, torch_dtype, head)
+
+
+PROBE_SECONDS = 3.0  # how long the hub may take to accept a connection before we load from the cache only
+
+
+def _cache_only(ref: str, target: str, span: Span | None) -> bool:
+    """True for a hub id while the hub cannot be reached: load it from the HF cache only, at once. One that is
+    not in the cache is refused here, in a second, instead of after transformers' minutes of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if target != ref or Path(target).exists() or (not constants.HF_HUB_OFFLINE and hub_reachable()):
+        return False
+    try:
+        cached = isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    except Exception:  # noqa: BLE001 -- not a valid hub id: then it is not cached either
+        cached = False
+    if not cached:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) cannot be reached"
+        raise CausalError(f"cannot load model {ref!r}: {why}, and the model is not in the local HF cache "
+                          f"({constants.HF_HUB_CACHE})", span,
+                          hint="load it once where the hub can be reached (that fills the cache), or use a local "
+                               "folder, a 'zoo:' or a 'pkg:' model")
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the HF hub accepts a connection within PROBE_SECONDS (once per process). Behind a proxy
+    (HTTPS_PROXY, ALL_PROXY) the hub is taken to be reachable: the probe would not go through it."""
+    from huggingface_hub import constants
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=PROBE_SECONDS).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def wrap_model(model, tokenizer, device: str = "auto", dtype: str | None = None) -> LoadedModel:
