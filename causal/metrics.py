@@ -29,6 +29,7 @@ class MetricKind:
     arity: int
     reads: str  # LOGITS: next-token logits at positions (language models); EMBEDDING: an encoder's sentence embedding
     score: Callable  # LOGITS: (logits (rows, k, vocab), answers [(rows, k)] or reference) -> (rows, k); EMBEDDING: ->(rows,)
+    units: str  # CF-style, for the results: "nat", "logit", "1" (a fraction, count or cosine)
     takes_next: bool = False
     reference: Callable | None = None  # (output, chosen, attention_mask) -> what a compared run is scored against
 
@@ -97,13 +98,13 @@ def _similarity(hidden, attention_mask, reference):
 
 
 METRICS: dict[str, MetricKind] = {kind.name: kind for kind in (
-    MetricKind("logprob", 1, LOGITS, _logprob, takes_next=True),
-    MetricKind("prob", 1, LOGITS, _prob, takes_next=True),
-    MetricKind("logit_diff", 2, LOGITS, _logit_diff),
-    MetricKind("rank", 1, LOGITS, _rank, takes_next=True),
-    MetricKind("accuracy", 1, LOGITS, _accuracy, takes_next=True),
-    MetricKind("kl", 1, LOGITS, _kl, reference=_reference_logprobs),
-    MetricKind("similarity", 1, EMBEDDING, _similarity,
+    MetricKind("logprob", 1, LOGITS, _logprob, "nat", takes_next=True),
+    MetricKind("prob", 1, LOGITS, _prob, "1", takes_next=True),
+    MetricKind("logit_diff", 2, LOGITS, _logit_diff, "logit"),
+    MetricKind("rank", 1, LOGITS, _rank, "1", takes_next=True),
+    MetricKind("accuracy", 1, LOGITS, _accuracy, "1", takes_next=True),
+    MetricKind("kl", 1, LOGITS, _kl, "nat", reference=_reference_logprobs),
+    MetricKind("similarity", 1, EMBEDDING, _similarity, "1",
                reference=lambda output, chosen, mask: sentence_embedding(output.hidden, mask).cpu()),
 )}
 

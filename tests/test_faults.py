@@ -112,15 +112,15 @@ def _results(tmp_path: Path, folder: str, write_experiment, experiment: str, **a
 
 
 def test_load_refuses_to_merge_runs_of_different_experiments(write_experiment, tmp_path):
-    _results(tmp_path, "0", write_experiment, "first", overrides=json.dumps(["seed=0"]))
-    _results(tmp_path, "1", write_experiment, "second", overrides=json.dumps(["seed=1"]))
+    _results(tmp_path, "0", write_experiment, "first", overrides=["seed=0"])
+    _results(tmp_path, "1", write_experiment, "second", overrides=["seed=1"])
     with pytest.raises(CausalError, match="these runs are of different experiments: .*'first'.*'second'"):
         causal.load(tmp_path / "sweep")
 
 
 def test_load_refuses_a_folder_holding_two_sweeps(write_experiment, tmp_path):
-    _results(tmp_path, "0", write_experiment, "same", overrides=json.dumps(["seed=0"]), sweep_dir="/x/one")
-    _results(tmp_path, "1", write_experiment, "same", overrides=json.dumps(["seed=1"]), sweep_dir="/x/two")
+    _results(tmp_path, "0", write_experiment, "same", overrides=["seed=0"], sweep_dir="/x/one")
+    _results(tmp_path, "1", write_experiment, "same", overrides=["seed=1"], sweep_dir="/x/two")
     with pytest.raises(CausalError, match="holds runs of 2 different sweeps"):
         causal.load(tmp_path / "sweep")
     datasets = [causal.load(tmp_path / "sweep" / k) for k in ("0", "1")]
@@ -642,7 +642,7 @@ def test_plots_facet_instead_of_averaging_a_dimension(write_experiment, tmp_path
     runs = []
     for seed in (0, 1):
         dataset = run(path, seed=seed)
-        dataset.attrs["overrides"] = json.dumps([f"seed={seed}"])
+        dataset.attrs["overrides"] = [f"seed={seed}"]
         runs.append(dataset)
     panels: list[tuple[tuple, dict]] = []
     real = plot._draw
@@ -689,3 +689,18 @@ def test_bar_plots_print_no_matplotlib_info_lines(write_experiment, tmp_path, ca
     with caplog.at_level("INFO"):
         assert plot_all(dataset, tmp_path / "plots")
     assert not [r for r in caplog.records if r.name.startswith("matplotlib")]
+
+
+def test_results_of_schema_one_decode_json_attrs_and_positions(saved):
+    """Schema 1 wrote lists as unmarked JSON text and every position as text beside a named one."""
+    import json
+    dataset = causal.load(saved)
+    legacy = dataset.copy()
+    legacy.attrs.update(metrics=json.dumps(dataset.attrs["metrics"]), overrides=json.dumps(dataset.attrs["overrides"]))
+    legacy = causal.results.io._stamped(legacy)
+    legacy.attrs["causal_schema"] = 1
+    del legacy.attrs["causal_json"]
+    saved.unlink()
+    legacy.to_netcdf(saved)
+    loaded = causal.load(saved)
+    assert loaded.attrs["metrics"] == dataset.attrs["metrics"] and loaded.attrs["overrides"] == dataset.attrs["overrides"]

@@ -288,7 +288,7 @@ def test_atp_star_query_key_fix_uses_the_exact_pattern_change(write_experiment, 
     head_dim = "kv_head" if site == "k" else "head"
     body = f"metric logprob(io)\nattribute {site}[layer={layer}, {head_dim}=*, pos={pos}] from corrupt into clean"
     ds = causal.run(write_experiment(body, rows, tiny_models["gpt2"]), cpu_config)
-    assert json_list(ds[f"attribute_{site}"].attrs["qk_fix_layers"]) == [layer]
+    assert ds[f"attribute_{site}"].attrs["qk_fix_layers"] == [layer]
     loaded = load_model(str(tiny_models["gpt2"]), device="cpu")
     adapter, tok = loaded.adapter, loaded.tokenizer
     for i, row in enumerate(rows):
@@ -317,11 +317,6 @@ def test_atp_star_query_key_fix_uses_the_exact_pattern_change(write_experiment, 
             expected = float(ds["clean"][i]) + float(((new - pattern) * grad).sum())
             got = float(ds[f"attribute_{site}"].sel({head_dim: head, "example": i}).squeeze())
             assert got == pytest.approx(expected, abs=ATOL)
-
-
-def json_list(text: str) -> list:
-    import json
-    return json.loads(text)
 
 
 def _adapter_read(loaded, ids, key, edits=None):

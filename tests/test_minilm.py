@@ -42,9 +42,9 @@ def test_patching_the_input_at_the_swapped_word_gives_the_other_sentence(dataset
     words = experiment.positions.indices["WORD"]
     first_layer = dataset["patch_resid_pre"].sel(layer=0)
     for example, (position,) in enumerate(words):
-        assert float(first_layer.sel(pos=str(position), example=example)) == pytest.approx(1.0, abs=1e-5)
+        assert float(first_layer.sel(pos=position, example=example)) == pytest.approx(1.0, abs=1e-5)
         same_token = 1 if position != 1 else 2  # a position where both sentences have the same token
-        unchanged = float(first_layer.sel(pos=str(same_token), example=example))
+        unchanged = float(first_layer.sel(pos=same_token, example=example))
         assert unchanged == pytest.approx(float(dataset["clean"][example]), abs=1e-6)
 
 

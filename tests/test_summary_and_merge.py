@@ -1,7 +1,6 @@
 """Summaries over examples, and merging a Hydra multirun into one Dataset."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -46,7 +45,7 @@ def test_effect_and_normalized_effect():
 
 def with_overrides(ds: xr.Dataset, *overrides: str) -> xr.Dataset:
     ds = ds.copy()
-    ds.attrs["overrides"] = json.dumps(list(overrides))
+    ds.attrs["overrides"] = list(overrides)
     return ds
 
 
@@ -58,7 +57,7 @@ def test_merge_adds_a_dimension_per_swept_parameter_and_aligns_sizes():
     merged = merge_runs(runs)
     assert set(merged["patch_x"].dims) == {"seed", "model", "layer", "example"}
     assert list(merged["seed"].values) == [1, 2] and list(merged["model"].values) == ["a", "b"]
-    assert json.loads(merged.attrs["swept"]) == ["model", "seed"]
+    assert merged.attrs["swept"] == ["model", "seed"]
     np.testing.assert_allclose(merged["patch_x"].sel(seed=2, model="a").values, (base * 2)["patch_x"].values)
     assert np.isnan(merged["patch_x"].sel(seed=2, model="b", layer=2).values).all()
 

@@ -2,12 +2,12 @@
 
 One variable per intervention statement with dims named after what it swept (layer,
 pos, head, ...) plus `example` (and `metric` when there are several); one baseline
-variable per run the statements compare against; token strings as coords; provenance
-in attrs. Per-example values are always kept.
+variable per run the statements compare against; token strings and prompt texts as
+coords; provenance in attrs; CF-style `long_name`/`units` on every variable and coordinate.
+Per-example values are always kept.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 from datetime import datetime, timezone
@@ -36,12 +36,74 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
     if textual_pos:  # the union of the statements' positions, in the order they are written
         dataset = dataset.reindex(pos=_position_order(experiment))
     for variable in variables:
-        dataset[variable.name].attrs = variable.attrs
+        dataset[variable.name].attrs = {**variable.attrs, **_described(experiment, variable.attrs, several)}
     dataset = dataset.assign_coords(example=np.arange(experiment.n_examples))
+    if textual_pos:  # pos=-1 stays a number beside the names, so ds.sel(pos=-1) works
+        dataset = dataset.assign_coords(pos=np.array([_number_or_name(p) for p in dataset["pos"].values], object))
     if "pos" in dataset.dims:
         dataset = dataset.assign_coords(_token_coords(experiment, dataset["pos"].values))
+    dataset = dataset.assign_coords(_prompt_coords(experiment))
+    if several:
+        dataset = dataset.assign_coords(metric_units=("metric", [_units(m) for m in experiment.metrics]))
+    _describe_coords(dataset)
     dataset.attrs.update(_provenance(experiment, names, run_info))
     return dataset
+
+
+def _number_or_name(position: str):
+    return int(position) if position.lstrip("-").isdigit() else position
+
+
+def _units(metric) -> str:
+    return "1" if metric.normalization else metric.kind.units
+
+
+def _described(experiment: Experiment, attrs: dict, several: bool) -> dict:
+    """long_name and units, for readers (and tools) that know nothing of causal."""
+    metric = "the metrics" if several else attrs["metric"]
+    if attrs.get("kind") == "baseline":
+        long_name = f"{metric} on the {attrs['prompts']} prompts, no intervention"
+    else:
+        long_name = f"{metric} under `{attrs.get('statement', '')}`"
+    units = "see metric_units" if several else _units(experiment.metrics[0])
+    return {"long_name": long_name, "units": units}
+
+
+COORD_NAMES = {
+    "layer": "layer (block index, 0-based)",
+    "head": "attention head (query head index)",
+    "kv_head": "key-value head (index into k and v)",
+    "pos": "token position (from the start; negative: from each prompt's end; or a named position)",
+    "key_pos": "attended key position (from the start)",
+    "neuron": "MLP neuron",
+    "example": "example (row of the data)",
+    "metric": "metric",
+    "metric_units": "units of each metric",
+}
+
+
+def _describe_coords(dataset: xr.Dataset) -> None:
+    for name in dataset.coords:
+        column = name.split("_", 1)[1] if name.startswith(("token_", "prompt_")) else None
+        if name.startswith("token_"):
+            long_name = f"token of the {column} prompt at each position"
+        elif name.startswith("prompt_"):
+            long_name = f"the {column} prompt"
+        else:
+            long_name = COORD_NAMES.get(name, name)
+        dataset[name].attrs["long_name"] = long_name
+        if name in ("layer", "head", "kv_head", "pos", "key_pos", "neuron", "example"):
+            dataset[name].attrs["units"] = "1"
+
+
+def _prompt_coords(experiment: Experiment) -> dict:
+    """`prompt_<column>` (example): each prompt as given (text, or its tokens joined where ids were given)."""
+    coords = {}
+    for column, prompts in experiment.prompts.items():
+        texts = prompts.texts or [None] * len(prompts.tokens)
+        coords[f"prompt_{column}"] = ("example", np.array(
+            [text if text is not None else " ".join(tokens) for text, tokens in zip(texts, prompts.tokens)], str))
+    return coords
 
 
 def _position_order(experiment: Experiment) -> list[str]:
@@ -82,7 +144,7 @@ def _variable_array(variable, values: torch.Tensor, names: list[str], several: b
     sweep = variable.sweep
     data = values.numpy().reshape(*sweep.shape, values.shape[1], values.shape[2])
     coords = {d: [str(v) for v in c] if d == "pos" and textual_pos else list(c) for d, c in sweep.coords.items()}
-    attrs = {k: json.dumps(v) if not isinstance(v, (str, int, float)) else v for k, v in variable.attrs.items()}
+    attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in variable.attrs.items()}
     return _labelled(data, [*sweep.dims, "example"], coords, names, several, variable.name, attrs)
 
 
@@ -125,6 +187,9 @@ def _token_at(experiment: Experiment, tokens: list[str], example: int, position)
 def _provenance(experiment: Experiment, names: list[str], run_info: dict) -> dict:
     model = experiment.model
     return {
+        "Conventions": "CF-1.10",
+        "title": f"{experiment.name}: causal interventions on {model.ref}",
+        "source": f"causal {package_versions().get('causal', '')}",
         "experiment": experiment.name,
         "experiment_file": experiment.file.path,
         "experiment_text": experiment.file.text,
@@ -133,11 +198,11 @@ def _provenance(experiment: Experiment, names: list[str], run_info: dict) -> dic
         "model_class": type(model.model).__name__,
         "dtype": str(model.dtype).replace("torch.", ""),
         "device": str(model.device),
-        "metrics": json.dumps(names),
+        "metrics": names,
         "n_examples": experiment.n_examples,
-        "params": json.dumps({p.name: p.value for p in experiment.file.params}),
+        "params": {p.name: p.value for p in experiment.file.params},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "versions": json.dumps(package_versions()),
-        **{k: (json.dumps(v) if not isinstance(v, (str, int, float)) else v) for k, v in run_info.items()},
+        "versions": package_versions(),
+        **run_info,
     }

@@ -34,9 +34,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-SCHEMA = 1  # the results layout of docs/results.md; a file of a newer schema is refused, not misread
+SCHEMA = 2  # the results layout of docs/results.md; a file of a newer schema is refused, not misread
 SCHEMA_ATTR = "causal_schema"
 CHECKSUM_ATTR = "checksum"  # on every variable and coordinate: sha256 of its values, checked on load
+JSON_ATTR = "causal_json"  # names of the attrs (of the Dataset or a variable) stored as JSON text
+LABELS_ATTR = "causal_labels"  # on a coordinate of names and numbers (pos with named positions), stored as text
+MIXED = "numbers and names"
+LEGACY_JSON = ("metrics", "params", "versions", "overrides", "swept", "qk_fix_layers", "qk_plain_gradient_layers")
 
 
 def save(dataset: xr.Dataset, path: str | Path) -> Path:
@@ -71,11 +75,47 @@ def _umask() -> int:
 
 
 def _stamped(dataset: xr.Dataset) -> xr.Dataset:
+    """netCDF holds numbers and text: lists and dicts in attrs go as JSON, a coordinate of names and
+    numbers as text, each marked so `load` restores it."""
     stamped = dataset.copy()
+    for name in [name for name in stamped.coords if _is_mixed(stamped[name])]:
+        attrs = {**stamped[name].attrs, LABELS_ATTR: MIXED}
+        stamped = stamped.assign_coords({name: stamped[name].astype(str).assign_attrs(attrs)})
+    stamped.attrs = _json_encoded(stamped.attrs)
+    for name in [*stamped.data_vars, *stamped.coords]:
+        stamped[name].attrs = _json_encoded(stamped[name].attrs)
     stamped.attrs[SCHEMA_ATTR] = SCHEMA
     for name in [*stamped.data_vars, *stamped.coords]:
         stamped[name].attrs[CHECKSUM_ATTR] = checksum(stamped[name])
     return stamped
+
+
+def _is_mixed(coord: xr.DataArray) -> bool:
+    return coord.dtype == object and any(not isinstance(v, str) for v in coord.values.ravel())
+
+
+def _json_encoded(attrs: dict) -> dict:
+    encoded = {k: json.dumps(v) if isinstance(v, (list, tuple, dict, bool)) else v for k, v in attrs.items()}
+    named = [k for k, v in attrs.items() if isinstance(v, (list, tuple, dict, bool))]
+    return {**encoded, JSON_ATTR: " ".join(named)} if named else encoded
+
+
+def _json_decoded(attrs: dict, legacy: bool) -> dict:
+    decoded = dict(attrs)
+    marked = decoded.pop(JSON_ATTR, None)
+    names = marked.split() if marked is not None else [k for k in LEGACY_JSON if k in attrs] if legacy else []
+    for name in names:
+        try:
+            decoded[name] = json.loads(attrs[name])
+        except (KeyError, TypeError, ValueError):
+            pass  # an attr someone edited into plain text stays text
+    return decoded
+
+
+def _numbers_and_names(coord: xr.DataArray) -> np.ndarray:
+    """'-1' -> -1, 'S1' stays 'S1': the labels as the statements wrote them."""
+    values = [int(v) if re.fullmatch(r"-?\d+", str(v)) else str(v) for v in coord.values.ravel()]
+    return np.array(values, dtype=object).reshape(coord.shape)
 
 
 def checksum(variable: xr.DataArray) -> str:
@@ -153,16 +193,22 @@ def _verify(dataset: xr.Dataset, path: Path) -> None:
 
 def _unstamped(dataset: xr.Dataset) -> xr.Dataset:
     """The Dataset as it was saved: the stamps describe the file, not the values once in memory."""
+    legacy = int(dataset.attrs.pop(SCHEMA_ATTR, 0)) < 2  # JSON attrs unmarked, named positions as text
     for name in [*dataset.data_vars, *dataset.coords]:
         dataset[name].attrs.pop(CHECKSUM_ATTR, None)
-    dataset.attrs.pop(SCHEMA_ATTR, None)
+        dataset[name].attrs = _json_decoded(dataset[name].attrs, legacy)
+    dataset.attrs = _json_decoded(dataset.attrs, legacy)
+    for name in list(dataset.coords):
+        if dataset[name].attrs.pop(LABELS_ATTR, None) == MIXED or (legacy and name == "pos" and
+                                                                   dataset[name].dtype.kind in "OUS"):
+            attrs = dataset[name].attrs
+            dataset = dataset.assign_coords({name: (dataset[name].dims, _numbers_and_names(dataset[name]), attrs)})
     return dataset
 
 
 def swept_parameters(datasets: list[xr.Dataset]) -> dict[str, list[str]]:
     """The command-line overrides whose values differ between runs: key -> value per run."""
-    per_run = [dict(_parameter(o) for o in json.loads(ds.attrs.get("overrides", "[]")) if "=" in o)
-               for ds in datasets]
+    per_run = [dict(_parameter(o) for o in ds.attrs.get("overrides", []) if "=" in o) for ds in datasets]
     keys = sorted({k for run in per_run for k in run})
     return {k: [run.get(k, "") for run in per_run] for k in keys if len({run.get(k) for run in per_run}) > 1}
 
@@ -191,12 +237,40 @@ def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:
         if len(datasets) == 1:
             return datasets[0]
         raise CausalError("these runs do not differ in any override, so there is nothing to merge along")
-    labelled = []
-    for i, ds in enumerate(datasets):
-        labelled.append(ds.expand_dims({key: [_parse_value(values[i])] for key, values in swept.items()}))
-    merged = xr.combine_by_coords(labelled, data_vars="all", join="outer", combine_attrs="drop_conflicts")
-    merged.attrs["swept"] = json.dumps(sorted(swept))
+    per_run = _differing_attrs(datasets, skip=set(swept))
+    labelled = [_labelled_run(ds, {key: _parse_value(values[i]) for key, values in swept.items()},
+                              {name: values[i] for name, values in per_run.items()})
+                for i, ds in enumerate(datasets)]
+    merged = xr.combine_by_coords(labelled, data_vars="all", coords="different", compat="no_conflicts",
+                                  join="outer", combine_attrs="drop_conflicts")
+    merged.attrs["swept"] = sorted(swept)
     return merged
+
+
+RUN_PREFIX = "run_"  # per-run provenance in a merged sweep: run_created, run_overrides, ... along the swept dims
+
+
+def _differing_attrs(datasets: list[xr.Dataset], skip: set[str]) -> dict[str, list]:
+    """Provenance that differs between runs (created, overrides, a model's revision): kept per run,
+    where merging attrs would drop it."""
+    names = [name for name in dict.fromkeys(k for ds in datasets for k in ds.attrs) if name not in skip]
+    values = {name: [_scalar(ds.attrs.get(name, "")) for ds in datasets] for name in names}
+    return {name: column for name, column in values.items() if len(set(column)) > 1}
+
+
+def _scalar(value):
+    return json.dumps(value) if isinstance(value, (list, tuple, dict, bool)) else value
+
+
+def _labelled_run(dataset: xr.Dataset, point: dict, provenance: dict) -> xr.Dataset:
+    """One run as a point of the sweep: the swept dims added to every variable and every per-example
+    coordinate (token_*, prompt_*: the data can differ between runs), its own provenance as coords."""
+    per_example = [name for name in dataset.coords if name not in dataset.dims and "example" in dataset[name].dims]
+    labelled = dataset.reset_coords(per_example).expand_dims({key: [value] for key, value in point.items()})
+    labelled = labelled.set_coords(per_example)
+    dims = tuple(point)
+    return labelled.assign_coords({RUN_PREFIX + name: (dims, np.full((1,) * len(dims), value))
+                                   for name, value in provenance.items()})
 
 
 def _check_one_sweep(datasets: list[xr.Dataset], folder: Path) -> None:

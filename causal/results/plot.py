@@ -133,9 +133,9 @@ def _labels(dataset: xr.Dataset, dim: str, values) -> list[str]:
     base = next((c for c in dataset.coords if c.startswith("token_")), None)
     if base is None:
         return [str(v) for v in values]
-    tokens = dataset[base].sel(pos=values).values  # (example, pos)
+    tokens = dataset[base].sel(pos=values).transpose(..., "pos").values.reshape(-1, len(values))  # (runs x examples, pos)
     shared = (tokens == tokens[:1]).all(0)
-    return [f"{p} {t}" if same else f"{p} {t}…" for p, t, same in zip(values, tokens[0], shared)]
+    return [f"{p} {t!s}".rstrip() if same else f"{p}" for p, t, same in zip(values, tokens[0], shared)]
 
 
 def _size(mean: xr.DataArray) -> tuple[float, float]:
