@@ -1,5 +1,5 @@
 """`causal` command line: `causal run FILE [key=value ...]`, `causal run -m FILE k=a,b`, `causal check FILE`,
-`causal plot DIR`, `causal --version`; `python -m causal` is the same.
+`causal plot DIR`, `causal report DIR`, `causal --version`; `python -m causal` is the same.
 
 Runs go through Hydra so every run gets its own directory under outputs/ with the resolved
 config, and sweeps (`-m`) use Hydra's launchers; Hydra's own flags (`--cfg job`, `--info`,
@@ -27,6 +27,7 @@ COMMANDS = {
     "run": "run one experiment (or, with -m, a Hydra sweep), each run in its own folder under outputs/",
     "check": "validate against the model and data and show the plan, running nothing",
     "plot": "re-make the plots of a finished run",
+    "report": "write a finished run's interactive HTML report (RUN_DIR/report.html, opens offline)",
 }
 _HYDRA_MODES = ("run", "multirun", "cfg", "info", "shell_completion")  # Hydra takes one of these at a time
 _NEEDS_NO_FILE = ("cfg", "info", "hydra_help", "shell_completion", "experimental_rerun")  # Hydra's reports
@@ -46,6 +47,7 @@ def usage() -> str:
             f"  {'causal run -m FILE key=a,b [...]':<39}a Hydra multirun sweep, one run per combination",
             f"  {'causal check FILE [key=value ...]':<39}{COMMANDS['check']}",
             f"  {'causal plot RUN_DIR':<39}{COMMANDS['plot']}",
+            f"  {'causal report RUN_DIR':<39}{COMMANDS['report'].split(' (')[0]}",
             f"  {'causal COMMAND --help':<39}the command's options, and the run settings with their defaults",
             f"  {'causal --version':<39}the version of causal"]
     return "usage:\n" + "\n".join(rows) + "\n"
@@ -77,7 +79,7 @@ def _command(argv: list[str]) -> int:
     if argv[:1] and argv[0] in COMMANDS:
         parser = command_parser(argv[0])
         args = parser.parse_intermixed_args(argv[1:])
-        return {"run": _run, "check": _check, "plot": _plot}[argv[0]](parser, args)
+        return {"run": _run, "check": _check, "plot": _plot, "report": _report}[argv[0]](parser, args)
     parsers()[0].parse_args(argv)  # --help, --version or a mistake: each ends in _Exit
     print(USAGE, file=sys.stderr, end="")  # no command at all
     return 2
@@ -151,9 +153,12 @@ def parsers() -> tuple[_Parser, dict[str, _Parser]]:
 
 def command_parser(name: str) -> _Parser:
     parser = parsers()[1][name]
-    if name == "plot":
+    if name in ("plot", "report"):
         parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
                             help="a run directory (or a multirun directory) of `causal run`")
+        if name == "report":
+            parser.add_argument("-o", "--output", metavar="FILE", type=Path,
+                                help="where to write the page (default: RUN_DIR/report.html)")
         return parser
     parser.add_argument("file", nargs="?", metavar="FILE", help="the experiment file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -274,6 +279,18 @@ def _plot(parser: _Parser, args: argparse.Namespace) -> int:
         raise CausalError(f"nothing to plot in {str(args.run_dir)!r}: it has no intervention variables")
     for png in written:
         print(png)
+    return 0
+
+
+def _report(parser: _Parser, args: argparse.Namespace) -> int:
+    from causal.errors import CausalError
+    from causal.results import load
+    from causal.results.report import write_report
+    dataset = load(args.run_dir)
+    if not any(v.attrs.get("kind") == "intervention" for v in dataset.data_vars.values()):
+        raise CausalError(f"nothing to report in {str(args.run_dir)!r}: it has no intervention variables")
+    folder = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent  # RUN_DIR may name results.nc
+    print(write_report(dataset, args.output or folder / "report.html"))
     return 0
 
 

@@ -79,7 +79,9 @@ def _run_into(out_dir: Path, cfg: DictConfig, config: RunConfig, hydra) -> str:
         if checkpoints:  # only once the results are safely on disk
             checkpoints.clear()
         plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
-    return summary(dataset, results, plots)
+        report = write_report(dataset, out_dir / "report.html") if cfg.plots else None
+    message = summary(dataset, results, plots)
+    return f"{message}\nreport:  {report}" if report else message
 
 
 def run_config(cfg: DictConfig, overrides: list[str]) -> RunConfig:
@@ -111,6 +113,11 @@ def save(dataset, path: Path) -> Path:
 def plot_all(dataset, folder: Path) -> list[Path]:
     from causal.results.plot import plot_all as plot
     return plot(dataset, folder)
+
+
+def write_report(dataset, path: Path) -> Path:
+    from causal.results.report import write_report as write
+    return write(dataset, path)
 
 
 def compose_config(path: Path, overrides: list[str]) -> RunConfig:
