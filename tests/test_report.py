@@ -18,8 +18,9 @@ import pytest
 
 import causal
 from causal.cli import main
-from causal.results.report import write_report
-from causal.results.summary import effect
+from causal.results import report
+from causal.results.report import page_data, write_report
+from causal.results.summary import bootstrap_ci, effect, mean, standard_error
 
 CHROMIUM = "/usr/bin/chromium"
 BODY = ("metric logprob(io)\nmetric logit_diff(io, s)\n"
@@ -250,6 +251,22 @@ def test_report_of_a_sweep_has_a_selector_per_swept_parameter(write_experiment, 
     browser.js("(() => { const s = document.querySelector('select[data-dim=seed]'); s.value = '1';"
                " s.dispatchEvent(new Event('change')); })()")
     assert "seed 1" in browser.hover("circle.point") and browser.errors() == []
+
+
+def test_the_page_s_numbers_are_the_summary_s(write_experiment, cpu_config, monkeypatch):
+    ds = causal.run(write_experiment("metric logprob(io)\nablate mlp_out[layer=*] with mean"), cpu_config)
+    change = effect(ds, "ablate_mlp_out")
+    shown = page_data(ds)["variables"][0]
+    assert shown["interval"] == "bootstrap" and shown["n"] == [ds.sizes["example"]] * ds.sizes["layer"]
+    assert np.allclose(shown["mean"], mean(change).values, rtol=1e-3, atol=1e-7)
+    ci = bootstrap_ci(change, level=0.95)
+    assert np.allclose(shown["low"], ci["low"].values, rtol=1e-3, atol=1e-7)
+    assert np.allclose(shown["high"], ci["high"].values, rtol=1e-3, atol=1e-7)
+    monkeypatch.setattr(report, "BOOTSTRAP_WORK", 0)  # a sweep too large to bootstrap: the normal interval
+    shown = page_data(ds)["variables"][0]
+    half = 1.959964 * standard_error(change).values
+    assert shown["interval"] == "normal"
+    assert np.allclose(shown["high"], mean(change).values + half, rtol=1e-3, atol=1e-7)
 
 
 def test_report_errors_are_messages(tmp_path, capsys):

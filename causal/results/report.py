@@ -11,16 +11,19 @@ import json
 import os
 import warnings
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import xarray as xr
 
 from causal.errors import CausalError
 from causal.results.plot import SITE_DIMS
-from causal.results.summary import bootstrap_ci, effect, mean
+from causal.results.summary import bootstrap_ci, effect, mean, standard_error
 
 LEVEL = 0.95
+SAMPLES = 1000
 MAX_NUMBERS = 20_000_000  # bootstrap samples x examples x sites held at once (160 MB)
+BOOTSTRAP_WORK = 300_000_000  # samples x examples x sites: about 2 s
 
 
 def write_report(dataset: xr.Dataset, path: str | Path) -> Path:
@@ -61,8 +64,19 @@ def page_data(dataset: xr.Dataset) -> dict:
     attrs = {k: _text(v) for k, v in dataset.attrs.items() if k != "experiment_text"}
     variables = [_variable(dataset, name) for name, v in dataset.data_vars.items()
                  if v.attrs.get("kind") == "intervention"]
-    return {"attrs": attrs, "experiment_text": _text(dataset.attrs.get("experiment_text", "")),
+    return {"attrs": attrs, "experiment_text": _text(dataset.attrs.get("experiment_text", "")), "swept": _swept(dataset),
             "examples": int(dataset.sizes.get("example", 0)), "level": LEVEL, "variables": variables}
+
+
+def _swept(dataset: xr.Dataset) -> list[str]:
+    """The parameters a merged sweep varies (io.merge_runs writes them as JSON; they may come back decoded)."""
+    swept = dataset.attrs.get("swept", [])
+    if isinstance(swept, str):
+        try:
+            swept = json.loads(swept)
+        except ValueError:
+            swept = [swept]
+    return [str(s) for s in swept] if isinstance(swept, (list, tuple)) else [str(swept)]
 
 
 def _variable(dataset: xr.Dataset, name: str) -> dict:
@@ -81,7 +95,7 @@ def _variable(dataset: xr.Dataset, name: str) -> dict:
     selectors = [d for d in dims if d not in SITE_DIMS]
     order = [*selectors, *sites[2:], *sites[:2]]
     change = change.transpose(*order, "example")
-    low, high = _interval(change)
+    low, high, interval = _interval(change)
     means = mean(change).values
     return {"name": name, "statement": _text(attrs.get("statement", "")), "method": _text(attrs.get("method", "")),
             "prompts": _text(attrs.get("prompts", "")), "source": _text(attrs.get("source", "")),
@@ -90,25 +104,29 @@ def _variable(dataset: xr.Dataset, name: str) -> dict:
             "axes": sites[:2], "panels": sites[2:], "selectors": selectors,
             "ordered": len(sites) == 1 and sites[0] in ("layer", "pos") and np.issubdtype(change[sites[0]].dtype,
                                                                                           np.number),
-            "limits": _limits(means, "metric" in selectors), "mean": _numbers(means), "low": _numbers(low),
+            "interval": interval, "limits": _limits(means, "metric" in selectors), "mean": _numbers(means), "low": _numbers(low),
             "high": _numbers(high), "n": change.notnull().sum("example").values.ravel().tolist(),
             "tokens": _tokens(dataset, change, attrs)}
 
 
-def _interval(change: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
-    """summary.bootstrap_ci per site, a block of sites at a time (it holds samples x examples numbers a site)."""
+def _interval(change: xr.DataArray) -> tuple[np.ndarray, np.ndarray, str]:
+    """The CI per site: summary.bootstrap_ci (as the plots' bands), a block of sites at a time as it holds
+    samples x examples numbers a site; past BOOTSTRAP_WORK (a neuron sweep: tens of seconds) the normal
+    interval from summary.standard_error instead, and the page says which."""
     examples = change.sizes["example"]
     flat = change.values.reshape(-1, examples)
-    block = max(1, MAX_NUMBERS // (1000 * max(examples, 1)))
-    lows, highs = [], []
+    shape = change.shape[:-1]
     with warnings.catch_warnings():  # a site no example has: NaN, as intended
         warnings.simplefilter("ignore", RuntimeWarning)
-        for start in range(0, len(flat), block):
-            ci = bootstrap_ci(xr.DataArray(flat[start:start + block], dims=("site", "example")), level=LEVEL)
-            lows.append(ci["low"].values)
-            highs.append(ci["high"].values)
-    shape = change.shape[:-1]
-    return np.concatenate(lows).reshape(shape), np.concatenate(highs).reshape(shape)
+        if flat.size * SAMPLES > BOOTSTRAP_WORK:
+            half = NormalDist().inv_cdf(0.5 + LEVEL / 2) * standard_error(change).values
+            centre = mean(change).values
+            return centre - half, centre + half, "normal"
+        block = max(1, MAX_NUMBERS // (SAMPLES * max(examples, 1)))
+        parts = [bootstrap_ci(xr.DataArray(flat[start:start + block], dims=("site", "example")), level=LEVEL,
+                              samples=SAMPLES) for start in range(0, len(flat), block)]
+    low, high = (np.concatenate([ci[k].values for ci in parts]).reshape(shape) for k in ("low", "high"))
+    return low, high, "bootstrap"
 
 
 def _limits(means: np.ndarray, by_metric: bool) -> list[float]:
@@ -263,7 +281,8 @@ function tipLines(v, at, metric) {
   const k = index(v, at);
   if (v.mean[k] === null) return [...lines, "no value: no example has this site"];
   return [...lines, "mean \u0394 " + metric + ": " + num(v.mean[k]),
-    Math.round(D.level * 100) + "% CI [" + num(v.low[k]) + ", " + num(v.high[k]) + "] over " + v.n[k] + " examples"];
+    Math.round(D.level * 100) + "% CI [" + num(v.low[k]) + ", " + num(v.high[k]) + "] over " + v.n[k] + " examples ("
+    + (v.interval === "bootstrap" ? "bootstrap" : "normal approximation") + ")"];
 }
 function hover(node, lines) { tips.set(node, lines); return node; }
 
@@ -271,9 +290,10 @@ function header() {
   const a = D.attrs;
   document.getElementById("title").textContent = "experiment " + (a.experiment || "");
   const facts = [a.model && "model " + a.model, D.examples + " examples", a.seed !== undefined && "seed " + a.seed,
-    a.swept && "sweep over " + a.swept, a.created && "created " + a.created];
+    D.swept.length && "a sweep over " + D.swept.join(", "), a.created && "created " + a.created];
   document.getElementById("subtitle").textContent = facts.filter(Boolean).join(" \u00b7 ");
   document.getElementById("experiment-text").textContent = D.experiment_text;
+  document.getElementById("experiment").hidden = !D.experiment_text;
   const table = document.getElementById("attrs");
   for (const k of Object.keys(a)) {
     const row = el("tr"), cell = el("td");
@@ -289,7 +309,7 @@ function selectors() {
     dims[d] = dims[d] || [];
     for (const c of v.coords[d]) if (!dims[d].includes(c)) dims[d].push(c);
   }
-  for (const d of Object.keys(dims)) {
+  for (const d of Object.keys(dims).sort((a, b) => (b === "metric") - (a === "metric"))) {  // metric first
     state[d] = dims[d][0];
     const select = el("select", {"data-dim": d});
     for (const c of dims[d]) select.append(el("option", {value: c}, c));
@@ -314,9 +334,10 @@ function section(v, width) {
   s.append(el("h2", {}, v.name + ": \u0394 " + metric + (fixed.length ? " (" + fixed.join(", ") + ")" : "")));
   s.append(el("code", {class: "statement"}, v.statement));
   s.append(el("p", {class: "what"}, "Mean over " + D.examples + " examples of the metric with this intervention minus "
-    + "the unpatched " + v.prompts + " run" + (v.axes.length === 2 ? "; red raises the metric, blue lowers it, grey: no value" : "")
+    + "the unmodified " + v.prompts + " run" + (v.axes.length === 2 ? "; red raises the metric, blue lowers it, grey: no value" : "")
     + (Object.keys(v.tokens).length ? "; a position's token is example 0's (\u2026: examples differ there)" : "")
-    + ". Hover for the " + Math.round(D.level * 100) + "% bootstrap CI over examples."));
+    + ". Hover for the " + Math.round(D.level * 100) + "% CI over examples (" + (v.interval === "bootstrap" ? "bootstrap"
+      : "normal approximation from the standard error: too many sites to bootstrap") + ")."));
   const at = {};
   for (const d of v.selectors) {
     at[d] = v.coords[d].indexOf(state[d]);
@@ -364,7 +385,7 @@ function heatmap(v, where, width, limit, metric) {
   const [rd, cd] = v.axes, R = v.coords[rd].length, C = v.coords[cd].length;
   const rows = v.coords[rd].map((_, i) => tick(v, rd, i)), cols = v.coords[cd].map((_, j) => tick(v, cd, j));
   const left = 34 + CHAR * Math.max(...rows.map(t => t.length)), top = 4;
-  const cw = Math.max(8, Math.min(80, Math.floor((width - left - 30) / C))), ch = Math.max(14, Math.min(36, cw));
+  const cw = Math.max(3, Math.min(80, Math.floor((width - left - 30) / C))), ch = Math.max(14, Math.min(36, cw));
   const svg = sv("svg", {class: "heatmap"}), annotate = R * C <= 64 && cw >= 38;
   for (let i = 0; i < R; i++) for (let j = 0; j < C; j++) {
     const at = Object.assign({}, where, {[rd]: i, [cd]: j}), m = v.mean[index(v, at)];
