@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["CausalError", "RunConfig", "load", "merge_runs", "prepare", "prepare_text", "run", "run_prepared", "run_text",
-           "save"]
+__all__ = ["CausalError", "RunConfig", "load", "merge_runs", "plot", "prepare", "prepare_text", "run", "run_prepared",
+           "run_text", "save"]
 
 _HOME = {  # where each public name lives
     "CausalError": "causal.errors",
@@ -17,6 +17,7 @@ _HOME = {  # where each public name lives
     "load": "causal.results",
     "save": "causal.results",
     "merge_runs": "causal.results",
+    "plot": "causal.results.plot",
     "prepare": "causal.api",
     "prepare_text": "causal.api",
     "run": "causal.api",
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from causal.api import prepare, prepare_text, run, run_prepared, run_text
     from causal.errors import CausalError
     from causal.results import load, merge_runs, save
+    from causal.results.plot import plot
     from causal.settings import RunConfig
 
 

@@ -142,16 +142,20 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
     for name, variable in dataset.data_vars.items():
         if variable.attrs.get("kind") != "intervention":
             continue
-        mean = effect(dataset, name).mean("example")
-        if "metric" in mean.dims:
-            mean = mean.isel(metric=0)
-        if not mean.dims:  # nothing swept: one number
-            lines.append(f"{name} ({variable.attrs['statement']}): mean effect {float(mean):+.3f}")
-            continue
-        flat = mean.to_series().dropna().abs().sort_values(ascending=False).head(3)
-        top = ", ".join(f"{_where(k, mean.dims)}: {mean.to_series()[k]:+.3f}" for k in flat.index)
-        lines.append(f"{name} ({variable.attrs['statement']}): largest mean effects {top}")
+        means = effect(dataset, name).mean("example")
+        metrics = list(means["metric"].values) if "metric" in means.dims else [variable.attrs.get("metric")]
+        for metric in metrics:
+            mean = means.sel(metric=metric, drop=True) if "metric" in means.dims else means
+            lines.append(f"{name} ({variable.attrs['statement']}), Δ {metric}: {_largest(mean)}")
     return "\n".join(lines)
+
+
+def _largest(mean) -> str:
+    if not mean.dims:  # nothing swept: one number
+        return f"mean effect {float(mean):+.3f}"
+    series = mean.to_series()
+    flat = series.dropna().abs().sort_values(ascending=False).head(3)
+    return "largest mean effects " + ", ".join(f"{_where(k, mean.dims)}: {series[k]:+.3f}" for k in flat.index)
 
 
 def _where(key, dims) -> str:

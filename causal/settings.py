@@ -53,7 +53,9 @@ class RunConfig:
                                   "against)")
     cache_gb: float | None = setting(None, help="memory for cached activations per chunk of examples (null: a "
                                                 "quarter of RAM, or half the free GPU memory)")
-    progress: bool = setting(True, help="show progress bars")
+    progress: bool | None = setting(None, command_line_default=True,
+                                    help="show progress bars (None: where someone watches, a terminal or a "
+                                         "notebook, not a pipe or a log; `causal run` shows them)")
     checkpoints: str | None = setting(None, command_line_default="outputs/.checkpoints",
                                       help="folder for finished batches, so that a re-run resumes (null / None: no "
                                            "checkpoints; `causal run` uses it while resume=true)")

@@ -295,10 +295,10 @@ def check_command(args: list[str]) -> None:
         return
     parser = cli.command_parser(args[0])
     parsed = parser.parse_intermixed_args(args[1:])
-    if args[0] != "plot":
+    if args[0] not in ("plot", "report"):  # these take a run folder, not an experiment file
         path, given = cli.file_and_overrides(parser, [t for t in (parsed.file, *parsed.overrides) if t is not None])
         cli.check_command_line(path, given, multirun=bool(getattr(parsed, "multirun", False)))
-    if args[0] in ("check", "plot"):
+    if args[0] in ("check", "plot", "report"):
         assert cli.main(args) == 0
 
 

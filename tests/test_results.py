@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import xarray as xr
 
 import causal
@@ -150,3 +151,102 @@ def test_results_are_readable_by_collaborators(write_experiment, cpu_config, tmp
     finally:
         os.umask(previous)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------------- plots a reader can trust
+# Issue "a researcher's first week", items 7 and 8.
+
+def _subject_rows(n: int = 4) -> list[dict]:
+    from conftest import make_rows
+    return [dict(r, subject=" ".join(r["clean"].split()[1:3])) for r in make_rows(n=n)]
+
+
+def _heatmap_colours(fig) -> list[tuple[str, float, float]]:
+    """(colour map, low, high) of each heatmap in the figure."""
+    return [(m.cmap.name, *m.get_clim()) for ax in fig.axes for m in ax.collections if hasattr(m, "get_clim")
+            and m.get_array() is not None and m.get_array().ndim >= 1 and ax.get_label() != "<colorbar>"]
+
+
+def test_plot_returns_figures_for_a_notebook_without_touching_its_backend(write_experiment, cpu_config):
+    import subprocess
+    import sys
+    from matplotlib.figure import Figure
+    ds = causal.run(write_experiment("metric logprob(io)\nablate z[layer=*, head=*] with zero"), cpu_config)
+    figures = causal.plot(ds)
+    assert len(figures) == 1 and isinstance(figures[0], Figure)
+    assert figures._repr_html_().count('<img src="data:image/png;base64,') == 1  # shown inline by Jupyter
+    assert len(causal.plot(ds, "ablate_z")) == 1
+    with pytest.raises(causal.CausalError, match="no variable 'nope' to plot"):
+        causal.plot(ds, "nope")
+    code = "import matplotlib; matplotlib.use('svg'); import causal.results.plot; print(matplotlib.get_backend())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "svg"
+
+
+def test_python_api_shows_progress_only_where_someone_watches():
+    from causal.engine.execute import Executor
+    import inspect
+    assert causal.RunConfig().progress is None  # tqdm's own rule: a terminal or a notebook, not a pipe
+    assert "disable=None if self.progress is None" in inspect.getsource(Executor.run)
+
+
+def test_one_signed_values_get_a_sequential_map():
+    """Tracing showed values >= 0 on a map diverging around 0; -0.00 from noise must not change that."""
+    from causal.results.plot import _Scale
+    assert (_Scale.of(np.array([0.0, 0.3, 0.7, -0.001])).cmap, _Scale.of(np.array([0.0, 0.7])).vmin) == ("Purples", 0)
+    assert _Scale.of(np.array([-0.5, -0.1])).cmap == "Blues_r"
+    assert (_Scale.of(np.array([-0.5, 0.4])).cmap, _Scale.of(np.array([-0.5, 0.4])).vmin) == ("RdBu_r", -0.5)
+
+
+def test_a_trace_names_its_window_and_the_levels_it_lies_between(write_experiment, cpu_config):
+    body = ("positions { SUBJ = span(subject) }\nmetric prob(io)\n"
+            "trace noise(3 sigma, samples=3, seed=7) on SUBJ restore resid_post[layer=* window 2, pos=*]")
+    ds = causal.run(write_experiment(body, _subject_rows()), cpu_config)
+    (fig,) = causal.plot(ds)
+    text = " ".join([*(t.get_text() for t in fig.texts), *(ax.get_title() for ax in fig.axes)]).replace("\n", " ")
+    noised, clean = float(ds["trace_resid_post_noised"].mean()), float(ds["clean"].mean())
+    assert f"trace_resid_post_noised {noised:.3g}" in text and f"clean {clean:.3g}" in text
+    assert "window 2" in text and "mean over 4 examples" in text
+
+
+def test_attribution_and_its_exact_check_share_grid_and_scale_with_a_scatter(write_experiment, cpu_config):
+    ds = causal.run(write_experiment("metric logprob(io)\nattribute z[layer=*, head=*] from corrupt into clean "
+                                     "verify top 3"), cpu_config)
+    figures = causal.plot(ds)
+    assert len(figures) == 1  # the exact check is drawn with its estimate, not on a grid of its own
+    estimate, exact = (m for ax in figures[0].axes for m in ax.collections if hasattr(m, "get_clim")
+                       and ax.get_label() != "<colorbar>" and m.get_array() is not None and m.get_array().ndim >= 1
+                       and m.get_array().size > 3)
+    assert estimate.get_array().shape == exact.get_array().shape  # head 0 and layer 0 kept, blank where unverified
+    assert estimate.get_clim() == exact.get_clim()
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert f"3 verified sites: r = {ds['attribute_z'].attrs['exact_correlation']:.3f}" in titles
+
+
+def test_path_receivers_are_compared_on_one_scale(write_experiment, cpu_config, tmp_path):
+    body = ("metric logprob(io)\npath z[layer=0, head=*] -> q[layer=1] from corrupt into clean as into_q\n"
+            "path z[layer=0, head=*] -> k[layer=1] from corrupt into clean as into_k\n"
+            "path z[layer=0, head=*] -> v[layer=1] from corrupt into clean as into_v")
+    ds = causal.run(write_experiment(body), cpu_config)
+    written = plot_all(ds, tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["into_k.png", "into_q.png", "into_v.png", "path_compared.png"]
+    limits = {ax.get_ylim() for fig in causal.plot(ds)[:3] for ax in fig.axes}
+    assert len(limits) == 1  # the three bar plots share one value scale
+
+
+def test_position_labels_name_a_token_only_where_every_example_has_it(write_experiment, cpu_config):
+    from causal.results.plot import _labels
+    ds = causal.run(write_experiment("metric logprob(io)\npatch resid_pre[layer=0, pos=*] from corrupt into clean"),
+                    cpu_config)
+    labels = _labels(ds, "pos", ds["pos"].values)
+    tokens = ds["token_clean"].values
+    for position, label in zip(ds["pos"].values, labels):
+        shared = (tokens[:, position] == tokens[0, position]).all()
+        assert label == (f"{position} {tokens[0, position]}" if shared else f"{position}")
+
+
+def test_run_summary_names_every_metric(write_experiment, cpu_config, tmp_path):
+    from causal.hydra_app import summary
+    ds = causal.run(write_experiment("metric logprob(io)\nmetric prob(io)\nablate z[layer=*, head=*] with zero"),
+                    cpu_config)
+    lines = summary(ds, tmp_path / "results.nc", []).splitlines()[1:]
+    assert [line.split(": largest")[0].split(", Δ ")[1] for line in lines] == ["logprob(io)", "prob(io)"]

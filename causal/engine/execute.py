@@ -51,14 +51,14 @@ class _Sums:
         return out
 
 
-def execute(experiment: Experiment, plan: Plan, progress: bool = True, store: ChunkStore | None = None) -> RawResults:
+def execute(experiment: Experiment, plan: Plan, progress: bool | None = None, store: ChunkStore | None = None) -> RawResults:
     return Executor(experiment, plan, progress, store).run()
 
 
 class Executor:
     """Runs a plan. Methods see it as `run`: forward passes, hooks, masks, caches and baselines."""
 
-    def __init__(self, experiment: Experiment, plan: Plan, progress: bool, store: ChunkStore | None):
+    def __init__(self, experiment: Experiment, plan: Plan, progress: bool | None, store: ChunkStore | None):
         self.experiment, self.plan, self.store = experiment, plan, store
         self.runner = Runner(experiment.model)
         self.masks = Masks(experiment)
@@ -84,7 +84,7 @@ class Executor:
                         len(self.plan.jobs), self.store.folder)
         per_chunk = [(i, m) for i, m in enumerate(self.experiment.interventions) if m.works_per_chunk]
         bar = tqdm(total=len(self.plan.jobs) + len(per_chunk) * len(self.plan.chunks), unit="batch",
-                   desc=f"{self.experiment.name}", disable=not self.progress)
+                   desc=f"{self.experiment.name}", disable=None if self.progress is None else not self.progress)
         numbered = iter(range(len(self.plan.jobs)))
         for chunk_index, chunk in enumerate(self.plan.chunks):
             indices = [next(numbered) for _ in chunk.jobs]

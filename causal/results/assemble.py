@@ -51,7 +51,7 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
 
 
 def _number_or_name(position: str):
-    return int(position) if position.lstrip("-").isdigit() else position
+    return int(position) if position.lstrip("-").isdigit() else str(position)
 
 
 def _units(metric) -> str:
