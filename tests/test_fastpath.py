@@ -136,7 +136,7 @@ def test_ragged_prompts_leave_missing_positions_nan(prepared):
     lengths = experiment.prompts["clean"].lengths.numpy()
     assert len(set(lengths)) == 3
     width = int(lengths.max())
-    swept = reference["patch_resid_pre"].sel(metric="logprob(io)", pos=[str(p) for p in range(width)])
+    swept = reference["patch_resid_pre"].sel(metric="logprob(io)", pos=list(range(width)))
     missing = np.isnan(swept.transpose("layer", "pos", "example"))
     expected = np.arange(width)[:, None] >= lengths[None, :]
     np.testing.assert_array_equal(missing.values, np.broadcast_to(expected, missing.shape))

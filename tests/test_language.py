@@ -997,7 +997,7 @@ def test_result_variables_of_each_statement(tmp_path):
     }
     assert {name: ds[name].dims for name in ds.data_vars} == expected
     assert list(ds.metric.values) == ["logit_diff(io, s) normalized", "kl(clean)"]
-    assert list(ds.pos.values) == ["SUBJ", "3"] and list(ds["head"].values) == [0, 1, 2, 3]
+    assert list(ds.pos.values) == ["SUBJ", 3] and list(ds["head"].values) == [0, 1, 2, 3]
     assert ds.heads.attrs["method"] == "mean" and ds.trace_resid_post.attrs["prompts"] == "trace_resid_post_noised"
     assert ds.attribute_z_exact.attrs["estimated_by"] == "attribute_z"
     exact = ds.attribute_z_exact.isel(metric=0, example=0).values

@@ -50,21 +50,24 @@ def test_each_launcher_composes_or_names_its_plugin(write_experiment, no_forward
     assert not Path("outputs").exists(), "nothing ran"
 
 
-@pytest.mark.skipif(_installed("ray"), reason="the plugin's own config is composed above")
 def test_ray_gpu_extends_the_plugins_ray_config():
-    """Without the plugin, its `ray` config stood in: ray_gpu composes on top of it, once."""
+    """ray_gpu composes on top of the plugin's `ray` config, once (where the plugin is missing, a stand-in)."""
     from hydra import compose, initialize_config_module
     from hydra.core.config_store import ConfigStore
     store = ConfigStore.instance()
-    store.store(group="hydra/launcher", name="ray", node={"_target_": "RayLauncher", "ray": {"init": {"address": None},
-                                                                                          "remote": {}}})
+    stand_in = not _installed("ray")
+    if stand_in:
+        store.store(group="hydra/launcher", name="ray",
+                    node={"_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+                          "ray": {"init": {"address": None}, "remote": {}}})
     try:
         with initialize_config_module("causal.conf", version_base="1.3"):
             cfg = compose("run", overrides=["file=x.cx", "hydra/launcher=ray_gpu"], return_hydra_config=True)
     finally:
-        store.repo["hydra"]["launcher"].pop("ray.yaml")
-    assert cfg.hydra.launcher._target_ == "RayLauncher"
-    assert dict(cfg.hydra.launcher.ray.remote) == {"num_gpus": 1, "num_cpus": 4}
+        if stand_in:
+            store.repo["hydra"]["launcher"].pop("ray.yaml")
+    assert cfg.hydra.launcher._target_.endswith("RayLauncher")
+    assert {"num_gpus": 1, "num_cpus": 4}.items() <= dict(cfg.hydra.launcher.ray.remote).items()
 
 
 # --------------------------------------------------------------------------------- sweeps with failed jobs
@@ -87,21 +90,6 @@ def test_a_sweep_with_failed_jobs_says_which_and_exits_non_zero(write_experiment
     assert "      command line: error: no toy model 'nope' in the zoo" in err
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
     assert causal.load(sweep).sizes["seed"] == 2
-
-
-@pytest.mark.skipif(not _installed("ray"), reason="needs hydra-ray-launcher (README: a venv of its own)")
-def test_a_ray_sweep_reports_its_failed_jobs(write_experiment, tmp_path, tiny_gpt2, capsys):
-    """A local Ray (started by the launcher, jobs in Ray workers): the outcomes come back through Ray."""
-    import ray
-    path = write_experiment("metric logprob(io)\nablate mlp_out with zero")
-    sweep = tmp_path / "sweep"
-    try:
-        status = main(["run", "-m", str(path), f"hydra.sweep.dir={sweep}", f"model={tiny_gpt2},zoo:nope", "device=cpu",
-                       "progress=false", "plots=false", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=1"])
-    finally:
-        ray.shutdown()
-    assert status == 2 and "1 of 2 jobs failed:\n  #1 model=zoo:nope device=cpu" in capsys.readouterr().err
-    assert (sweep / "0" / "results.nc").exists() and not (sweep / "1").exists()
 
 
 def test_a_sweep_whose_jobs_all_fail_leaves_no_folder(write_experiment, tmp_path, capsys):

@@ -266,4 +266,4 @@ def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_
     resumed = causal.run(path, config)
     assert computed == [0, 2, 4, 6, 8], "the two checkpointed chunks were computed again"
     xr.testing.assert_identical(resumed.drop_attrs(deep=False), uninterrupted.drop_attrs(deep=False))
-    assert resumed["attribute_q"].attrs["qk_fix_layers"] == "[0, 1, 2]"  # restored notes, compared above too
+    assert resumed["attribute_q"].attrs["qk_fix_layers"] == [0, 1, 2]  # restored notes, compared above too

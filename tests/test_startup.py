@@ -114,8 +114,8 @@ def test_import_causal_is_lazy():
 
 
 def test_every_public_name_resolves():
-    assert causal.__all__ == ["CausalError", "RunConfig", "load", "merge_runs", "prepare", "prepare_text", "run",
-                              "run_prepared", "run_text", "save"]
+    assert causal.__all__ == ["CausalError", "RunConfig", "load", "merge_runs", "plot", "prepare", "prepare_text",
+                              "run", "run_prepared", "run_text", "save"]
     from causal.api import prepare, run
     from causal.settings import RunConfig
     assert causal.run is run and causal.prepare is prepare and causal.RunConfig is RunConfig
