@@ -89,6 +89,7 @@ def test_cost_model_mixing_start_groups_equals_reference(arch, case, prepared, m
     """With cheap forward calls `auto` merges only some neighbouring start groups: jobs of mixed starts."""
     experiment, reference = prepared(arch, case)
     monkeypatch.setattr(causal.engine.plan, "call_overhead", lambda d_model, unembedding, device_type: CHEAP_CALLS)
+    monkeypatch.setattr(causal.engine.plan, "resume_overhead", lambda d_model, device_type: 0.0)  # resume every row
     jobs = {pack: len(compile_plan(experiment, LARGE_BATCH, pack).jobs) for pack in ("exact", "auto", "sites")}
     assert jobs["sites"] < jobs["auto"] < jobs["exact"]
     assert_same(reference, run_prepared(experiment, config(pack="auto", batch_size=LARGE_BATCH)), f"{arch} {case}")
@@ -257,6 +258,38 @@ def test_resumed_forwards_use_the_cache_argument_transformers_wants(resid_sweep,
         run_prepared(resid_sweep, config(pack="exact", batch_size=LARGE_BATCH))
     assert any(c["pos"] > 0 for c in calls)  # the KV-prefix path ran
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def modelled_cost(plan, packer) -> float:
+    """What the cost model says a plan costs: block work from each job's start, resuming's setup, calls."""
+    return sum(packer.cost(len(job.examples), job.start_layer, job.start_pos) + packer.overhead +
+               (packer.resume_cost if (job.start_layer, job.start_pos) != (0, 0) else 0.0) for job in plan.jobs)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_the_cost_model_never_picks_a_plan_dearer_than_the_reference(arch, prepared):
+    """Issue "speed to the floor", item 1: on a tiny GQA Llama at batch size 1 the fast path was slower than
+    optimize=False. At every batch size the plan chosen costs, by the model's own measure, at most what the
+    reference plan (every row from the start, the same batches) would."""
+    from causal.engine.plan import Packer
+    experiment, _ = prepared(arch, "sites")
+    dearer = {}
+    for batch in (1, 2, 3, 4, 8, 64):
+        packer = Packer(experiment, batch, "auto", "cpu")
+        chosen = modelled_cost(compile_plan(experiment, batch, "auto"), packer)
+        reference = modelled_cost(compile_plan(experiment, batch, "sites", optimize=False), packer)
+        if chosen > reference * (1 + 1e-9):
+            dearer[batch] = (chosen, reference)
+    assert not dearer, f"batch size: (chosen, reference) modelled cost {dearer}"
+
+
+def test_a_tiny_model_runs_whole_forwards_where_resuming_costs_more(prepared):
+    """d_model 32: resuming's setup (~0.3 ms) is more than a few rows' whole forward, so rows start at 0."""
+    from causal.engine.plan import resume_overhead
+    experiment, _ = prepared("llama_gqa", "sites")
+    assert resume_overhead(32, "cpu") > compile_plan(experiment, 1, "auto").jobs[0].examples.numel() * 2 * 7
+    assert {(job.start_layer, job.start_pos) for job in compile_plan(experiment, 1, "auto").jobs} == {(0, 0)}
+    assert resume_overhead(768, "cpu") < 5  # GPT-2-small: a few token-layers, resuming pays
 
 
 # a model whose attention has a sliding window no longer than the prompts
