@@ -1,4 +1,5 @@
-"""Opening the files a user names (experiment files, data files): checked by `stat` before reading.
+"""Opening the files a user names (experiment files, data files): checked by `stat` before reading;
+and writing outputs atomically.
 
 Only regular files are read, so a FIFO cannot hang a run and /dev/zero cannot fill memory, and
 only up to a size stated here (docs/reliability.md, "Limits"), so a mistaken path fails at once
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Callable
 
 from causal.errors import CausalError, Span
 from causal.limits import MAX_DATA_BYTES, MAX_EXPERIMENT_BYTES
@@ -55,3 +57,17 @@ def readable_size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}".replace(".0 ", " ")
     return f"{int(n)} bytes"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Path:
+    """`write` into a file beside `path`, then rename: a full disk or a kill leaves no half-written `what`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CausalError(f"cannot write the {what} {str(path)!r}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

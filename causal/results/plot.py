@@ -12,7 +12,6 @@ import io
 import itertools
 import logging
 import math
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from causal.errors import CausalError  # noqa: E402
+from causal.files import write_atomically  # noqa: E402
 from causal.results.summary import effect  # noqa: E402
 
 SITE_DIMS = ("layer", "head", "kv_head", "pos", "neuron", "key_pos")  # what a statement sweeps: the axes of a panel
@@ -304,16 +304,7 @@ def _draw(ax, change: xr.DataArray, dataset: xr.Dataset, dims: list[str], scale:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Beside the target, then renamed: a full disk leaves no half-written PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CausalError(f"cannot write the plot {str(path)!r}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "plot")
 
 
 def _ordered(coord: xr.DataArray) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import warnings
 from pathlib import Path
 from statistics import NormalDist
@@ -16,7 +15,7 @@ from statistics import NormalDist
 import numpy as np
 import xarray as xr
 
-from causal.errors import CausalError
+from causal.files import write_atomically
 from causal.results.plot import SITE_DIMS
 from causal.results.summary import bootstrap_ci, effect, mean, standard_error
 
@@ -27,19 +26,8 @@ BOOTSTRAP_WORK = 300_000_000  # samples x examples x sites: about 2 s
 
 
 def write_report(dataset: xr.Dataset, path: str | Path) -> Path:
-    """Beside the target, then renamed: a full disk leaves no half-written page."""
-    path = Path(path)
     page = report_html(dataset)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CausalError(f"cannot write the report {str(path)!r}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(Path(path), lambda tmp: tmp.write_text(page, encoding="utf-8"), "report")
 
 
 def report_html(dataset: xr.Dataset) -> str:
