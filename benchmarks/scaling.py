@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import causal  # noqa: E402
 from benchmarks.references import build_gpt2, save_model_folder, write_causal_experiment  # noqa: E402
 from benchmarks.sweep import (  # noqa: E402
-    STATEMENTS, causal_sweep, flop_ratio, machine, make_inputs, naive_sweep, transformer_lens_sweep,
+    STATEMENTS, causal_sweep, data_rows, flop_ratio, machine, make_inputs, naive_sweep, transformer_lens_sweep,
 )
 
 BASE = dict(examples=8, tokens=12, layers=4, d_model=256)
@@ -47,9 +47,8 @@ def measure(shape: dict, repeats: int, with_tl: bool, folder: Path) -> dict:
                        vocab=VOCAB, n_positions=64)
     inputs = make_inputs(shape["examples"], shape["tokens"], VOCAB, seed=0)
     model_folder = save_model_folder(model, folder / "model")
-    rows = [{"clean": c.tolist(), "corrupt": k.tolist(), "answer": int(a)}
-            for c, k, a in zip(inputs.clean, inputs.corrupt, inputs.answers)]
-    path = write_causal_experiment(folder, model_folder, rows, f"metric logprob(answer)\n{STATEMENTS['resid_pre']}")
+    path = write_causal_experiment(folder, model_folder, data_rows(inputs),
+                                   f"metric logprob(io)\n{STATEMENTS['resid_pre']}")
     config = causal.RunConfig(device="cpu", progress=False)
     experiment = causal.prepare(path, config)
     methods = {"naive": lambda: naive_sweep(model, inputs, "resid_pre", "cpu"),
@@ -129,13 +128,12 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 import causal
 from benchmarks.references import build_gpt2, save_model_folder, write_causal_experiment
-from benchmarks.sweep import STATEMENTS, make_inputs
+from benchmarks.sweep import STATEMENTS, data_rows, make_inputs
 examples, tokens, cache_gb = {examples}, {tokens}, {cache_gb}
 with tempfile.TemporaryDirectory() as tmp:
     model = save_model_folder(build_gpt2(n_layer=4, n_embd=256, n_head=4, vocab=2048, n_positions=64), Path(tmp) / "m")
     inputs = make_inputs(examples, tokens, 2048, seed=0)
-    rows = [dict(clean=c.tolist(), corrupt=k.tolist(), answer=int(a)) for c, k, a in zip(inputs.clean, inputs.corrupt, inputs.answers)]
-    path = write_causal_experiment(Path(tmp), model, rows, "metric logprob(answer)\\n" + STATEMENTS["resid_pre"])
+    path = write_causal_experiment(Path(tmp), model, data_rows(inputs), "metric logprob(io)\\n" + STATEMENTS["resid_pre"])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     causal.run(path, causal.RunConfig(device="cpu", progress=False, cache_gb=cache_gb))
     print(json.dumps(dict(before=before, after=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))

@@ -77,6 +77,12 @@ def make_inputs(examples: int, tokens: int, vocab: int, seed: int) -> Inputs:
     return Inputs(clean, corrupt, torch.randint(1, vocab, (examples,), generator=gen))
 
 
+def data_rows(inputs: Inputs) -> list[dict]:
+    """The prompts as a data file's rows (token ids), with the answer in `io`."""
+    return [{"clean": c, "corrupt": k, "io": a}
+            for c, k, a in zip(inputs.clean.tolist(), inputs.corrupt.tolist(), inputs.answers.tolist())]
+
+
 # ---- the three methods; each returns (sites..., example) as a float32 numpy array on the CPU ----
 
 def transformer_lens_sweep(bridge, inputs: Inputs, sweep: str, device) -> np.ndarray:
@@ -241,8 +247,7 @@ def main(argv=None) -> int:
         print(f"TransformerLens vs HF logits: max |diff| {gap:.2e}")
         if gap > args.tolerance:
             failures.append(f"TransformerLens logits differ from HF's by {gap:.2e}")
-        rows = [{"clean": c, "corrupt": k, "io": a}
-                for c, k, a in zip(inputs.clean.tolist(), inputs.corrupt.tolist(), inputs.answers.tolist())]
+        rows = data_rows(inputs)
         config = causal.RunConfig(device=args.device, progress=False, batch_size=args.batch_size, seed=args.seed)
         for sweep in args.sweeps:
             workdir = Path(tmp) / sweep

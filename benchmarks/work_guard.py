@@ -23,7 +23,7 @@ if not __package__:  # run as a script: make `causal` (this checkout's) and `ben
 
 import causal  # noqa: E402
 from benchmarks.references import build_gpt2, save_model_folder, write_causal_experiment  # noqa: E402
-from benchmarks.sweep import STATEMENTS, TINY, make_inputs  # noqa: E402
+from benchmarks.sweep import STATEMENTS, TINY, data_rows, make_inputs  # noqa: E402
 from causal.api import plan_run, run_prepared  # noqa: E402
 from causal.check import block_work  # noqa: E402
 from causal.engine.forward import Resume, Runner  # noqa: E402
@@ -61,12 +61,11 @@ def sweeps(folder: Path, examples: int = 8, tokens: int = 16) -> dict[str, Path]
     """The benchmark's two sweeps (benchmarks/sweep.py) on its tiny model."""
     model = save_model_folder(build_gpt2(**TINY), folder / "model")
     inputs = make_inputs(examples, tokens, TINY["vocab"], seed=0)
-    rows = [{"clean": c.tolist(), "corrupt": k.tolist(), "answer": int(a)}
-            for c, k, a in zip(inputs.clean, inputs.corrupt, inputs.answers)]
     paths = {}
     for name, statement in STATEMENTS.items():
         (folder / name).mkdir()
-        paths[name] = write_causal_experiment(folder / name, model, rows, f"metric logprob(answer)\n{statement}")
+        paths[name] = write_causal_experiment(folder / name, model, data_rows(inputs),
+                                              f"metric logprob(io)\n{statement}")
     return paths
 
 

@@ -161,10 +161,10 @@ def _subject_rows(n: int = 4) -> list[dict]:
     return [dict(r, subject=" ".join(r["clean"].split()[1:3])) for r in make_rows(n=n)]
 
 
-def _heatmap_colours(fig) -> list[tuple[str, float, float]]:
-    """(colour map, low, high) of each heatmap in the figure."""
-    return [(m.cmap.name, *m.get_clim()) for ax in fig.axes for m in ax.collections if hasattr(m, "get_clim")
-            and m.get_array() is not None and m.get_array().ndim >= 1 and ax.get_label() != "<colorbar>"]
+def _heatmaps(fig) -> list:
+    """The heatmap meshes of a figure (its colour bars and scatter points left out)."""
+    return [m for ax in fig.axes for m in ax.collections if hasattr(m, "get_clim") and ax.get_label() != "<colorbar>"
+            and m.get_array() is not None and m.get_array().ndim >= 1 and m.get_array().size > 3]
 
 
 def test_plot_returns_figures_for_a_notebook_without_touching_its_backend(write_experiment, cpu_config):
@@ -182,11 +182,14 @@ def test_plot_returns_figures_for_a_notebook_without_touching_its_backend(write_
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "svg"
 
 
-def test_python_api_shows_progress_only_where_someone_watches():
-    from causal.engine.execute import Executor
-    import inspect
-    assert causal.RunConfig().progress is None  # tqdm's own rule: a terminal or a notebook, not a pipe
-    assert "disable=None if self.progress is None" in inspect.getsource(Executor.run)
+def test_python_api_shows_progress_only_where_someone_watches(write_experiment, capsys):
+    """From Python the default draws no bar into a pipe (pytest's captured stderr is one); True still draws it."""
+    path = write_experiment("metric logprob(io)\nablate z[layer=*, head=*] with zero")
+    assert causal.RunConfig().progress is None
+    causal.run(path, causal.RunConfig(device="cpu"))
+    assert "batch" not in capsys.readouterr().err
+    causal.run(path, causal.RunConfig(device="cpu", progress=True))
+    assert "100%" in capsys.readouterr().err
 
 
 def test_one_signed_values_get_a_sequential_map():
@@ -213,9 +216,7 @@ def test_attribution_and_its_exact_check_share_grid_and_scale_with_a_scatter(wri
                                      "verify top 3"), cpu_config)
     figures = causal.plot(ds)
     assert len(figures) == 1  # the exact check is drawn with its estimate, not on a grid of its own
-    estimate, exact = (m for ax in figures[0].axes for m in ax.collections if hasattr(m, "get_clim")
-                       and ax.get_label() != "<colorbar>" and m.get_array() is not None and m.get_array().ndim >= 1
-                       and m.get_array().size > 3)
+    estimate, exact = _heatmaps(figures[0])
     assert estimate.get_array().shape == exact.get_array().shape  # head 0 and layer 0 kept, blank where unverified
     assert estimate.get_clim() == exact.get_clim()
     titles = [ax.get_title() for ax in figures[0].axes]

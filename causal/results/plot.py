@@ -147,12 +147,11 @@ def _means(changes: list[xr.DataArray]) -> np.ndarray:
 # --------------------------------------------------------------------------------- figures
 
 def effect_figure(change: xr.DataArray, dataset: xr.Dataset, title: str, note: str = "",
-                  scale: "_Scale | None" = None, keep_empty: bool = False) -> Figure:
+                  scale: "_Scale | None" = None) -> Figure:
     """Mean change over examples. Nothing is averaged but examples: the site dims make a panel's axes (two
     at most), every other dim (a merged sweep's seed or model, a third site dim) one panel per value."""
-    if not keep_empty:
-        for dim in [d for d in change.dims if d != "example"]:  # the merged Dataset's union of positions, etc.
-            change = change.dropna(dim, how="all")
+    for dim in [d for d in change.dims if d != "example"]:  # a comparison's union of sites, etc.
+        change = change.dropna(dim, how="all")
     single = [d for d in change.dims if d != "example" and change.sizes[d] == 1]
     if single:  # a one-value axis is a label, not a plot dimension
         title += " (" + ", ".join(f"{d}={change[d].values[0]}" for d in single) + ")"
