@@ -57,14 +57,8 @@ def page_data(dataset: xr.Dataset) -> dict:
 
 
 def _swept(dataset: xr.Dataset) -> list[str]:
-    """The parameters a merged sweep varies (io.merge_runs writes them as JSON; they may come back decoded)."""
-    swept = dataset.attrs.get("swept", [])
-    if isinstance(swept, str):
-        try:
-            swept = json.loads(swept)
-        except ValueError:
-            swept = [swept]
-    return [str(s) for s in swept] if isinstance(swept, (list, tuple)) else [str(swept)]
+    """The parameters a merged sweep varies (io.merge_runs' list; causal.load decodes it from the file)."""
+    return [str(s) for s in dataset.attrs.get("swept", [])]
 
 
 def _variable(dataset: xr.Dataset, name: str) -> dict:
