@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 import causal
@@ -251,3 +252,35 @@ def test_run_summary_names_every_metric(write_experiment, cpu_config, tmp_path):
                     cpu_config)
     lines = summary(ds, tmp_path / "results.nc", []).splitlines()[1:]
     assert [line.split(": largest")[0].split(", Δ ")[1] for line in lines] == ["logprob(io)", "prob(io)"]
+
+
+def test_a_variable_with_its_own_dims_is_labelled_kept_raw_and_round_trips(write_experiment, cpu_config,
+                                                                          tmp_path, monkeypatch):
+    """Methods that report more than a metric value (recordings, top tokens, training curves) give
+    their own trailing dims; those values are not normalised, and strings survive netCDF."""
+    from causal.methods.base import Variable
+    from causal.methods.patch import Patch
+
+    reported = Patch.variables
+
+    def with_extras(self, effects, state):
+        n = effects.shape[1]
+        vectors = torch.arange(len(self.sweep.points) * n * 3, dtype=torch.float32).view(-1, n, 3)
+        words = np.array([[["a", "bc"][(p + e) % 2] for e in range(n)] for p in range(len(self.sweep.points))],
+                         dtype=object)
+        return [*reported(self, effects, state),
+                Variable("vectors", vectors, self.sweep, {"kind": "recording", "long_name": "vectors",
+                                                          "units": "1"}, dims=("example", "d")),
+                Variable("words", words, self.sweep, {"kind": "top_tokens"}, dims=("example",))]
+
+    monkeypatch.setattr(Patch, "variables", with_extras)
+    ds = causal.run(write_experiment("metric logprob(io) normalized by clean, corrupt\n"
+                                     "patch resid_pre[layer=*] from corrupt into clean"), cpu_config)
+    assert ds["vectors"].dims == ("layer", "example", "d") and ds["words"].dims == ("layer", "example")
+    n = ds.sizes["example"]
+    assert ds["vectors"].values[1, 0].tolist() == [3.0 * n, 3.0 * n + 1, 3.0 * n + 2]  # not normalised
+    assert ds["words"].values[0, 1] == "bc" and ds["vectors"].attrs["kind"] == "recording"
+    assert "metric" not in ds["vectors"].attrs and ds["words"].attrs["units"] == "1"
+    back = causal.load(causal.save(ds, tmp_path / "run" / "results.nc").parent)
+    xr.testing.assert_identical(back["vectors"], ds["vectors"])
+    assert back["words"].values.tolist() == ds["words"].values.tolist()

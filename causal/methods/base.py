@@ -18,7 +18,7 @@ The engine calls these through the protocol only; it never asks what kind of met
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -48,12 +48,25 @@ def method(keyword: str):
 
 @dataclass
 class Variable:
-    """One Dataset variable a method reports: (points, examples, metrics) values over its sweep."""
+    """One Dataset variable a method reports: values over its sweep's points, then `dims`.
+
+    The default, (points, examples, metrics), is a metric effect: normalised where its metric is,
+    labelled by metric. Other trailing dims (a recording's `d_model`, a training curve's `epoch`,
+    top-k `rank`) carry what is not a metric value; `coords` labels those that have labels, and
+    `values` may then be a numpy array of strings (top tokens).
+    """
 
     name: str
-    values: torch.Tensor
+    values: Any  # torch.Tensor, or np.ndarray for strings
     sweep: Sweep
     attrs: dict
+    dims: tuple[str, ...] = ("example", "metric")
+    coords: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_effect(self) -> bool:
+        """A metric value per example: normalised, summarised and plotted as an effect."""
+        return self.dims == ("example", "metric")
 
 
 @dataclass

@@ -36,7 +36,8 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
     if textual_pos:  # the union of the statements' positions, in the order they are written
         dataset = dataset.reindex(pos=_position_order(experiment))
     for variable in variables:
-        dataset[variable.name].attrs = {**variable.attrs, **_described(experiment, variable.attrs, several)}
+        described = {} if "long_name" in variable.attrs else _described(experiment, variable.attrs, several)
+        dataset[variable.name].attrs = {**variable.attrs, **described}
     dataset = dataset.assign_coords(example=np.arange(experiment.n_examples))
     if textual_pos:  # pos=-1 stays a number beside the names, so ds.sel(pos=-1) works
         dataset = dataset.assign_coords(pos=np.array([_number_or_name(p) for p in dataset["pos"].values], object))
@@ -121,7 +122,7 @@ def normalize(experiment: Experiment, raw: RawResults):
     Dividing by the mean gap (not each example's) keeps single examples with a tiny gap
     from exploding; the mean over examples is the usual (patched - corrupt) / (clean - corrupt).
     """
-    effects = {v.name: v.values.clone() for v in raw.variables}
+    effects = {v.name: v.values.clone() if v.is_effect else v.values for v in raw.variables}
     baselines = {k: v.clone() for k, v in raw.baselines.items()}
     for m, metric in enumerate(experiment.metrics):
         if metric.normalization is None:
@@ -134,7 +135,7 @@ def normalize(experiment: Experiment, raw: RawResults):
                               f"{metric.normalization.corrupt}) over {len(clean)} examples is {gap}, so normalized "
                               "values would be inf or NaN; drop `normalized by` or use data where the runs differ",
                               metric.normalization.span)
-        for table in (*effects.values(), *baselines.values()):
+        for table in (*(effects[v.name] for v in raw.variables if v.is_effect), *baselines.values()):
             table[..., m] = (table[..., m] - corrupt) / gap
     return effects, baselines
 
@@ -142,10 +143,18 @@ def normalize(experiment: Experiment, raw: RawResults):
 def _variable_array(variable, values: torch.Tensor, names: list[str], several: bool,
                     textual_pos: bool) -> xr.DataArray:
     sweep = variable.sweep
-    data = values.numpy().reshape(*sweep.shape, values.shape[1], values.shape[2])
+    data = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    data = data.reshape(*sweep.shape, *data.shape[1:])
     coords = {d: [str(v) for v in c] if d == "pos" and textual_pos else list(c) for d, c in sweep.coords.items()}
+    coords.update({d: list(c) for d, c in variable.coords.items()})
     attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in variable.attrs.items()}
-    return _labelled(data, [*sweep.dims, "example"], coords, names, several, variable.name, attrs)
+    if "metric" not in variable.dims:  # not a metric value: the method describes it (long_name, units)
+        attrs = {"long_name": f"under `{attrs.get('statement', '')}`", "units": "1", **attrs}
+        return xr.DataArray(data, dims=[*sweep.dims, *variable.dims], coords=coords, name=variable.name, attrs=attrs)
+    dims = [d for d in variable.dims if d != "metric"]
+    if variable.dims[-1] != "metric":
+        raise ValueError(f"variable {variable.name}: its metric dim must come last, not in {variable.dims}")
+    return _labelled(data, [*sweep.dims, *dims], coords, names, several, variable.name, attrs)
 
 
 def _labelled(data, dims, coords, names, several, name, attrs) -> xr.DataArray:
