@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,13 @@ def write_experiment(tmp_path, tiny_gpt2):
     return write
 
 
+TEST_DEVICE = os.environ.get("CAUSAL_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh sets cuda on a GPU machine
+
+
 @pytest.fixture
 def cpu_config() -> RunConfig:
-    return RunConfig(device="cpu", progress=False, batch_size=7)
+    """The run settings most tests use: the CPU, unless CAUSAL_TEST_DEVICE names another device."""
+    return RunConfig(device=TEST_DEVICE, progress=False, batch_size=7)
 
 
 @pytest.fixture
