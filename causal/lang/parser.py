@@ -332,6 +332,12 @@ class _ToAst(Transformer):
             raise self._error("module(\"...\") needs a module path, e.g. module(\"transformer.h.{layer}.mlp\")", meta)
         return ast.SiteRef(f"module:{path}", items[1] if len(items) > 1 else (), self._s(meta))
 
+    def sae_site(self, meta, items):
+        ref = str(items[0])[1:-1]
+        if not ref:
+            raise self._error("sae(\"...\") needs an SAE: a folder, \"zoo:<name>\" or \"saelens:<release>/<id>\"", meta)
+        return ast.SiteRef(f"sae:{ref}", items[1] if len(items) > 1 else (), self._s(meta))
+
     def sites(self, meta, items):
         return tuple(i for i in items if isinstance(i, ast.SiteRef))
 

@@ -2,6 +2,8 @@
 
 The vector is linear in `mean(column [at positions])` terms (e.g. 4 * (mean(pos) - mean(neg)));
 each mean is over examples and positions of that column's unpatched run, at the steered site.
+On SAE feature sites a number may stand alone or be added: `steer sae(...)[feature=7] by 4` adds
+4 to the feature, i.e. 4 x its decoder direction to the activation.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from causal.engine.writes import Write, grouped
 from causal.errors import CausalError, Span
 from causal.lang import ast
 from causal.methods.base import Method, method
+from causal.models.adapter import FEATURE
 from causal.resolve.positions import position_masks
 
 
@@ -30,14 +33,18 @@ class MeanTerm:
 @dataclass
 class Steer(Method):
     terms: tuple[MeanTerm, ...]
+    constant: float = 0.0  # added as it is: feature sites only (a number of feature activation)
 
     @classmethod
     def resolve(cls, node, resolution):
         base = node.get("on") or resolution.default_base(node.span)
         resolution.run_prompt(base, node.span_of("on") or node.span)
-        terms = tuple(cls.mean_term(resolution, coef, mean) for coef, mean in linear_terms(node.get("vector"), node.span))
         sweep = resolution.sweep(node.sites, base)
-        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, terms)
+        features = all(resolution.adapter.site_info(t.site).role == FEATURE for point in sweep.points for t in point)
+        means, constant = linear_terms(node.get("vector"), node.span, features)
+        terms = tuple(cls.mean_term(resolution, coef, mean) for coef, mean in means)
+        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, terms,
+                   constant)
 
     @staticmethod
     def mean_term(resolution, coef: float, mean: ast.MeanOf) -> MeanTerm:
@@ -57,12 +64,17 @@ class Steer(Method):
 
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
-        return grouped([(key, Write(where, state["vectors"][key][None, None], add=True))
-                        for (key, _), where in masks.items()])
+        return grouped([(key, Write(where, self.vector(key, state), add=True)) for (key, _), where in masks.items()])
+
+    def vector(self, key, state) -> torch.Tensor:
+        """(1, 1, *trailing dims): the means' combination plus the constant, broadcast over rows and positions."""
+        vector = state["vectors"].get(key, 0) + self.constant if self.terms else torch.tensor(self.constant)
+        return vector.reshape(1, 1, *vector.shape) if vector.dim() else vector.reshape(1, 1, 1)
 
 
-def linear_terms(expr: ast.Expr, span: Span) -> list[tuple[float, ast.MeanOf]]:
-    """A steering expression as coef * mean(...) terms; constants alone or products of means are errors."""
+def linear_terms(expr: ast.Expr, span: Span, features: bool = False) -> tuple[list[tuple[float, ast.MeanOf]], float]:
+    """A steering expression as coef * mean(...) terms and a constant; products of means are errors, and so is
+    a constant on sites other than SAE features (what would a number added to every dimension mean?)."""
     def walk(node) -> tuple[list[tuple[float, ast.MeanOf]], float]:
         if isinstance(node, (int, float)):
             return [], float(node)
@@ -77,9 +89,12 @@ def linear_terms(expr: ast.Expr, span: Span) -> list[tuple[float, ast.MeanOf]]:
         scale, terms = (left[1], right[0]) if right[0] else (right[1], left[0])
         return [(scale * c, m) for c, m in terms], left[1] * right[1]
     terms, constant = walk(expr)
+    if features:
+        return terms, constant
     if not terms:
         raise CausalError("a steering vector needs at least one mean(column) term, e.g. "
-                          "4 * (mean(positive) - mean(negative))", span)
+                          "4 * (mean(positive) - mean(negative))", span,
+                          hint="a plain number steers SAE features: steer sae(\"...\")[feature=7] by 4")
     if constant:
         raise CausalError(f"a steering vector cannot add a plain number ({constant:g}) to activations", span)
-    return terms
+    return terms, constant

@@ -19,6 +19,7 @@ from torch import nn
 
 from causal.errors import CausalError, did_you_mean
 from causal.models.attention import ActivationFn, attention_hooks
+from causal.models.sae import SparseAutoencoder
 
 __all__ = ["ActivationFn", "ArchSpec", "HookPoint", "ModelAdapter", "SiteInfo", "adapter_for"]
 
@@ -46,8 +47,8 @@ SITE_DOCS = {
 
 
 # Index roles: what one slice of a site is, so the engine and methods ask the adapter, not the name.
-RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE, PATTERN, NEURON, MODULE = (
-    "residual", "embedding", "head output", "query", "key", "value", "pattern", "neuron", "module")
+RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE, PATTERN, NEURON, MODULE, FEATURE = (
+    "residual", "embedding", "head output", "query", "key", "value", "pattern", "neuron", "module", "feature")
 SITE_ROLES = {"embed": EMBEDDING, "z": HEAD_OUTPUT, "q": QUERY, "k": KEY, "v": VALUE, "pattern": PATTERN,
               "neuron": NEURON}
 KV_ROLES = (KEY, VALUE)  # indexed by key-value head (fewer than query heads under grouped-query attention)
@@ -68,6 +69,7 @@ class SiteInfo:
     doc: str
     role: str = RESIDUAL
     features: int | None = None
+    layers: tuple[int, ...] | None = None  # the only layers it exists at (an SAE's), not selectable; None: all
 
     def width(self, seq_len: int) -> int:
         """Numbers per position of the activation (a pattern has one per key position)."""
@@ -223,7 +225,12 @@ class ModelAdapter:
         self.blocks: nn.ModuleList | None = self._base.get_submodule(spec.blocks) if spec else None
         self.n_layers: int | None = len(self.blocks) if spec else getattr(config, "num_hidden_layers", None)
         self._sites = self._present_sites(spec.sites_for(config)) if spec else {}
+        self.saes: dict[str, SparseAutoencoder] = {}  # feature sites (sae(...)): name -> the SAE at its hook point
         self.d_mlp: int | None = _in_features(self.module("neuron", 0)) if "neuron" in self._sites else None
+
+    def attach_sae(self, name: str, sae: SparseAutoencoder) -> None:
+        """Make `name` a site: the SAE's feature activations at its hook point (checked by models.sae)."""
+        self.saes[name] = sae
 
     def _present_sites(self, sites: dict[str, HookPoint]) -> dict[str, HookPoint]:
         """Drop sites whose module this model lacks (the attention-only toy has no MLP projections)."""
@@ -242,7 +249,7 @@ class ModelAdapter:
     def site_names(self) -> list[str]:
         if self.spec is None:
             return []
-        return [s for s in SITE_ORDER if s in self._sites or s in ATTENTION_SITES]
+        return [s for s in SITE_ORDER if s in self._sites or s in ATTENTION_SITES] + list(self.saes)
 
     @property
     def has_blocks(self) -> bool:
@@ -255,6 +262,10 @@ class ModelAdapter:
 
     def site_info(self, site: str) -> SiteInfo:
         self.check_site(site)
+        if site in self.saes:
+            sae = self.saes[site]
+            return SiteInfo(site, True, (("feature", sae.d_sae),), f"features of the SAE at {sae.hook_name}",
+                            FEATURE, 1, (sae.layer,))
         if site.startswith(MODULE_PREFIX):
             return SiteInfo(site, "{layer}" in site, (), "output of the named submodule (first element if a "
                             "tuple), as the module returns it, with (batch, pos) leading", MODULE, self.d_model)
@@ -287,6 +298,8 @@ class ModelAdapter:
         """
         if site.startswith(MODULE_PREFIX):
             self._check_module_path(site[len(MODULE_PREFIX):])
+            return
+        if site in self.saes:
             return
         if self.spec is None:
             supported = ", ".join(sorted(ARCHITECTURES))
@@ -332,6 +345,8 @@ class ModelAdapter:
         self.check_site(site)
         if site.startswith(MODULE_PREFIX):
             return self.model.get_submodule(site[len(MODULE_PREFIX):].replace("{layer}", str(layer)))
+        if site in self.saes:
+            return self.module(self.saes[site].site, self.saes[site].layer)
         if site == "embed":
             return self._base.get_submodule(self._sites["embed"].module)
         path = self.spec.attention if site in ATTENTION_SITES else self._sites[site].module
@@ -379,6 +394,10 @@ class ModelAdapter:
             for (site, layer), fn in ordered:
                 if site in ATTENTION_SITES:
                     attention.setdefault(self.module(site, layer), {})[site] = fn
+                elif site in self.saes:
+                    sae = self.saes[site]
+                    for handle in self._attach(sae.site, sae.layer, feature_hook(sae, fn), start, shape):
+                        stack.callback(handle.remove)
                 else:
                     for handle in self._attach(site, layer, fn, start, shape):
                         stack.callback(handle.remove)
@@ -387,6 +406,8 @@ class ModelAdapter:
 
     def _check_key(self, site: str, layer: int | None) -> None:
         self.check_site(site)
+        if site in self.saes and layer != self.saes[site].layer:
+            raise CausalError(f"site {site!r} is at layer {self.saes[site].layer} only; got {layer}")
         per_layer = self.site_info(site).per_layer
         if not per_layer:
             if layer is not None:
@@ -395,6 +416,7 @@ class ModelAdapter:
             raise CausalError(f"site {site!r} needs a layer in 0..{self.n_layers - 1}; got {layer}")
 
     def _needs_shape(self, site: str) -> bool:
+        site = self.saes[site].site if site in self.saes else site
         return site.startswith(MODULE_PREFIX) or self._sites.get(site, HookPoint("")).flat
 
     def _attach(self, site: str, layer: int | None, fn: ActivationFn, start: int, shape: "_InputShape | None"):
@@ -436,6 +458,18 @@ class ModelAdapter:
 
         return [norm.register_forward_pre_hook(_input_hook(apply), with_kwargs=True),
                 block.register_forward_hook(carry, prepend=True)]
+
+
+def feature_hook(sae: SparseAutoencoder, fn: ActivationFn) -> ActivationFn:
+    """`fn` sees the SAE's feature activations f (batch, pos, d_sae); what it changes them to, f', adds
+    (f' - f) @ W_dec to the activation. The reconstruction error stays: editing nothing changes nothing."""
+    def apply(act: torch.Tensor, start: int) -> torch.Tensor | None:
+        features = sae.encode(act.reshape(*act.shape[:2], -1))
+        new = fn(features, start)
+        if new is None:
+            return None
+        return act + sae.decode_change(new - features).view(act.shape)
+    return apply
 
 
 def _order(site: str) -> int:

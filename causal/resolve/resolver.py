@@ -17,11 +17,12 @@ from causal.lang import ast
 from causal.methods import METHODS
 from causal.metrics import EMBEDDING, LOGITS, METRICS, MetricKind
 from causal.models import LoadedModel
+from causal.models.sae import check_against, load_sae
 from causal.resolve.positions import check_anchor_alignment, position_masks, resolve_positions
 from causal.resolve.sweeps import SweepBuilder
 
 NEXT_TOKEN = "next"
-RESERVED = {"layer", "pos", "head", "kv_head", "neuron", "key_pos", "example", "metric"}  # result dims: not variable names
+RESERVED = {"layer", "pos", "head", "kv_head", "neuron", "key_pos", "feature", "example", "metric"}  # result dims: not variable names
 
 
 class Resolution:
@@ -121,6 +122,19 @@ class Resolution:
             raise self.error("named positions are located in a prompt column, and the data has none (columns: "
                              f"{', '.join(self.examples.columns)})", self.file.positions[0].span)
         return texts[0]
+
+    # feature sites: sae("...") loads and checks an SAE once, before any statement uses it
+    def attach_saes(self) -> None:
+        loaded: set[str] = set()
+        for node in self.file.interventions:
+            for clause in node.clauses:
+                refs = clause.value if isinstance(clause.value, tuple) else ()
+                for site in refs:
+                    if isinstance(site, ast.SiteRef) and site.name.startswith("sae:") and site.name not in loaded:
+                        sae = load_sae(site.name[4:], Path(self.file.path).resolve().parent, site.span)
+                        check_against(sae, self.adapter, site.span)
+                        self.adapter.attach_sae(site.name, sae)
+                        loaded.add(site.name)
 
     # sweeps
     def sweep(self, sites: tuple[ast.SiteRef, ...], base: str, allowed: tuple[str, ...] | None = None) -> Sweep:
@@ -264,6 +278,7 @@ def resolve(file: ast.ExperimentFile, model: LoadedModel, seed: int = 0) -> Expe
     examples = load_examples(file.data, Path(file.path).resolve().parent, model.tokenizer)
     resolver = Resolution(file, model, examples, seed)
     resolver.resolve_named_positions()
+    resolver.attach_saes()
     interventions = [resolver.intervention(node) for node in file.interventions]
     for node in file.metrics:
         resolver.metric_columns(node)

@@ -83,8 +83,8 @@ class SweepBuilder:
         info = self.site_info(site, allowed)
         extra_names = tuple(name for name, _ in info.extra_dims)
         sizes = {name: size for name, size in info.extra_dims}
-        dims_allowed = (["layer"] if info.per_layer else []) + ["pos", *extra_names]
-        layers = list(range(self.adapter.n_layers))
+        dims_allowed = (["layer"] if info.per_layer and info.layers is None else []) + ["pos", *extra_names]
+        layers = list(info.layers) if info.layers is not None else list(range(self.adapter.n_layers))
         windows: dict[int, tuple[int, ...]] = {l: (l,) for l in layers} if info.per_layer else {}
         swept: list[str] = []
         coords: dict[str, list] = {}
@@ -159,6 +159,8 @@ class SweepBuilder:
             return f"the model has {size} heads per layer"
         if dim == "neuron":
             return f"the model has {size} MLP neurons per layer"
+        if dim == "feature":
+            return f"the SAE has {size} features"
         if dim == "key_pos":
             return f"the longest prompt has {size} tokens to attend to"
         return f"{site} has {size} values of {dim}"

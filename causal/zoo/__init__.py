@@ -12,6 +12,11 @@ def zoo_names() -> list[str]:
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").exists())
 
 
+def sae_names() -> list[str]:
+    """Sparse autoencoders shipped here (SAELens' folder format), addressed as `zoo:<name>` in sae(...) sites."""
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "cfg.json").exists())
+
+
 def zoo_path(name: str) -> Path:
     return ZOO_DIR / name
 
