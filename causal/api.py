@@ -23,6 +23,7 @@ from causal.resolve import resolve
 from causal.results.io import package_versions
 
 
+from causal import shards
 from causal.settings import RunConfig, check_config  # the run settings, declared once there
 
 
@@ -117,9 +118,15 @@ def plan_run(experiment: Experiment, config: RunConfig) -> Plan:
     if config.pack not in PACKING:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
     check_config(config)
+    shard = shards.parse(config.shard)
+    if shard:
+        shards.check_examples(shard, experiment.n_examples)
+        for method in experiment.interventions:
+            if method.shard_problem():
+                raise CausalError(f"setting shard={shard}: {method.shard_problem()}")
     budget = config.cache_gb * 2 ** 30 if config.cache_gb else default_cache_bytes(experiment.model.device)
     return compile_plan(experiment, config.batch_size, config.pack, experiment.model.device.type, budget,
-                        optimize=config.optimize)
+                        optimize=config.optimize, shard=shard)
 
 
 def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
@@ -129,7 +136,7 @@ def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, Chu
         raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
     with reported_against(experiment.file.text, experiment.file.path):
-        return assemble(experiment, raw, info), store
+        return shards.own_part(assemble(experiment, raw, info), plan.shard), store
 
 
 def default_cache_bytes(device: torch.device) -> float:
@@ -160,6 +167,7 @@ def checkpoint_store(experiment: Experiment, config: RunConfig, plan: Plan) -> C
         "jobs": len(plan.jobs),
         "params": config.params,
         "causal": package_versions()["causal"],
+        **({"shard": str(plan.shard)} if plan.shard else {}),  # a shard's checkpoints are its own
     }
     return ChunkStore(config.checkpoints, f"{experiment.name}-{fingerprint(parts)}",
                       {**parts, "experiment_file": experiment.file.path})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from causal.engine.plan import Packer, Plan, bytes_per_example
 from causal.files import readable_size
 from causal.resolve.experiment import Experiment
@@ -24,7 +26,8 @@ def describe(experiment: Experiment, plan: Plan) -> str:
     work = block_work(experiment, plan)  # one walk over the jobs, for the plan and the estimate
     return "\n".join([f"{experiment.file.path}: ok, nothing run", *_model_lines(experiment),
                       *_data_lines(experiment), *_statement_lines(experiment, plan),
-                      *_plan_lines(experiment, plan, work), *_estimate_lines(experiment, plan, work[0])])
+                      *_plan_lines(experiment, plan, work), *_shard_lines(experiment, plan),
+                      *_estimate_lines(experiment, plan, work[0]), *_memory_lines(experiment, plan)])
 
 
 def _model_lines(experiment: Experiment) -> list[str]:
@@ -75,6 +78,35 @@ def _plan_lines(experiment: Experiment, plan: Plan, work: tuple[float, float]) -
         lines.append(f"work     the intervention passes compute {planned / full:.0%} of the token-layers of full "
                      f"forwards (each starts at the first {skipped} it edits, from the base run's cache)")
     return lines
+
+
+def _shard_lines(experiment: Experiment, plan: Plan) -> list[str]:
+    """What a shard's job runs: its examples' jobs, and the base runs and statistics every shard shares."""
+    if plan.shard is None:
+        return []
+    n = experiment.n_examples
+    own = plan.shard.examples(n)
+    chunks = [chunk for chunk in plan.chunks if chunk.in_shard]
+    passes = sum(len(experiment.interventions[job.intervention].passes(job, plan.optimize)) for job in plan.jobs)
+    return [f"shard    {plan.shard}: examples {own.start}..{own.stop - 1} ({len(own)} of {n}) in {len(chunks)} "
+            f"chunk(s): {len(plan.jobs)} jobs, {passes} intervention forward passes; statistics and base runs over "
+            f"all {n} examples (each shard the same)"]
+
+
+def _memory_lines(experiment: Experiment, plan: Plan) -> list[str]:
+    """Weights and the largest chunk's cached activations on each device the model's layers are on."""
+    model, adapter = experiment.model.model, experiment.model.adapter
+    weights: dict[str, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        weights[str(tensor.device)] = weights.get(str(tensor.device), 0) + tensor.numel() * tensor.element_size()
+    cache = bytes_per_example(experiment, plan) * max(len(chunk.examples) for chunk in plan.chunks)
+    layers = [str(next(block.parameters(), torch.empty(0)).device) for block in adapter.blocks] \
+        if adapter.has_blocks else []
+    share = {device: layers.count(device) / len(layers) for device in set(layers)} if layers else \
+        {str(experiment.model.device): 1.0}
+    devices = sorted(set(weights) | set(share))
+    parts = [f"{device} {readable_size(weights.get(device, 0) + cache * share.get(device, 0.0))}" for device in devices]
+    return [f"memory   per device (weights + cached activations of the largest chunk): {', '.join(parts)}"]
 
 
 def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:

@@ -59,6 +59,9 @@ class RunConfig:
     checkpoints: str | None = setting(None, command_line_default="outputs/.checkpoints",
                                       help="folder for finished batches, so that a re-run resumes (null / None: no "
                                            "checkpoints; `causal run` uses it while resume=true)")
+    shard: str | None = setting(None, help="i/N: run the i-th (from 0) of N parts of the examples; `causal run -m "
+                                           "FILE shard=0/4,1/4,2/4,3/4` runs them as jobs and causal.load of the "
+                                           "sweep merges them (null: every example)")
     trust_remote_code: bool = setting(False, help="run code shipped with a model (never, unless you opt in)")
     overrides: list[str] = setting(default_factory=list, command_line=False,
                               help="the command line's overrides, recorded in the results")
@@ -160,6 +163,9 @@ def config_problem(config: "RunConfig") -> str | None:
     if config.cache_gb is not None and (isinstance(config.cache_gb, bool) or not isinstance(config.cache_gb, (int, float))
                                         or not math.isfinite(config.cache_gb) or config.cache_gb <= 0):
         return f"setting cache_gb={config.cache_gb!r} must be a positive, finite number of GB (or null for the default)"
+    from causal.shards import problem as shard_problem
+    if shard_problem(config.shard):
+        return shard_problem(config.shard)
     for name in ("model", "checkpoints", "device", "dtype", "pack"):
         value = getattr(config, name)
         if value is not None and not isinstance(value, str):

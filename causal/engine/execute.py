@@ -83,7 +83,8 @@ class Executor:
             log.warning("resuming: %d of %d batches already done (%s)", sum(k.startswith("job-") for k in done),
                         len(self.plan.jobs), self.store.folder)
         per_chunk = [(i, m) for i, m in enumerate(self.experiment.interventions) if m.works_per_chunk]
-        bar = tqdm(total=len(self.plan.jobs) + len(per_chunk) * len(self.plan.chunks), unit="batch",
+        own = sum(chunk.in_shard for chunk in self.plan.chunks)  # another shard's chunks: baselines only
+        bar = tqdm(total=len(self.plan.jobs) + len(per_chunk) * own, unit="batch",
                    desc=f"{self.experiment.name}", disable=None if self.progress is None else not self.progress)
         numbered = iter(range(len(self.plan.jobs)))
         for chunk_index, chunk in enumerate(self.plan.chunks):
@@ -91,8 +92,9 @@ class Executor:
             values = {k: self.saved(f"job-{k:06d}", done) for k in indices}
             pending = [(k, job) for k, job in zip(indices, chunk.jobs) if values[k] is None]
             bar.update(len(indices) - len(pending))
-            to_do = [(i, m) for i, m in per_chunk if not self.restored(i, m, chunk_index, chunk, done)]
-            bar.update(len(per_chunk) - len(to_do))
+            mine = per_chunk if chunk.in_shard else []
+            to_do = [(i, m) for i, m in mine if not self.restored(i, m, chunk_index, chunk, done)]
+            bar.update(len(mine) - len(to_do))
             caches = self.base_runs(chunk_index, chunk, done, need=bool(pending) or bool(to_do))
             for k, job in pending:
                 values[k] = self.backoff.run(lambda j: self.run_job(j, caches), job)

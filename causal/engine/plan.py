@@ -55,6 +55,7 @@ class Chunk:
 
     examples: torch.Tensor
     jobs: list[Job] = field(default_factory=list)
+    in_shard: bool = True  # False: another shard's examples; only its base runs (baselines) run here
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Plan:
     resume_layers: dict[str, set[int]]  # stream -> layers whose input later jobs start from
     kv_streams: set[str]  # streams whose keys/values later jobs reuse
     chunks: list[Chunk]
+    shard: object | None = None  # causal.shards.Shard: the part of the examples this run computes
 
     @property
     def jobs(self) -> list[Job]:
@@ -84,26 +86,32 @@ def make_streams(experiment: Experiment) -> dict[str, Stream]:
 
 
 def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", device_type: str = "cpu",
-                 cache_bytes: float | None = None, optimize: bool = True) -> Plan:
+                 cache_bytes: float | None = None, optimize: bool = True, shard=None) -> Plan:
     """`optimize=False` is the reference path: every row runs the whole model and all logits.
 
-    `cache_bytes` bounds what the base runs of one chunk of examples keep in memory.
+    `cache_bytes` bounds what the base runs of one chunk of examples keep in memory. `shard`
+    (causal.shards.Shard): jobs only for its examples; chunks end at every shard's boundary, so each
+    chunk of a shard is the chunk an unsharded run with those boundaries has.
     """
     streams = make_streams(experiment)
-    plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [])
+    plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [],
+                shard)
     n_layers = experiment.model.adapter.n_layers
     for method in experiment.interventions:
         for stream, keys in method.records(n_layers).items():
             plan.records[stream] |= keys
     n = experiment.n_examples
     size = n if cache_bytes is None else max(1, min(n, int(cache_bytes // bytes_per_example(experiment, plan))))
-    for start in range(0, n, size):
-        plan.chunks.append(Chunk(torch.arange(start, min(start + size, n))))
+    bounds = shard.boundaries(n) if shard else [0, n]
+    own = shard.examples(n) if shard else range(n)
+    for low, high in zip(bounds, bounds[1:]):
+        for start in range(low, high, size):
+            plan.chunks.append(Chunk(torch.arange(start, min(start + size, high)), in_shard=start in own))
     packer = Packer(experiment, batch_size, pack, device_type)
     for index, method in enumerate(experiment.interventions):
         if not method.plans_jobs:
             continue  # its work is its own per chunk (attribution's gradient runs)
-        for chunk in plan.chunks:
+        for chunk in (c for c in plan.chunks if c.in_shard):
             rows = row_starts(experiment, method, chunk.examples)
             if not optimize:
                 rows.layer.zero_()

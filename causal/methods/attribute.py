@@ -78,6 +78,12 @@ class Attribute(Method):
     def describe_runs(self, plan, index):
         return "gradients: one backward per batch of examples"
 
+    def shard_problem(self):
+        if self.verify_top:
+            return (f"'{self.statement}' verifies the top {self.verify_top} sites by their mean over every example, "
+                    "which a shard (a part of the examples) does not see; drop `verify top`, or run unsharded")
+        return None
+
     # estimates
     def chunk_pass(self, run, chunk, caches, state):
         examples = chunk.examples

@@ -153,6 +153,10 @@ class Method:
     def finish(self, run: "Run", state: Any) -> None:
         """After every chunk (attribution's exact verification)."""
 
+    def shard_problem(self) -> str | None:
+        """Why a shard (a part of the examples) cannot compute its numbers, or None: they need only its examples."""
+        return None
+
     # --- results ------------------------------------------------------------------------------
     def variables(self, effects: torch.Tensor, state: Any) -> list[Variable]:
         """Its Dataset variables, from the mean of its jobs' values per (point, example)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from causal import shards
 from causal.errors import CausalError
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def load(path: str | Path, verify: bool = True) -> xr.Dataset:
     if runs:
         datasets = [_open(p, verify) for p in runs]
         _check_one_sweep(datasets, path)
-        return merge_runs(datasets)
+        return merge_runs(datasets, names=[str(p.parent) for p in runs])
     raise CausalError(f"no results at {str(path)!r} (expected results.nc, a run directory or a multirun directory)")
 
 
@@ -225,13 +226,15 @@ def _unescape(override: str) -> str:
     return re.sub(r"\\(.)", r"\1", override)
 
 
-def merge_runs(datasets: list[xr.Dataset]) -> xr.Dataset:
+def merge_runs(datasets: list[xr.Dataset], names: list[str] | None = None) -> xr.Dataset:
     """One Dataset from several runs, with a new dimension per swept parameter.
 
     Runs that differ in what they swept (e.g. models with different layer counts) are
-    aligned by coordinate; what a run does not have is NaN.
+    aligned by coordinate; what a run does not have is NaN. The shards of a run (`shard=i/N`)
+    are first put back together along `example`; `names` (each run's folder) name a missing one.
     """
     _check_one_experiment(datasets)
+    datasets = shards.merge(datasets, names)
     swept = swept_parameters(datasets)
     if not swept:
         if len(datasets) == 1:
