@@ -77,6 +77,7 @@ COORD_NAMES = {
     "pos": "token position (from the start; negative: from each prompt's end; or a named position)",
     "key_pos": "attended key position (from the start)",
     "neuron": "MLP neuron",
+    "feature": "SAE feature (index into the sparse autoencoder's latents)",
     "example": "example (row of the data)",
     "metric": "metric",
     "metric_units": "units of each metric",
@@ -93,7 +94,7 @@ def _describe_coords(dataset: xr.Dataset) -> None:
         else:
             long_name = COORD_NAMES.get(name, name)
         dataset[name].attrs["long_name"] = long_name
-        if name in ("layer", "head", "kv_head", "pos", "key_pos", "neuron", "example"):
+        if name in ("layer", "head", "kv_head", "pos", "key_pos", "neuron", "feature", "example"):
             dataset[name].attrs["units"] = "1"
 
 

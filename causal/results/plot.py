@@ -29,7 +29,7 @@ from causal.errors import CausalError  # noqa: E402
 from causal.files import write_atomically  # noqa: E402
 from causal.results.summary import effect  # noqa: E402
 
-SITE_DIMS = ("layer", "head", "kv_head", "pos", "neuron", "key_pos")  # what a statement sweeps: the axes of a panel
+SITE_DIMS = ("layer", "head", "kv_head", "pos", "neuron", "feature", "key_pos")  # what a statement sweeps: the axes of a panel
 MAX_PANELS = 16
 
 
