@@ -118,6 +118,9 @@ def plan_run(experiment: Experiment, config: RunConfig) -> Plan:
     if config.pack not in PACKING:
         raise CausalError(f"unknown pack {config.pack!r}; choose one of {', '.join(PACKING)}")
     check_config(config)
+    with reported_against(experiment.file.text, experiment.file.path):
+        for method in experiment.interventions:
+            method.check_run(experiment, config)
     shard = shards.parse(config.shard)
     if shard:
         shards.check_examples(shard, experiment.n_examples)

@@ -62,6 +62,11 @@ class RunConfig:
     shard: str | None = setting(None, help="i/N: run the i-th (from 0) of N parts of the examples; `causal run -m "
                                            "FILE shard=0/4,1/4,2/4,3/4` runs them as jobs and causal.load of the "
                                            "sweep merges them (null: every example)")
+    record_memory_gb: float = setting(2.0, help="largest recording (record statements) kept in memory; a larger "
+                                                "one needs record_store")
+    record_store: str | None = setting(None, help="folder for recordings over record_memory_gb: one netCDF file "
+                                                  "each, written per batch (a re-run resumes), opened lazily by "
+                                                  "causal.load (null: refuse them)")
     trust_remote_code: bool = setting(False, help="run code shipped with a model (never, unless you opt in)")
     overrides: list[str] = setting(default_factory=list, command_line=False,
                               help="the command line's overrides, recorded in the results")
@@ -163,10 +168,13 @@ def config_problem(config: "RunConfig") -> str | None:
     if config.cache_gb is not None and (isinstance(config.cache_gb, bool) or not isinstance(config.cache_gb, (int, float))
                                         or not math.isfinite(config.cache_gb) or config.cache_gb <= 0):
         return f"setting cache_gb={config.cache_gb!r} must be a positive, finite number of GB (or null for the default)"
+    memory = config.record_memory_gb
+    if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not math.isfinite(memory) or memory < 0:
+        return f"setting record_memory_gb={memory!r} must be a finite number of GB, 0 or more"
     from causal.shards import problem as shard_problem
     if shard_problem(config.shard):
         return shard_problem(config.shard)
-    for name in ("model", "checkpoints", "device", "dtype", "pack"):
+    for name in ("model", "checkpoints", "device", "dtype", "pack", "record_store"):
         value = getattr(config, name)
         if value is not None and not isinstance(value, str):
             return f"setting {name}={value!r} must be text" + (" or null" if name in ("model", "checkpoints") else "")

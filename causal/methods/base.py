@@ -153,6 +153,10 @@ class Method:
     def finish(self, run: "Run", state: Any) -> None:
         """After every chunk (attribution's exact verification)."""
 
+    def check_run(self, experiment: "Experiment", config) -> None:
+        """Checks that need the other statements or the run's settings (causal.RunConfig), before any compute;
+        `causal check` makes them too (a recording's memory bound, the statement it records under)."""
+
     def shard_problem(self) -> str | None:
         """Why a shard (a part of the examples) cannot compute its numbers, or None: they need only its examples."""
         return None

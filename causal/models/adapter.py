@@ -111,6 +111,8 @@ class ArchSpec:
     variants: per-config changes to `sites`; a None value removes the site.
     config_window: the family applies `config.sliding_window` to every layer (its attention
     modules do not carry their own `sliding_window`).
+    final_norm: path of the norm between the last block and the unembedding (the logit lens
+    applies it to any layer's residual); None where the family has none.
     """
 
     name: str
@@ -123,6 +125,7 @@ class ArchSpec:
     is_causal: bool = True
     variants: Callable[[object], dict[str, HookPoint | None]] = field(default=lambda config: {})
     config_window: bool = False
+    final_norm: str | None = None
 
     def sites_for(self, config) -> dict[str, HookPoint]:
         sites = {"embed": self.embed, **self.sites, **self.variants(config)}
@@ -142,13 +145,14 @@ LLAMA_SITES = {
 
 def _llama_like(name: str, hf_class: str, config_window: bool = False, **changes: HookPoint) -> ArchSpec:
     return ArchSpec(name, hf_class, blocks="layers", embed=_out("embed_tokens"), attention="self_attn",
-                    sites={**LLAMA_SITES, **changes}, config_window=config_window)
+                    sites={**LLAMA_SITES, **changes}, config_window=config_window, final_norm="norm")
 
 
 GPT2_SPEC = ArchSpec(
     "gpt2", "GPT2LMHeadModel", blocks="h", embed=_out("wte"), attention="attn",
     sites={"resid_pre": _in(""), "resid_mid": _in("ln_2", carry=True), "resid_post": _out(""),
-           "attn_out": _out("attn"), "mlp_out": _out("mlp"), "z": _in("attn.c_proj"), "neuron": _in("mlp.c_proj")})
+           "attn_out": _out("attn"), "mlp_out": _out("mlp"), "z": _in("attn.c_proj"), "neuron": _in("mlp.c_proj")},
+    final_norm="ln_f")
 
 GPT_NEO_SPEC = replace(
     GPT2_SPEC, name="gpt_neo", hf_class="GPTNeoForCausalLM", attention="attn.attention", core="gpt_neo",
@@ -159,13 +163,15 @@ GPT_NEOX_SPEC = ArchSpec(
     sites={"resid_pre": _in(""), "resid_mid": _in("post_attention_layernorm", carry=True),
            "resid_post": _out(""), "attn_out": _out("attention"), "mlp_out": _out("mlp"),
            "z": _in("attention.dense"), "neuron": _in("mlp.dense_4h_to_h")},
-    variants=lambda config: {"resid_mid": None} if config.use_parallel_residual else {})
+    variants=lambda config: {"resid_mid": None} if config.use_parallel_residual else {},
+    final_norm="final_layer_norm")
 
 OPT_SPEC = ArchSpec(
     "opt", "OPTForCausalLM", blocks="decoder.layers", embed=_out("decoder.embed_tokens"), attention="self_attn",
     sites={"resid_pre": _in(""), "resid_mid": _in("final_layer_norm", carry=True, flat=True),
            "resid_post": _out(""), "attn_out": _out("self_attn"), "mlp_out": _out("fc2", flat=True),
            "z": _in("self_attn.out_proj"), "neuron": _in("fc2", flat=True)},
+    final_norm="decoder.final_layer_norm",
     # project_in maps narrow word embeddings (350m) to d_model; post-LN blocks carry the normed stream.
     variants=lambda config: {
         **({"embed": _out("decoder.project_in")} if config.word_embed_proj_dim != config.hidden_size else {}),
@@ -174,7 +180,7 @@ OPT_SPEC = ArchSpec(
 PHI_SPEC = ArchSpec(
     "phi", "PhiForCausalLM", blocks="layers", embed=_out("embed_tokens"), attention="self_attn",
     sites={"resid_pre": _in(""), "resid_post": _out(""), "attn_out": _out("self_attn"), "mlp_out": _out("mlp"),
-           "z": _in("self_attn.dense"), "neuron": _in("mlp.fc2")})
+           "z": _in("self_attn.dense"), "neuron": _in("mlp.fc2")}, final_norm="final_layernorm")
 
 BERT_SPEC = ArchSpec(
     "bert", "BertModel / BertForMaskedLM", blocks="encoder.layer", embed=_out("embeddings.word_embeddings"),
@@ -352,6 +358,25 @@ class ModelAdapter:
         path = self.spec.attention if site in ATTENTION_SITES else self._sites[site].module
         block = self.blocks[layer]
         return block.get_submodule(path) if path else block
+
+    # reading the residual stream as logits (the logit lens)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of a residual stream (..., d_model), as the model's tail computes them from its last
+        block's output: final norm, OPT's project_out, the unembedding, Gemma 2's soft-capping."""
+        base, config = self._base, self.model.config
+        if self.spec is None or self.model.get_output_embeddings() is None:
+            raise CausalError(f"the logit lens needs a language-model head and an architecture adapter; "
+                              f"{self.arch} has {'no head' if self.spec else 'no adapter'}")
+        norm = base.get_submodule(self.spec.final_norm) if self.spec.final_norm else None
+        if norm is not None and not (self.spec.name == "opt" and not config.do_layer_norm_before):
+            hidden = norm(hidden)
+        project_out = getattr(getattr(base, "decoder", None), "project_out", None)
+        if project_out is not None:
+            hidden = project_out(hidden)
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def supports_kv_prefix(self, seq_len: int) -> bool:
         """May the executor run positions >= p with the prefix's keys/values from a DynamicCache?

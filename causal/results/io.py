@@ -136,12 +136,14 @@ def load(path: str | Path, verify: bool = True) -> xr.Dataset:
     A multirun directory (sub-directories each holding a run) comes back as one Dataset
     with each swept parameter as a new dimension; see `merge_runs`. `verify`: check each
     variable's checksum (this reads every value once; pass False to open a large file lazily).
+    A recording kept in a store (`record_store`) is opened lazily from its file (causal.engine.recordings).
     """
+    from causal.engine.recordings import attach
     path = Path(path)
     if path.is_file():
-        return _open(path, verify)
+        return attach(_open(path, verify))
     if (path / "results.nc").exists():
-        return _open(path / "results.nc", verify)
+        return attach(_open(path / "results.nc", verify))
     runs = sorted(path.glob("*/results.nc"), key=lambda p: (len(p.parent.name), p.parent.name))
     if runs:
         datasets = [_open(p, verify) for p in runs]

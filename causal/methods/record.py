@@ -1,0 +1,387 @@
+"""record SITE [on BASE] [under LABEL] [as NAME]: a site's activations, kept per example for later analysis.
+
+Selectors choose what is kept, not what is swept: `layer` and `pos` left out mean every layer and every
+position; an extra dim (head, neuron, key_pos) left out is kept whole, after `example`. One forward per
+batch of examples records every chosen layer at once (a hook per layer gathers the chosen positions as
+the activation passes). `under LABEL` records what the model computes while a one-point patch, ablate
+or steer statement's writes are applied. Recordings larger than the `record_memory_gb` setting are
+refused unless `record_store` names a folder: they are then written per chunk of examples into a
+netCDF file there (causal.engine.recordings), which `causal.load` opens lazily.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from causal.engine.plan import Job
+from causal.engine.recordings import RecordingStore
+from causal.errors import CausalError, Span
+from causal.files import readable_size
+from causal.lang import ast
+from causal.methods.base import Method, Variable, method
+from causal.models.adapter import EMBEDDING, MODULE, PATTERN, RESIDUAL
+from causal.resolve.experiment import Sweep, Target, absolute_positions
+
+ELEMENT_BYTES = 4  # recordings are kept as float32
+HEAD_SCORES = ("previous_token", "induction", "bos")
+
+
+@dataclass
+class Selection:
+    """What a sweep of one site keeps: per point its layer, the position per example, the extra dims' slices."""
+
+    site: str
+    layers: list[int | None]
+    positions: torch.Tensor  # (sweep positions, examples) absolute position, -1 where the prompt has none
+    swept_extra: list[tuple[int, list[int]]]  # (index among the site's extra dims, chosen indices)
+    trailing: list[tuple[str, int | None]]  # dims after example: unswept extra dims, then features (None: as seen)
+    lengths: torch.Tensor  # (examples,) prompt lengths, for key positions past a prompt's end
+    masks_keys: bool  # a pattern: key positions past the prompt are NaN, as queries are
+
+    def hooks(self, examples: torch.Tensor, keep: Callable[[int | None, torch.Tensor], None]) -> dict:
+        """(site, layer) -> a hook that hands `keep(layer, kept)` the gathered (positions, rows, ...) values."""
+        def hook(layer):
+            def record(act: torch.Tensor, start: int) -> None:
+                keep(layer, self.gather(act, examples, start))
+            return record
+        return {(self.site, layer): hook(layer) for layer in self.layers}
+
+    def gather(self, act: torch.Tensor, examples: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(rows, seq, *rest) -> (positions, *swept extra, rows, *unswept rest) float32 on the CPU, NaN where absent."""
+        act = act.detach()
+        positions = self.positions[:, examples].to(act.device) - start
+        absent = positions < 0
+        rows = torch.arange(act.shape[0], device=act.device)[None]
+        out = act[rows, positions.clamp(min=0)].float()  # (P, rows, *rest)
+        out[absent] = float("nan")
+        if self.masks_keys:
+            keys = torch.arange(out.shape[-1], device=out.device)
+            past = keys[None, :] >= self.lengths[examples].to(out.device)[:, None]  # (rows, keys)
+            out = out.masked_fill(past[None, :, None, :], float("nan"))
+        for index, chosen in self.swept_extra:
+            out = out.index_select(2 + index, torch.tensor(chosen, device=out.device))
+        swept = [2 + index for index, _ in self.swept_extra]
+        rest = [d for d in range(2, out.dim()) if d not in swept]
+        return out.permute(0, *swept, 1, *rest).cpu()
+
+
+def selection_for(resolution, site: ast.SiteRef, base: str, allowed: tuple[str, ...] | None = None,
+                  what: str = "record") -> tuple[Sweep, Selection]:
+    """A single site with its selectors: `layer` and `pos` default to every value, so the sweep names them."""
+    if window := next((s for s in site.selectors if s.window is not None), None):
+        raise resolution.error(f"{what} takes no layer window; list the layers to {what}", window.span)
+    info = resolution.sites.site_info(site, allowed)
+    given = {s.dim for s in site.selectors}
+    added = [ast.Selector(dim, ast.AllIndices(site.span), None, site.span)
+             for dim in (["layer"] if info.per_layer else []) + ["pos"] if dim not in given]
+    extra_names = [name for name, _ in info.extra_dims]
+    order = ["layer", "pos", *extra_names]
+    selectors = sorted([*site.selectors, *added], key=lambda s: order.index(s.dim) if s.dim in order else -1)
+    ref = replace(site, selectors=tuple(selectors))
+    sweep = resolution.sweep((ref,), base)
+    prompts = resolution.prompts[base]
+    positions = torch.stack([_absolute(resolution, p, prompts.lengths, site.span, what) for p in sweep.coords["pos"]])
+    width = int(prompts.ids.shape[1])
+    swept_extra = [(i, sweep.coords[name]) for i, name in enumerate(extra_names) if name in sweep.coords]
+    trailing = [(name, size if size is not None else width) for name, size in info.extra_dims if name not in sweep.coords]
+    feature = _feature_dim(info, resolution.adapter)
+    if feature:
+        trailing.append(feature)
+    layers = sweep.coords["layer"] if info.per_layer else [None]
+    return sweep, Selection(info.name, list(layers), positions, swept_extra, trailing, prompts.lengths,
+                            info.role == PATTERN)
+
+
+def _feature_dim(info, adapter) -> tuple[str, int | None] | None:
+    if info.role == MODULE:
+        return ("feature", None)  # as the module returns it: known at the first forward
+    if info.role in (RESIDUAL, EMBEDDING):
+        return ("d_model", adapter.d_model)
+    return ("d_head", info.features) if (info.features or 1) > 1 else None
+
+
+def _absolute(resolution, position, lengths: torch.Tensor, span: Span, what: str) -> torch.Tensor:
+    """(examples,) where a position falls in each prompt; -1 past a prompt's end. A named position reads one token."""
+    if isinstance(position, str):
+        spans = resolution.named.indices[position]
+        wide = next((i for i, p in enumerate(spans) if len(p) != 1), None)
+        if wide is not None:
+            raise resolution.error(f"{what} reads one token per position, but {position!r} covers "
+                                   f"{len(spans[wide])} tokens in example {wide}", span,
+                                   hint="name one token of it, e.g. first(column) or last(column)")
+        return torch.tensor([p[0] for p in spans])
+    absolute = absolute_positions(lengths, int(position))
+    return torch.where(absolute < lengths, absolute, torch.full_like(absolute, -1))
+
+
+def under_clause(resolution, node: ast.Statement, what: str) -> tuple[str | None, str]:
+    """`under LABEL`: the labelled statement whose writes apply while reading, and the prompts both run on."""
+    label, span = node.get("under"), node.span_of("under")
+    on = node.get("on")
+    if label is None:
+        base = on or resolution.default_base(node.span)
+        resolution.run_prompt(base, node.span_of("on") or node.span)
+        return None, base
+    other = next((s for s in resolution.file.interventions if s.label == label), None)
+    if other is None:
+        labels = [s.label for s in resolution.file.interventions if s.label]
+        from causal.errors import did_you_mean
+        raise resolution.error(f"{what} under {label!r}: no statement is labelled {label!r} (labels: "
+                               f"{', '.join(labels) or 'none; label one with `as NAME`'})", span,
+                               did_you_mean(label, labels))
+    if other.kind in ("record", "lens"):  # statements that read and change nothing
+        raise resolution.error(f"{what} under {label!r}: that statement reads activations and changes nothing", span)
+    base = other.get("base") or other.get("on") or resolution.default_base(node.span)
+    if on is not None and on != base:
+        raise resolution.error(f"{what} under {label!r} runs on that statement's {base!r} prompts, not {on!r}",
+                               node.span_of("on"))
+    resolution.run_prompt(base, span)
+    return label, base
+
+
+def check_under(method, experiment) -> None:
+    """The statement named by `under` must be one forward with its writes at a single sweep point."""
+    if method.under is None:
+        return
+    other = next(m for m in experiment.interventions if m.name == method.under)
+    why = None
+    if len(other.sweep.points) != 1:
+        why = (f"it sweeps {len(other.sweep.points)} points; {method.keyword} under a statement that makes one "
+               "change (give every swept dim one value)")
+    elif not other.plans_jobs or other.samples != 1 or type(other).run_job is not Method.run_job \
+            or other.stream != other.base:
+        why = "its forwards are not one plain pass with writes (record under a patch, ablate or steer statement)"
+    if why:
+        raise CausalError(f"'{method.statement}' under {other.name!r}: {why}", method.span)
+    method.under_index = experiment.interventions.index(other)
+
+
+def under_hooks(method, run, examples: torch.Tensor, caches, recorders: dict) -> dict:
+    """The `under` statement's writes for these examples, each followed by the recorder at the same site."""
+    writes: dict = {}
+    if method.under is not None:
+        other = run.experiment.interventions[method.under_index]
+        run.caches = caches
+        zeros = torch.zeros(len(examples), dtype=torch.long)
+        job = Job(method.under_index, examples, zeros, zeros, 0, 0)
+        writes = run.hooks(other.writes(job, run, run.states[other.name]))
+
+    def chained(write, record):
+        def apply(act, start):
+            new = write(act, start) if write else None
+            if record:
+                record(act if new is None else new, start)
+            return new
+        return apply
+    return {key: chained(writes.get(key), recorders.get(key)) for key in set(writes) | set(recorders)}
+
+
+def forward_keeping(method, run, examples: torch.Tensor, caches, selection: Selection) -> dict:
+    """One forward of the examples (under the statement `under` names, if any): layer -> gathered values."""
+    kept: dict = {}
+    prompts = run.experiment.prompts[method.base]
+    hooks = under_hooks(method, run, examples, caches, selection.hooks(examples, kept.__setitem__))
+    last = (prompts.lengths[examples] - 1)[:, None]  # no logits are read: unembed one position
+    run.guarded(lambda: run.runner.forward(prompts.ids[examples], prompts.attention_mask[examples], hooks, read=last),
+                f"{len(examples)} '{method.base}' prompts while recording '{method.statement}'")
+    return kept
+
+
+@dataclass
+class RecordState:
+    values: torch.Tensor | None  # (points, examples, *trailing), None until the first batch (module sites) or in a store
+    scores: torch.Tensor | None  # (layers, examples, heads, 3): per-head pattern scores, where they apply
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    store: RecordingStore | None = None
+
+
+@method("record")
+@dataclass
+class Record(Method):
+    selection: Selection
+    under: str | None
+    span: Span
+    scores_name: str | None  # patterns over every position: per-head previous-token / induction / BOS scores
+    store_folder: str | None = None  # set by check_run where the recording is over record_memory_gb
+    store_path: str | None = None
+    under_index: int | None = None
+
+    plans_jobs = False  # one forward per batch of examples of its own, per chunk
+    works_per_chunk = True
+    reuses_prefix = False
+
+    @classmethod
+    def resolve(cls, node, resolution):
+        if len(node.sites) != 1:
+            raise resolution.error("record takes one site; write one record statement per site", node.sites[1].span)
+        under, base = under_clause(resolution, node, "record")
+        sweep, selection = selection_for(resolution, node.sites[0], base)
+        name = resolution.name_for(node, node.sites[0].name)
+        scores = None
+        if selection.masks_keys and not selection.swept_extra and sweep.coords["pos"] == list(range(
+                int(resolution.prompts[base].ids.shape[1]))):
+            scores = resolution.unique_name(f"{name}_scores")
+        return cls(name, resolution.statement(node.span), base, sweep, selection, under, node.span, scores)
+
+    # sizes and settings
+    def trailing_sizes(self) -> list[int]:
+        return [size or 1 for _, size in self.selection.trailing]
+
+    def n_bytes(self, n_examples: int) -> int:
+        count = len(self.sweep.points) * n_examples
+        for size in self.trailing_sizes():
+            count *= size
+        return ELEMENT_BYTES * count
+
+    def check_run(self, experiment, config) -> None:
+        check_under(self, experiment)
+        size, bound = self.n_bytes(experiment.n_examples), config.record_memory_gb * 2 ** 30
+        self.store_folder = None
+        if size <= bound:
+            return
+        if not config.record_store:
+            raise CausalError(f"'{self.statement}' records {readable_size(size)} ({size} bytes), more than "
+                              f"record_memory_gb={config.record_memory_gb:g} allows in memory", self.span,
+                              hint="set record_store=<folder> to write it there per chunk of examples (causal.load "
+                                   "opens it lazily), raise record_memory_gb, or record fewer layers, positions or "
+                                   "examples")
+        self.store_folder = config.record_store
+        self.store_path = str(Path(config.record_store).resolve() / f"{experiment.name}-{self.name}.nc")
+
+    def shard_problem(self):
+        if self.store_folder:
+            return f"'{self.statement}' writes one store file for every example; run it unsharded"
+        return None
+
+    def describe_runs(self, plan, index):
+        n = sum(len(chunk.examples) for chunk in plan.chunks)
+        batches = sum(-(-len(chunk.examples) // plan.batch_size) for chunk in plan.chunks)
+        size = self.n_bytes(n)
+        trailing = " x ".join(f"{d} {s}" if s else d for d, s in self.selection.trailing) or "one number"
+        where = f"into {self.store_folder}" if self.store_folder else "in memory"
+        estimate = " (module outputs: sized as d_model until run)" if self.selection.site.startswith("module:") else ""
+        under = f" under {self.under}" if self.under else ""
+        return (f"one forward per batch{under} ({batches} batches); records {readable_size(size)} ({size} bytes{estimate}"
+                f"; {len(self.sweep.points)} points x {n} examples x {trailing}, float32) {where}")
+
+    # work
+    def new_state(self, experiment) -> RecordState:
+        prompts = experiment.prompts[self.base]
+        n = experiment.n_examples
+        sizes = self.trailing_sizes()
+        known = all(size is not None for _, size in self.selection.trailing)
+        values = None
+        if known and not self.store_folder:
+            values = torch.full((len(self.sweep.points), n, *sizes), float("nan"))
+        scores = None
+        if self.scores_name:
+            heads = dict(self.selection.trailing)["head"]
+            scores = torch.full((len(self.selection.layers), n, heads, len(HEAD_SCORES)), float("nan"))
+        return RecordState(values, scores, prompts.ids, prompts.lengths)
+
+    def chunk_pass(self, run, chunk, caches, state):
+        examples = chunk.examples
+        if self.store_folder:
+            state.store = state.store or RecordingStore.open(self, run.experiment)
+        for start in range(0, len(examples), run.plan.batch_size):
+            batch = examples[start:start + run.plan.batch_size]
+            if state.store and state.store.done(batch) and not self.scores_name:
+                continue  # written by an earlier run that stopped later
+            kept = forward_keeping(self, run, batch, caches, self.selection)
+            values = torch.stack([kept[layer] for layer in self.selection.layers])  # (L, P, *swept, rows, *rest)
+            values = values.flatten(0, 1 + len(self.selection.swept_extra))  # points row-major over the sweep
+            if self.scores_name:
+                state.scores[:, batch] = head_scores(values.view(len(self.selection.layers), -1, *values.shape[1:]),
+                                                     state.ids[batch], state.lengths[batch])
+            if state.store:
+                state.store.write(batch, values)
+            else:
+                if state.values is None:
+                    state.values = torch.full((values.shape[0], len(state.ids), *values.shape[2:]), float("nan"))
+                state.values[:, batch] = values
+        saved = {} if state.store else {"values": state.values[:, examples].contiguous()}
+        if self.scores_name:
+            saved["scores"] = state.scores[:, examples].contiguous()
+        return saved or None
+
+    def restore_chunk(self, chunk, saved, state):
+        if "values" in saved:
+            if state.values is None:
+                state.values = torch.full((saved["values"].shape[0], len(state.ids), *saved["values"].shape[2:]),
+                                          float("nan"))
+            state.values[:, chunk.examples] = saved["values"]
+        if "scores" in saved:
+            state.scores[:, chunk.examples] = saved["scores"]
+
+    def finish(self, run, state):
+        if state.store is None and self.store_folder:  # every chunk came back from checkpoints
+            state.store = RecordingStore.open(self, run.experiment)
+        if state.store:
+            state.store.close()
+
+    # results
+    def variables(self, effects, state):
+        attrs = {**self.attrs(), "kind": "recording", "under": self.under or "",
+                 "long_name": f"{self.selection.site} activations on the {self.base} prompts"
+                              + (f" under {self.under}" if self.under else ""), "units": "1"}
+        dims, coords = self.trailing_labels(state)
+        out = []
+        if self.store_folder:
+            store = state.store
+            out.append(Variable(self.name, store.recorded()[None], Sweep((), {}, [()]), {
+                **attrs, "kind": "recording_store", "store": str(store.path), "store_dims": [*self.sweep.dims, "example", *dims],
+                "long_name": f"examples recorded into {store.path} (causal.load opens the recording there lazily)"},
+                dims=("example",)))
+        else:
+            out.append(Variable(self.name, state.values, self.sweep, attrs, dims=("example", *dims), coords=coords))
+        if self.scores_name:
+            layers = self.selection.layers
+            sweep = Sweep(("layer",), {"layer": layers}, [(Target(self.selection.site, (layer,), None),)
+                                                         for layer in layers])
+            out.append(Variable(self.scores_name, state.scores, sweep, {
+                **self.attrs(), "kind": "head_scores", "recording": self.name,
+                "long_name": "per-head attention scores: previous_token (to position i-1), induction (to the token "
+                             "after an earlier copy of the current token), bos (to position 0)", "units": "1"},
+                dims=("example", "head", "score"),
+                coords={"head": list(range(state.scores.shape[2])), "score": list(HEAD_SCORES)}))
+        return out
+
+    def trailing_labels(self, state) -> tuple[list[str], dict]:
+        names = [d for d, _ in self.selection.trailing]
+        if state.values is not None and self.selection.site.startswith("module:"):  # as the module returned it
+            extra = state.values.dim() - 2
+            names = ["feature"] if extra == 1 else [f"feature_{i}" for i in range(extra)]
+        coords = {d: list(range(s)) for d, s in self.selection.trailing if s and d not in ("d_model", "d_head", "feature")}
+        return names, coords
+
+
+def head_scores(patterns: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(layers, queries, rows, heads, keys) patterns -> (layers, rows, heads, 3): previous-token, induction, BOS.
+
+    Each is a mean over the queries i >= 1 of a prompt of the attention to: i - 1 (previous_token); the keys
+    k <= i whose previous token k - 1 is the query's token, i.e. the token after an earlier copy (induction,
+    averaged only over queries whose token occurred before; NaN if none did); position 0 (bos).
+    """
+    layers, queries, rows, heads, keys = patterns.shape
+    p = patterns.nan_to_num(0.0).permute(0, 2, 3, 1, 4)  # (layers, rows, heads, q, k)
+    q, k = torch.arange(queries), torch.arange(keys)
+    valid = (q[None, :] < lengths[:, None]) & (q[None, :] >= 1)  # (rows, q)
+    previous = (k[None, :] == q[:, None] - 1)[None].expand(rows, -1, -1)
+    bos = (k[None, :] == 0)[None].expand(rows, queries, -1)
+    before = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :keys - 1]], 1)  # the token before each key
+    induction = (ids[:, :queries, None] == before[:, None, :]) & ((k[None, :] >= 1) & (k[None, :] <= q[:, None]))[None]
+
+    def score(mask: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        attended = (p * mask[None, :, None].float()).sum(-1)  # (layers, rows, heads, q)
+        weight = counted[None, :, None].float()
+        count = weight.sum(-1)
+        return (attended * weight).sum(-1) / torch.where(count > 0, count, torch.full_like(count, float("nan")))
+
+    return torch.stack([score(previous, valid), score(induction, induction.any(-1) & valid), score(bos, valid)], -1)
+
+
+__all__ = ["Record", "Selection", "head_scores", "selection_for"]
