@@ -960,7 +960,7 @@ def test_syntax_errors(text, where, expected):
     ('model "m"\nmetric logprob(io)\nablate z with zero\n', "the experiment has no 'data' statement"),
     ('model "m"\ndata "d"\nablate z with zero\n', "the experiment has no 'metric' statement"),
     ('model "m"\ndata "d"\nmetric logprob(io)\n',
-     "the experiment has no intervention (patch, ablate, steer, trace, path or attribute)"),
+     "the experiment has no intervention (patch, ablate, steer, trace, path, attribute"),
     ('model "m"\ndata "d"\ndata "e"\n', "x.cx:3:1: error: 'data' is declared twice (first at line 2)"),
     ('model "m"\ndata "d"\nmetric logprob(io)\nablate module("")[layer=0] with zero\n', "x.cx:4:8: error: module(\"...\") "
      "needs a module path"),
