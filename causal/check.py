@@ -57,10 +57,10 @@ def _statement_lines(experiment: Experiment, plan: Plan) -> list[str]:
     lines = []
     for index, intervention in enumerate(experiment.interventions):
         sweep = intervention.sweep
-        shape = " x ".join(f"{dim} {size}" for dim, size in zip(sweep.dims, sweep.shape)) or "one point"
+        shape = " x ".join(f"{dim} {size}" for dim, size in zip(sweep.dims, sweep.shape))
+        points = f"{shape} = {len(sweep.points)} points; " if shape else ""
         runs = intervention.describe_runs(plan, index)
-        lines.append(f"{intervention.name:<16} {intervention.statement}\n{'':<17}{shape} = {len(sweep.points)} "
-                     f"points; {runs}")
+        lines.append(f"{intervention.name:<16} {intervention.statement}\n{'':<17}{points}{runs}")
     return lines
 
 

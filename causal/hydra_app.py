@@ -140,6 +140,8 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
     if plots:
         lines.append(f"plots:   {plots[0].parent}/ ({len(plots)} file(s))")
     for name, variable in dataset.data_vars.items():
+        if variable.attrs.get("kind") == "generation" and variable.dtype.kind in "UO":  # texts, not token ids
+            lines.append(_generated(name, variable))
         if variable.attrs.get("kind") != "intervention":
             continue
         means = effect(dataset, name).mean("example")
@@ -148,6 +150,18 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
             mean = means.sel(metric=metric, drop=True) if "metric" in means.dims else means
             lines.append(f"{name} ({variable.attrs['statement']}), Δ {metric}: {_largest(mean)}")
     return "\n".join(lines)
+
+
+def _generated(name: str, texts) -> str:
+    """A generation's text for example 0 (at the first point of a sweep), cut short."""
+    first = texts.isel({d: 0 for d in texts.dims})
+    where = " ".join(f"{d}={first[d].item()}" for d in texts.dims if d != "example" and d in first.coords)
+    under = f"under {texts.attrs['under']}" if texts.attrs.get("under") else "no intervention"
+    text = str(first.item())
+    text = text if len(text) <= 70 else text[:67] + "..."
+    more = texts.size // texts.sizes["example"] - 1
+    return (f"{name} ({under}{', ' + where if where else ''}), example 0: {text!r}"
+            + (f" (and {more} more point(s))" if more else ""))
 
 
 def _largest(mean) -> str:

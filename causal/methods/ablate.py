@@ -77,6 +77,10 @@ class Ablate(Method):
     def method_label(self) -> str:
         return self.how
 
+    @property
+    def writes_past_prompt(self) -> bool:  # zeros exist everywhere; means and donors at the prompt's positions
+        return self.how == "zero"
+
     def records(self, n_layers):
         return {self.reference: self.site_keys} if self.how == "resample" else {}
 

@@ -143,6 +143,15 @@ class Method:
         """Writes every forward on a stream it added carries (noise on a noised run)."""
         return {}
 
+    @property
+    def writes_past_prompt(self) -> bool:
+        """Whether its write values exist at positions no prompt has (tokens being generated): a vector or
+        zeros do; another run's activations or per-position means do not."""
+        return False
+
+    def link(self, interventions: list["Method"], resolution: "Resolution") -> None:
+        """Once every statement is resolved: check and keep the others it names (`generate ... under s1`)."""
+
     def chunk_pass(self, run: "Run", chunk: Chunk, caches, state: Any) -> dict[str, torch.Tensor] | None:
         """Work of its own per chunk of examples; what it returns is checkpointed."""
         return None

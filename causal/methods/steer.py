@@ -62,6 +62,8 @@ class Steer(Method):
         return [MaskedMean(term.column, key, term.mask, adder(key, term.coef))
                 for key in self.site_keys for term in self.terms]
 
+    writes_past_prompt = True  # one vector for every position, generated ones too
+
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
         return grouped([(key, Write(where, self.vector(key, state), add=True)) for (key, _), where in masks.items()])

@@ -280,6 +280,8 @@ def resolve(file: ast.ExperimentFile, model: LoadedModel, seed: int = 0) -> Expe
     resolver.resolve_named_positions()
     resolver.attach_saes()
     interventions = [resolver.intervention(node) for node in file.interventions]
+    for method in interventions:  # statements that name others (generate ... under s1), now all resolved
+        method.link(interventions, resolver)
     for node in file.metrics:
         resolver.metric_columns(node)
     bases = sorted(resolver.runs)
