@@ -364,15 +364,16 @@ def _recorder(store: dict, key, rows: torch.Tensor, total_rows: int) -> Callable
 
 def _prefix(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, pos: int,
             computed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's cached keys/values of positions < pos for the job's rows. A layer the job skips (its block
-    stands in with the cached output) never attends, so it gets a stand-in one number wide of the same
-    length: the cache's length is all the model reads of it (HF counts an empty cache as length 0). Gathering every layer's prefix was a quarter of a head
-    sweep's time on GPT-2-small (issue "speed to the floor", item 2)."""
+    """A layer's cached keys/values for the job's rows: all positions, a copy the forward writes its own
+    positions >= pos into. A layer the job skips (its block stands in with the cached output) never attends,
+    so it gets a stand-in one number wide of length pos: the cache's length is all the model reads of it
+    (HF counts an empty cache as length 0). Gathering every layer's prefix was a quarter of a head sweep's
+    time on GPT-2-small (issue "speed to the floor", item 2)."""
     if not computed:
         stand_in = keys.new_zeros((len(rows), keys.shape[1], pos, 1))
         return stand_in, stand_in
     index = rows.to(keys.device)
-    return keys[index, :, :pos], values[index, :, :pos]
+    return keys[index], values[index]
 
 
 def _store_keys_values(caches: Caches, stream: str, keys_values, rows: torch.Tensor, total_rows: int) -> None:
