@@ -48,3 +48,23 @@ def test_a_recording_under_a_steer_is_the_plain_one_plus_the_vector(config):
     shift = (ds.resid_pushed.sel(layer=1) - ds.resid.sel(layer=1)).values  # (pos, example, d_model)
     assert np.abs(shift).max() > 0.03
     np.testing.assert_allclose(shift, np.broadcast_to(shift[:1, :1], shift.shape), atol=1e-5)  # one vector
+
+
+def test_lens_and_pattern_figures_show_the_dataset(config, tmp_path):
+    from causal.results.plot import plot, plot_all
+    lens = causal.run(EXPERIMENTS / "logit_lens.cx", config)
+    names = [p.name for p in plot_all(lens, tmp_path / "lens")]
+    assert names == ["knockout.png", "lens.png", "lens_knockout.png"]
+    figure = plot(lens, "lens")[0]
+    written = [t.get_text() for t in figure.axes[0].texts]
+    drawn = lens.lens.isel(example=0, answer=0).dropna("pos", how="all")["pos"]  # the last has no next token
+    top = lens.lens_top.isel(example=0).sel(top=0, pos=drawn).transpose("layer", "pos")
+    assert written == [str(w) for w in top.values.ravel()]  # the top token in each (layer, pos) cell, in order
+    assert figure.axes[0].get_xticklabels()[12].get_text() == f"12 {lens.token_clean.isel(example=0).sel(pos=12).item()}"
+    patterns = causal.run(EXPERIMENTS / "attention_heads.cx", config)
+    assert [p.name for p in plot_all(patterns, tmp_path / "heads")] == ["patterns.png", "patterns_scores.png"]
+    panels = plot(patterns, "patterns")[0].axes
+    assert [a.get_title() for a in panels if a.get_visible()][:5] == [
+        "layer 0 head 0", "layer 0 head 1", "layer 0 head 2", "layer 0 head 3", "layer 1 head 0"]
+    scores = [t.get_text() for t in plot(patterns, "patterns_scores")[0].axes[0].texts]
+    assert scores[3] == f"{float(patterns.patterns_scores.mean('example').sel(layer=0, head=1, score='previous_token')):.2f}"
