@@ -24,9 +24,9 @@ from transformers.utils import logging as hf_logging
 if not __package__:  # run as a script: make `causal` (this checkout's) and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import causal  # noqa: E402
-from benchmarks.references import build_gpt2, save_model_folder, write_causal_experiment  # noqa: E402
-from benchmarks.sweep import GPT2_SMALL, TINY, machine  # noqa: E402
+import causal
+from benchmarks.references import build_gpt2, save_model_folder, write_causal_experiment
+from benchmarks.sweep import GPT2_SMALL, TINY, machine
 
 
 @torch.inference_mode()
@@ -35,7 +35,7 @@ def naive_record(model, ids: torch.Tensor, batch: int) -> torch.Tensor:
     layers = []
     for block in model.transformer.h:
         kept = []
-        handle = block.register_forward_pre_hook(lambda _m, args: kept.append(args[0].detach().clone()))
+        handle = block.register_forward_pre_hook(lambda _m, args, kept=kept: kept.append(args[0].detach().clone()))
         try:
             for start in range(0, len(ids), batch):
                 model(ids[start:start + batch], use_cache=False)
