@@ -1,4 +1,4 @@
-"""record SITE [on BASE] [under LABEL] [as NAME]: a site's activations, kept per example for later analysis.
+"""record SITE [on BASE] [under LABEL] [top K] [as NAME]: a site's activations, kept per example for later analysis.
 
 Selectors choose what is kept, not what is swept: `layer` and `pos` left out mean every layer and every
 position; an extra dim (head, neuron, key_pos) left out is kept whole, after `example`. One forward per
@@ -6,14 +6,17 @@ batch of examples records every chosen layer at once (a hook per layer gathers t
 the activation passes). `under LABEL` records what the model computes while a one-point patch, ablate
 or steer statement's writes are applied. Recordings larger than the `record_memory_gb` setting are
 refused unless `record_store` names a folder: they are then written per chunk of examples into a
-netCDF file there (causal.engine.recordings), which `causal.load` opens lazily.
+netCDF file there (causal.engine.recordings), which `causal.load` opens lazily. On an SAE's features
+(`sae(...)`), `top K` keeps each token's K largest features instead of all, and every recording of
+features summarises them: how often each fires and its max-activating tokens (causal.methods.features).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from causal.engine.plan import Job
@@ -22,10 +25,12 @@ from causal.errors import CausalError, Span
 from causal.files import readable_size
 from causal.lang import ast
 from causal.methods.base import Method, Variable, method
-from causal.models.adapter import EMBEDDING, MODULE, PATTERN, RESIDUAL
+from causal.methods.features import FeatureSummary, top_features
+from causal.models.adapter import EMBEDDING, FEATURE, MODULE, PATTERN, RESIDUAL
 from causal.resolve.experiment import Sweep, Target, absolute_positions
 
 ELEMENT_BYTES = 4  # recordings are kept as float32
+FEATURE_SUMMARIES = ("frequency", "max_activation", "max_example", "max_pos", "max_text")
 HEAD_SCORES = ("previous_token", "induction", "bos")
 
 
@@ -76,7 +81,7 @@ def selection_for(resolution, site: ast.SiteRef, base: str, allowed: tuple[str, 
     info = resolution.sites.site_info(site, allowed)
     given = {s.dim for s in site.selectors}
     added = [ast.Selector(dim, ast.AllIndices(site.span), None, site.span)
-             for dim in (["layer"] if info.per_layer else []) + ["pos"] if dim not in given]
+             for dim in (["layer"] if info.per_layer and info.layers is None else []) + ["pos"] if dim not in given]
     extra_names = [name for name, _ in info.extra_dims]
     order = ["layer", "pos", *extra_names]
     selectors = sorted([*site.selectors, *added], key=lambda s: order.index(s.dim) if s.dim in order else -1)
@@ -90,7 +95,7 @@ def selection_for(resolution, site: ast.SiteRef, base: str, allowed: tuple[str, 
     feature = _feature_dim(info, resolution.adapter)
     if feature:
         trailing.append(feature)
-    layers = sweep.coords["layer"] if info.per_layer else [None]
+    layers = sweep.coords["layer"] if "layer" in sweep.coords else list(info.layers or [None])
     return sweep, Selection(info.name, list(layers), positions, swept_extra, trailing, prompts.lengths,
                             info.role == PATTERN)
 
@@ -197,6 +202,9 @@ class RecordState:
     ids: torch.Tensor
     lengths: torch.Tensor
     store: RecordingStore | None = None
+    top_ids: torch.Tensor | None = None  # (positions, examples, K) SAE feature ids under `top K`, -1: none fired
+    top_activation: torch.Tensor | None = None  # (positions, examples, K)
+    summary: FeatureSummary | None = None  # on SAE features
 
 
 @method("record")
@@ -209,6 +217,9 @@ class Record(Method):
     store_folder: str | None = None  # set by check_run where the recording is over record_memory_gb
     store_path: str | None = None
     under_index: int | None = None
+    features: list[int] | None = None  # the SAE features kept, on an SAE site
+    top: int | None = None  # `top K`: each token's K largest features, not all
+    tokenizer: object = field(default=None, repr=False)
 
     plans_jobs = False  # one forward per batch of examples of its own, per chunk
     works_per_chunk = True
@@ -225,13 +236,34 @@ class Record(Method):
         if selection.masks_keys and not selection.swept_extra and sweep.coords["pos"] == list(range(
                 int(resolution.prompts[base].ids.shape[1]))):
             scores = resolution.unique_name(f"{name}_scores")
-        return cls(name, resolution.statement(node.span), base, sweep, selection, under, node.span, scores)
+        features, top = cls.kept_features(resolution, node, sweep, selection)
+        if features is not None:
+            for suffix in ("top", "top_activation") * bool(top) + FEATURE_SUMMARIES:
+                resolution.unique_name(f"{name}_{suffix}")
+        return cls(name, resolution.statement(node.span), base, sweep, selection, under, node.span, scores,
+                   features=features, top=top, tokenizer=resolution.model.tokenizer)
+
+    @staticmethod
+    def kept_features(resolution, node, sweep: Sweep, selection: Selection) -> tuple[list[int] | None, int | None]:
+        """An SAE site's features kept (those selected, or all), and `top K` checked against them."""
+        top = node.get("top")
+        if resolution.adapter.site_info(selection.site).role != FEATURE:
+            if top is not None:
+                raise resolution.error(f"top {top} keeps each token's largest SAE features; {selection.site!r} is not "
+                                       "an SAE's features", node.span_of("top"), hint='record sae("...") top K')
+            return None, None
+        features = sweep.coords.get("feature") or list(range(dict(selection.trailing)["feature"]))
+        if top is not None and not 1 <= top <= len(features):
+            raise resolution.error(f"top {top}: choose 1..{len(features)} features (those recorded)", node.span_of("top"))
+        return features, top
 
     # sizes and settings
     def trailing_sizes(self) -> list[int]:
         return [size or 1 for _, size in self.selection.trailing]
 
     def n_bytes(self, n_examples: int) -> int:
+        if self.top:  # an int64 id and a float32 activation per kept feature
+            return (8 + ELEMENT_BYTES) * len(self.selection.positions) * n_examples * self.top
         count = len(self.sweep.points) * n_examples
         for size in self.trailing_sizes():
             count *= size
@@ -243,11 +275,13 @@ class Record(Method):
         self.store_folder = None
         if size <= bound:
             return
-        if not config.record_store:
+        if not config.record_store or self.top:
+            sparse = "keep each token's largest features with `top K`, " if self.features and not self.top else ""
+            store = "" if self.top else ("set record_store=<folder> to write it there per chunk of examples "
+                                         "(causal.load opens it lazily), ")
             raise CausalError(f"'{self.statement}' records {readable_size(size)} ({size} bytes), more than "
                               f"record_memory_gb={config.record_memory_gb:g} allows in memory", self.span,
-                              hint="set record_store=<folder> to write it there per chunk of examples (causal.load "
-                                   "opens it lazily), raise record_memory_gb, or record fewer layers, positions or "
+                              hint=f"{sparse}{store}raise record_memory_gb, or record fewer layers, positions or "
                                    "examples")
         self.store_folder = config.record_store
         self.store_path = str(Path(config.record_store).resolve() / f"{experiment.name}-{self.name}.nc")
@@ -262,6 +296,8 @@ class Record(Method):
         batches = sum(-(-len(chunk.examples) // plan.batch_size) for chunk in plan.chunks)
         size = self.n_bytes(n)
         trailing = " x ".join(f"{d} {s}" if s else d for d, s in self.selection.trailing) or "one number"
+        if self.top:
+            trailing = f"the top {self.top} of {len(self.features)} features (id and activation)"
         where = f"into {self.store_folder}" if self.store_folder else "in memory"
         estimate = " (module outputs: sized as d_model until run)" if self.selection.site.startswith("module:") else ""
         under = f" under {self.under}" if self.under else ""
@@ -275,25 +311,39 @@ class Record(Method):
         sizes = self.trailing_sizes()
         known = all(size is not None for _, size in self.selection.trailing)
         values = None
-        if known and not self.store_folder:
+        if known and not self.store_folder and not self.top:
             values = torch.full((len(self.sweep.points), n, *sizes), float("nan"))
         scores = None
         if self.scores_name:
             heads = dict(self.selection.trailing)["head"]
             scores = torch.full((len(self.selection.layers), n, heads, len(HEAD_SCORES)), float("nan"))
-        return RecordState(values, scores, prompts.ids, prompts.lengths)
+        state = RecordState(values, scores, prompts.ids, prompts.lengths)
+        if self.features is not None:
+            state.summary = FeatureSummary.empty(len(self.features))
+        if self.top:
+            shape = (len(self.selection.positions), n, self.top)
+            state.top_ids, state.top_activation = torch.full(shape, -1), torch.full(shape, float("nan"))
+        return state
 
     def chunk_pass(self, run, chunk, caches, state):
         examples = chunk.examples
         if self.store_folder:
             state.store = state.store or RecordingStore.open(self, run.experiment)
+        summary = FeatureSummary.empty(len(self.features)) if self.features is not None else None
         for start in range(0, len(examples), run.plan.batch_size):
             batch = examples[start:start + run.plan.batch_size]
-            if state.store and state.store.done(batch) and not self.scores_name:
+            if state.store and state.store.done(batch) and not self.scores_name and summary is None:
                 continue  # written by an earlier run that stopped later
             kept = forward_keeping(self, run, batch, caches, self.selection)
             values = torch.stack([kept[layer] for layer in self.selection.layers])  # (L, P, *swept, rows, *rest)
             values = values.flatten(0, 1 + len(self.selection.swept_extra))  # points row-major over the sweep
+            if summary is not None:
+                per_token = self.per_token_features(values)
+                summary.add(per_token, batch, self.selection.positions[:, batch])
+                if self.top:
+                    state.top_ids[:, batch], state.top_activation[:, batch] = top_features(
+                        per_token, self.top, torch.tensor(self.features))
+                    continue
             if self.scores_name:
                 state.scores[:, batch] = head_scores(values.view(len(self.selection.layers), -1, *values.shape[1:]),
                                                      state.ids[batch], state.lengths[batch])
@@ -303,10 +353,22 @@ class Record(Method):
                 if state.values is None:
                     state.values = torch.full((values.shape[0], len(state.ids), *values.shape[2:]), float("nan"))
                 state.values[:, batch] = values
-        saved = {} if state.store else {"values": state.values[:, examples].contiguous()}
+        saved = {} if state.store or self.top else {"values": state.values[:, examples].contiguous()}
         if self.scores_name:
             saved["scores"] = state.scores[:, examples].contiguous()
+        if self.top:
+            saved.update(top_ids=state.top_ids[:, examples].contiguous(),
+                         top_activation=state.top_activation[:, examples].contiguous())
+        if summary is not None:
+            state.summary.merge(summary)
+            saved.update(summary.saved())
         return saved or None
+
+    def per_token_features(self, values: torch.Tensor) -> torch.Tensor:
+        """A batch of recorded SAE features -> (positions, rows, features), whether features were swept or kept whole."""
+        if "feature" in self.sweep.coords:  # (positions x features, rows)
+            return values.view(len(self.selection.positions), -1, values.shape[-1]).transpose(1, 2)
+        return values
 
     def restore_chunk(self, chunk, saved, state):
         if "values" in saved:
@@ -316,6 +378,11 @@ class Record(Method):
             state.values[:, chunk.examples] = saved["values"]
         if "scores" in saved:
             state.scores[:, chunk.examples] = saved["scores"]
+        for key in ("top_ids", "top_activation"):
+            if key in saved:
+                getattr(state, key)[:, chunk.examples] = saved[key]
+        if state.summary is not None and "summary_fired" in saved:
+            state.summary.merge(FeatureSummary.from_saved(saved))
 
     def finish(self, run, state):
         if state.store is None and self.store_folder:  # every chunk came back from checkpoints
@@ -336,8 +403,10 @@ class Record(Method):
                 **attrs, "kind": "recording_store", "store": str(store.path), "store_dims": [*self.sweep.dims, "example", *dims],
                 "long_name": f"examples recorded into {store.path} (causal.load opens the recording there lazily)"},
                 dims=("example",)))
-        else:
+        elif not self.top:
             out.append(Variable(self.name, state.values, self.sweep, attrs, dims=("example", *dims), coords=coords))
+        if self.features is not None:
+            out.extend(self.feature_variables(state, attrs))
         if self.scores_name:
             layers = self.selection.layers
             sweep = Sweep(("layer",), {"layer": layers}, [(Target(self.selection.site, (layer,), None),)
@@ -350,12 +419,44 @@ class Record(Method):
                 coords={"head": list(range(state.scores.shape[2])), "score": list(HEAD_SCORES)}))
         return out
 
+    def feature_variables(self, state, attrs: dict) -> list[Variable]:
+        """`top K` per token (over positions, example, top), and the per-feature summaries (feature, rank)."""
+        attrs = {**attrs, "kind": "feature_recording", "recording": self.name}
+        out = []
+        if self.top:
+            positions = self.sweep.coords["pos"]
+            sweep = Sweep(("pos",), {"pos": positions}, [(Target(self.selection.site, (self.selection.layers[0],), p),)
+                                                          for p in positions])
+            ranks = {"top": list(range(self.top))}
+            out += [Variable(f"{self.name}_top", state.top_ids, sweep, {
+                        **attrs, "long_name": f"the {self.top} largest SAE features of each token (-1: fewer fired)"},
+                        ("example", "top"), ranks),
+                    Variable(f"{self.name}_top_activation", state.top_activation, sweep, {
+                        **attrs, "long_name": "their activations (NaN where fewer fired)"}, ("example", "top"), ranks)]
+        summary, none = state.summary, Sweep((), {}, [()])
+        label = {"feature": self.features}
+        ranked = {**label, "rank": list(range(summary.max_activation.shape[1]))}
+        found = summary.max_example >= 0
+        texts = np.array(summary.texts(state.ids, self.tokenizer.decode), dtype=object)
+        described = {"frequency": ("fraction of recorded tokens where the feature fired (> 0)", summary.frequency(),
+                                   ("feature",), label),
+                     "max_activation": ("largest activations of each feature over the recorded tokens",
+                                        summary.max_activation.masked_fill(~found, float("nan")), ("feature", "rank"), ranked),
+                     "max_example": ("example of each max activation (-1: none)", summary.max_example, ("feature", "rank"), ranked),
+                     "max_pos": ("position of each max activation (-1: none)", summary.max_pos, ("feature", "rank"), ranked),
+                     "max_text": ("the tokens before each max activation and [the token itself]", texts, ("feature", "rank"),
+                                  ranked)}
+        for suffix, (long_name, values, dims, coords) in described.items():
+            out.append(Variable(f"{self.name}_{suffix}", values[None], none, {**attrs, "long_name": long_name},
+                                dims, coords))
+        return out
+
     def trailing_labels(self, state) -> tuple[list[str], dict]:
         names = [d for d, _ in self.selection.trailing]
         if state.values is not None and self.selection.site.startswith("module:"):  # as the module returned it
             extra = state.values.dim() - 2
             names = ["feature"] if extra == 1 else [f"feature_{i}" for i in range(extra)]
-        coords = {d: list(range(s)) for d, s in self.selection.trailing if s and d not in ("d_model", "d_head", "feature")}
+        coords = {d: list(range(s)) for d, s in self.selection.trailing if s and d not in ("d_model", "d_head")}
         return names, coords
 
 

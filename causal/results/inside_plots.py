@@ -1,6 +1,7 @@
 """Figures of what a run read inside the model, for one example with its tokens on the axes: the logit lens
 (layer x position, coloured by the answer's log-prob, the top token written in each cell), attention
-patterns per head (query x key), and the per-head pattern scores (mean over examples).
+patterns per head (query x key), the per-head pattern scores (mean over examples), and SAE features'
+activations over the tokens.
 
 Effects are drawn by causal.results.plot; these variables are readouts, not effects, so they get their own
 figures. Recordings of other sites are data for analysis, not drawn.
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 
 EXAMPLE = 0  # the example drawn: a lens or a pattern averaged over different prompts has no tokens to show
 MAX_HEADS = 16  # per pattern figure: layers x heads panels beyond this are left to the Dataset
+MAX_FEATURES = 8  # per feature figure: the features most active on the drawn example
 
 
 def inside_figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
@@ -27,14 +29,16 @@ def inside_figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
             yield name, pattern_figure(dataset, name)
         elif kind == "head_scores":
             yield name, scores_figure(dataset, name)
+        elif kind == "feature_recording" and name.endswith("_frequency"):
+            yield variable.attrs["recording"], feature_figure(dataset, variable.attrs["recording"])
 
 
-def tokens(dataset: xr.Dataset, variable: xr.DataArray, positions) -> list[str]:
+def tokens(dataset: xr.Dataset, variable: xr.DataArray, positions, example: int = EXAMPLE) -> list[str]:
     """'pos token' labels of the drawn example, from the prompts the variable ran on."""
     column = f"token_{variable.attrs.get('prompts', '')}"
     if column not in dataset.coords or "pos" not in dataset[column].dims:
         return [str(p) for p in positions]
-    words = dataset[column].isel(example=EXAMPLE).sel(pos=list(positions)).values
+    words = dataset[column].isel(example=example).sel(pos=list(positions)).values
     return [f"{p} {w}" for p, w in zip(positions, words)]
 
 
@@ -90,5 +94,47 @@ def scores_figure(dataset: xr.Dataset, name: str) -> Figure:
                 yticklabels=[f"L{layer} H{head}" for layer, head in grid["row"].values],
                 cbar_kws={"label": "mean attention (over examples)"})
     ax.set_title(f"{name}: which heads attend to the previous token, the induction target, BOS", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def feature_activations(dataset: xr.Dataset, recording: str, example: int = EXAMPLE) -> xr.DataArray:
+    """(feature, pos) activations of one example, from a dense recording or from its top K (0 elsewhere)."""
+    if recording in dataset:
+        return dataset[recording].isel(example=example).dropna("pos", how="all").fillna(0.0).transpose("feature", "pos")
+    ids = dataset[f"{recording}_top"].isel(example=example).dropna("pos", how="all")
+    acts = dataset[f"{recording}_top_activation"].isel(example=example).sel(pos=ids["pos"])
+    features = dataset[f"{recording}_frequency"]["feature"].values
+    grid = np.zeros((len(features), len(ids["pos"])))
+    column = {int(f): i for i, f in enumerate(features)}
+    for j, (row_ids, row_acts) in enumerate(zip(ids.transpose("pos", "top").values, acts.transpose("pos", "top").values)):
+        for feature, value in zip(row_ids, row_acts):
+            if feature >= 0 and np.isfinite(value):
+                grid[column[int(feature)], j] = value
+    return xr.DataArray(grid, dims=("feature", "pos"), coords={"feature": features, "pos": ids["pos"].values})
+
+
+def feature_figure(dataset: xr.Dataset, recording: str, features=None, example: int = EXAMPLE) -> Figure:
+    """Features' activations over one example's tokens: by default the MAX_FEATURES most active on it."""
+    acts = feature_activations(dataset, recording, example)
+    if features is None:
+        strongest = acts.max("pos").sortby(lambda a: -a)
+        recorded = dataset[f"{recording}_frequency"].notnull().sel(feature=strongest["feature"]).values
+        features = list(strongest["feature"].values[recorded][:MAX_FEATURES])  # the strongest, firing or not
+    grid = acts.sel(feature=list(features))
+    frequency = dataset[f"{recording}_frequency"].sel(feature=list(features)).values
+    fig = Figure(figsize=(min(4 + 0.55 * grid.shape[1], 20), 2.4 + 0.4 * max(len(features), 1)))
+    ax = fig.subplots()
+    labels = tokens(dataset, dataset[f"{recording}_frequency"], grid["pos"].values, example)
+    top = float(grid.max()) if grid.size else 0.0
+    sns.heatmap(grid.values, ax=ax, cmap="Reds", vmin=0, vmax=top if top > 0 else 1.0, xticklabels=labels,
+                yticklabels=[f"{f} ({100 * q:.1f}%)" for f, q in zip(features, frequency)],
+                cbar_kws={"label": "feature activation"})
+    ax.set_xlabel("position and token")
+    ax.set_ylabel("feature (fires on % of tokens)")
+    ax.tick_params(axis="y", labelrotation=0)
+    statement = dataset[f"{recording}_frequency"].attrs.get("statement", "")
+    silent = "" if top > 0 else "; none of these fires here"
+    ax.set_title(f"{recording}: {statement} (example {example}{silent})", fontsize=9)
     fig.tight_layout()
     return fig
