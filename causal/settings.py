@@ -41,7 +41,7 @@ class RunConfig:
 
     seed: int = setting(0, help="seed of everything random in the run (torch's generator, resampled donors, noise)")
     model: str | None = setting(None, help="replaces the file's `model` (model=gpt2,zoo:attn-only-2l in a sweep)")
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    device: str = setting("auto", help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: str = setting("float32", help="float32 | float16 | bfloat16")
     batch_size: int = setting(128, help="rows (site x example) per forward pass")
     pack: str = setting("auto", help="how rows share forward passes: auto (cost model) | sites (fill every batch) "

@@ -81,7 +81,7 @@ def test_cli_syntax_error_exits_2_with_location_caret_and_no_traceback(write_exp
 
 
 @pytest.mark.parametrize("setting, needles", [
-    ("device=tpu", ["error: unknown device 'tpu'; use 'auto', 'cpu' or 'cuda[:N]'"]),
+    ("device=tpu", ["error: unknown device 'tpu'; use 'auto', 'cpu', 'cuda[:N]' or 'mps'"]),
     ("dtype=float64", ["error: unknown dtype 'float64'; choose one of float32, float16, bfloat16"]),
     ("pack=fast", ["error: unknown pack 'fast'; choose one of auto, sites, exact"]),
     ("batch_size=0", ["error: setting batch_size=0 must be a whole number in 1..2147483647"]),
@@ -166,8 +166,8 @@ def test_cli_summary_of_a_statement_without_swept_dims(write_experiment, tmp_pat
 # --------------------------------------------------------------------------------- run settings (Python API)
 
 @pytest.mark.parametrize("settings, message", [
-    ({"device": "tpu"}, "error: unknown device 'tpu'; use 'auto', 'cpu' or 'cuda[:N]'"),
-    ({"device": "cuda:x"}, "error: unknown device 'cuda:x'; use 'auto', 'cpu' or 'cuda[:N]'"),
+    ({"device": "tpu"}, "error: unknown device 'tpu'; use 'auto', 'cpu', 'cuda[:N]' or 'mps'"),
+    ({"device": "cuda:x"}, "error: unknown device 'cuda:x'; use 'auto', 'cpu', 'cuda[:N]' or 'mps'"),
     ({"device": "cuda"}, "error: device 'cuda' was asked for but CUDA is not available here"),
     ({"dtype": "float64"}, "error: unknown dtype 'float64'; choose one of float32, float16, bfloat16"),
     ({"pack": "fast"}, "error: unknown pack 'fast'; choose one of auto, sites, exact"),

@@ -443,7 +443,7 @@ def test_generator_sizes_are_bounded(tmp_path, data, message):
     ("batch_size=99999999999999999999", "setting batch_size=99999999999999999999 must be a whole number in "
                                         "1..2147483647"),
     ("device=meta", "device 'meta' holds no weights (shapes only), so no model can run on it"),
-    ("device=mps", "device 'mps' is not supported yet; use 'auto', 'cpu' or 'cuda[:N]'"),
+    ("device=mps", "device 'mps' was asked for but Apple's MPS backend is not available here"),
     ("device=xpu", "device 'xpu' is not supported yet"),
 ])
 def test_settings_outside_their_range_are_refused_before_compute(write_experiment, tmp_path, capsys, no_forward,

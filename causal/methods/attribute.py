@@ -19,6 +19,7 @@ from causal.engine.plan import Packer, RowStarts, row_starts, target_first_posit
 from causal.metrics import metric_values, read_slots
 from causal.methods.base import Method, Variable, method, source_writes
 from causal.models.adapter import KEY, MODULE, PATTERN, QUERY
+from causal.models.load import widest_float
 
 NOT_ATTRIBUTABLE = (PATTERN, MODULE)  # a pattern is not patched on its own; a module's output has no known layout
 SCALE_TOLERANCE = 1e-3  # max |log-pattern residual| for the dot-product-softmax model of attention
@@ -157,12 +158,13 @@ class Attribute(Method):
 
     def qk_contribution(self, site: str, layer: int, kept, grad, source, scales: dict, state) -> torch.Tensor | None:
         """AtP*: the exact pattern change of patching one query or key, times dM/d(pattern)."""
-        pattern = kept[(self.pattern, layer)].detach().double()  # (rows, q, heads, k)
+        wide = widest_float(source.device)
+        pattern = kept[(self.pattern, layer)].detach().to(wide)  # (rows, q, heads, k)
         pattern_grad = grad[(self.pattern, layer)]
         if pattern_grad is None:
             return None
-        pattern_grad = pattern_grad.double()
-        q, k = kept[(self.query, layer)].detach().double(), kept[(self.key, layer)].detach().double()
+        pattern_grad = pattern_grad.to(wide)
+        q, k = kept[(self.query, layer)].detach().to(wide), kept[(self.key, layer)].detach().to(wide)
         group = q.shape[2] // k.shape[2]
         k_heads = k.repeat_interleave(group, dim=2)  # (rows, k, heads, d)
         if layer not in scales:
@@ -174,10 +176,10 @@ class Attribute(Method):
         state.qk_fix_layers.add(layer)
         log_pattern = pattern.log()
         if site == self.query:
-            delta = scale * torch.einsum("rqhd,rkhd->rqhk", source.double() - q, k_heads)
+            delta = scale * torch.einsum("rqhd,rkhd->rqhk", source.to(wide) - q, k_heads)
             changed = torch.softmax(log_pattern + delta, -1).nan_to_num(0.0)
             return ((changed - pattern) * pattern_grad).sum(-1).float()  # (rows, q, heads)
-        dk = (source.double() - k).repeat_interleave(group, dim=2)
+        dk = (source.to(wide) - k).repeat_interleave(group, dim=2)
         delta = (scale * torch.einsum("rqhd,rkhd->rqhk", q, dk)).clamp(-80, 80)  # score change of key j, per query
         p = pattern
         weighted = (p * pattern_grad).sum(-1, keepdim=True)  # S = sum_k p_k G_k

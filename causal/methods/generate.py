@@ -285,5 +285,5 @@ def generate_tokens(runner, ids: torch.Tensor, hooks: dict, n: int, decoding: De
 def choose(logits: torch.Tensor, decoding: Decoding, generators) -> torch.Tensor:
     if generators is None:
         return logits.argmax(-1).cpu()
-    probs = (logits.double() / decoding.temperature).softmax(-1).cpu()
+    probs = (logits.float().cpu().double() / decoding.temperature).softmax(-1)  # on the CPU: MPS has no float64
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])

@@ -44,24 +44,41 @@ class LoadedModel:
     head: str = "lm"  # "lm": the model returns vocabulary logits; "encoder": it returns hidden states
 
 
+DEVICES = "use 'auto', 'cpu', 'cuda[:N]' or 'mps'"
+
+
+def mps_available() -> bool:
+    """Apple's Metal backend: Apple silicon with a torch built for it."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def pick_device(name: str) -> torch.device:
+    """'auto': a CUDA GPU, else Apple's MPS, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CausalError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+        raise CausalError(f"unknown device {name!r}; {DEVICES}") from None
     if device.type == "meta":
-        raise CausalError(f"device {name!r} holds no weights (shapes only), so no model can run on it; "
-                          "use 'auto', 'cpu' or 'cuda[:N]'")
-    if device.type not in ("cpu", "cuda"):
-        raise CausalError(f"device {name!r} is not supported yet; use 'auto', 'cpu' or 'cuda[:N]'")
+        raise CausalError(f"device {name!r} holds no weights (shapes only), so no model can run on it; {DEVICES}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CausalError(f"device {name!r} is not supported yet; {DEVICES}")
+    if device.type == "mps" and not mps_available():
+        raise CausalError(f"device {name!r} was asked for but Apple's MPS backend is not available here (it needs "
+                          "Apple silicon, macOS 12.3 or later and a torch built with MPS)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CausalError(f"device {name!r} was asked for but CUDA is not available here")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CausalError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} "
                           f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64 for the few sums that need it; float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def resolve_reference(ref: str, span: Span | None = None) -> str:
@@ -137,6 +154,7 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **options)
         config = AutoConfig.from_pretrained(target, **options)
+        _check_quantization(ref, config, torch_device, span)
         model_class, head = model_class_for(config)
         model, info = model_class.from_pretrained(target, dtype=torch_dtype, output_loading_info=True, **options)
     except CausalError:
@@ -151,6 +169,30 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
     model.eval().to(torch_device)
     adapter = adapter_for(model)
     return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device, torch_dtype, head)
+
+
+def _check_quantization(ref: str, config, device: torch.device, span: Span | None) -> None:
+    """Weights saved quantised by bitsandbytes load only onto a CUDA GPU with bitsandbytes installed."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    method = settings.get("quant_method", "unknown")
+    if method != "bitsandbytes":
+        return  # other schemes (GPTQ, AWQ, ...) are transformers' to load or refuse
+    bits = "4-bit" if settings.get("load_in_4bit") else "8-bit"
+    missing = []
+    if device.type != "cuda":
+        missing.append(f"a CUDA GPU (this run is on {device.type})")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        missing.append("the bitsandbytes package")
+    if missing:
+        raise CausalError(f"model {ref!r} is saved quantised by bitsandbytes ({bits}), which needs "
+                          f"{' and '.join(missing)}", span,
+                          hint="run it with device=cuda on a machine with a GPU and `pip install bitsandbytes`, or use "
+                               "the model's unquantised weights (dtype=float16 or bfloat16 halves their memory)")
 
 
 PROBE_SECONDS = 3.0  # how long the hub may take to accept a connection before we load from the cache only

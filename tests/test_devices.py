@@ -1,0 +1,58 @@
+"""Device choice (issue 18 item 3): Apple's MPS is accepted where torch has it, refused plainly where not,
+and the few float64 sums fall back to float32 there (MPS has no float64). This machine has no MPS, so
+availability is simulated; the run itself on MPS is left to a Mac."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causal.errors import CausalError
+from causal.models import load
+
+
+def test_mps_is_refused_with_the_reason_where_torch_lacks_it(monkeypatch):
+    monkeypatch.setattr(load, "mps_available", lambda: False)
+    with pytest.raises(CausalError, match="device 'mps' was asked for but Apple's MPS backend is not available here"):
+        load.pick_device("mps")
+    assert load.pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_mps_is_accepted_and_chosen_by_auto_where_available(monkeypatch):
+    monkeypatch.setattr(load, "mps_available", lambda: True)
+    assert load.pick_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load.pick_device("auto") == torch.device("mps")  # no CUDA: the Apple GPU before the CPU
+
+
+def test_wide_sums_are_float32_on_mps_only():
+    assert load.widest_float(torch.device("mps")) == torch.float32
+    assert load.widest_float(torch.device("cpu")) == torch.float64
+    assert load.widest_float(torch.device("cuda")) == torch.float64
+
+
+@pytest.mark.parametrize("name, message", [("xpu", "device 'xpu' is not supported yet; use 'auto', 'cpu', "
+                                                   "'cuda[:N]' or 'mps'"),
+                                           ("float64", "unknown device 'float64'")])
+def test_other_devices_are_refused(name, message):
+    with pytest.raises(CausalError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load.pick_device(name)
+
+
+@pytest.mark.parametrize("bits, flag", [("8-bit", "load_in_8bit"), ("4-bit", "load_in_4bit")])
+def test_bitsandbytes_weights_are_refused_off_cuda_before_loading(tmp_path, tiny_gpt2, write_experiment, no_forward,
+                                                                 bits, flag):
+    import json
+    import shutil
+
+    import causal
+    folder = tmp_path / "quantised"
+    shutil.copytree(tiny_gpt2, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", flag: True}
+    (folder / "config.json").write_text(json.dumps(config))
+    path = write_experiment("metric logprob(io)\nablate mlp_out[layer=0] with zero", model=folder)
+    with pytest.raises(CausalError) as info:
+        causal.run(path, causal.RunConfig(device="cpu", progress=False))
+    message = str(info.value)
+    assert f"is saved quantised by bitsandbytes ({bits}), which needs a CUDA GPU (this run is on cpu)" in message
+    assert "exp.cx:2:7" in message and "pip install bitsandbytes" in message and not no_forward
