@@ -56,3 +56,48 @@ def test_bitsandbytes_weights_are_refused_off_cuda_before_loading(tmp_path, tiny
     message = str(info.value)
     assert f"is saved quantised by bitsandbytes ({bits}), which needs a CUDA GPU (this run is on cpu)" in message
     assert "exp.cx:2:7" in message and "pip install bitsandbytes" in message and not no_forward
+
+
+OFFLOADED = '''experiment offload
+model "zoo:attn-only-2l"
+data induction(n=6, length=10, seed=0)
+metric logprob(next) at 11..19
+patch z[layer=*, head=*] from corrupt into clean
+ablate resid_pre[layer=*, pos=*] with mean
+steer resid_pre[layer=1] by 3 * (mean(corrupt) - mean(clean)) as push
+trace noise(3 sigma, samples=2) on [1, 2] restore resid_pre[layer=*, pos=*]
+path z[layer=0, head=*] -> q[layer=1, head=*] from corrupt into clean
+attribute q[layer=*, head=*] from corrupt into clean verify top 2
+attribute k[layer=*, kv_head=*] from corrupt into clean
+lens resid_post top 3
+record resid_pre as resid
+generate 3 under push as continued
+patch sae("zoo:attn-only-2l-sae")[feature=0..15] from corrupt into clean
+'''
+
+
+def test_a_model_offloaded_to_disk_by_accelerate_gives_the_same_results(tmp_path):
+    """Issue 18 item 2 on the CPU: layer 1 and the unembedding live on disk (accelerate's offload, as
+    `device_map` places a model too large for its device); every method equals the one-device run bit for bit."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import causal
+    from causal.zoo import zoo_path
+    folder = zoo_path("attn-only-2l")
+    placement = {"gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk",
+                 "gpt_neox.final_layer_norm": "cpu", "gpt_neox.rotary_emb": "cpu", "gpt_neox.emb_dropout": "cpu",
+                 "lm_head": "disk"}
+    offloaded = AutoModelForCausalLM.from_pretrained(folder, device_map=placement, offload_folder=str(tmp_path)).eval()
+    assert next(offloaded.gpt_neox.layers[1].parameters()).device.type == "meta"  # really off the model
+    config = causal.RunConfig(device="cpu", progress=False)
+    one_device = causal.run_text(OFFLOADED, config)
+    spread = causal.run_text(OFFLOADED, config, model=offloaded, tokenizer=AutoTokenizer.from_pretrained(folder))
+    assert set(one_device.data_vars) == set(spread.data_vars)
+    for name in one_device.data_vars:
+        a, b = one_device[name].values, spread[name].values
+        same = (a == b) | ((a != a) & (b != b)) if a.dtype.kind in "fO" else a == b  # NaN where both are
+        assert np.all(same), name
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()  # the weights' digest reads the offloaded ones
+    assert load.wrap_model(offloaded, tokenizer).revision == load.wrap_model(plain, tokenizer).revision
