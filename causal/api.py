@@ -59,7 +59,8 @@ def _load_and_resolve(file: ast.ExperimentFile, config: RunConfig, model, tokeni
             file = replace(file, model=ast.ModelDecl(config.model, _setting_span(config, "model", argument)))
         with reported_against(argument, COMMAND_LINE):
             loaded = load_model(file.model.ref, config.device, config.dtype, file.model.span,
-                                trust_remote_code=config.trust_remote_code)
+                                trust_remote_code=config.trust_remote_code, device_map=config.device_map,
+                                offload_folder=config.offload_folder)
     else:
         loaded = _given_model(model, tokenizer, config)
         file = replace(file, model=ast.ModelDecl(loaded.ref, file.model.span if file.model else file.span))

@@ -43,6 +43,11 @@ class RunConfig:
     model: str | None = setting(None, help="replaces the file's `model` (model=gpt2,zoo:attn-only-2l in a sweep)")
     device: str = setting("auto", help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: str = setting("float32", help="float32 | float16 | bfloat16")
+    device_map: str | None = setting(None, help="spread a model too large for one device with accelerate: auto | "
+                                                "balanced | sequential | a JSON file of module -> device (cpu, disk, "
+                                                "0, cuda:1) (null: all of it on `device`)")
+    offload_folder: str | None = setting(None, help="where device_map puts weights mapped to disk (null: a "
+                                                    "temporary folder)")
     batch_size: int = setting(128, help="rows (site x example) per forward pass")
     pack: str = setting("auto", help="how rows share forward passes: auto (cost model) | sites (fill every batch) "
                                      "| exact (never merge rows that start differently)")
@@ -174,7 +179,7 @@ def config_problem(config: "RunConfig") -> str | None:
     from causal.shards import problem as shard_problem
     if shard_problem(config.shard):
         return shard_problem(config.shard)
-    for name in ("model", "checkpoints", "device", "dtype", "pack", "record_store"):
+    for name in ("model", "checkpoints", "device", "dtype", "pack", "record_store", "device_map", "offload_folder"):
         value = getattr(config, name)
         if value is not None and not isinstance(value, str):
             return f"setting {name}={value!r} must be text" + (" or null" if name in ("model", "checkpoints") else "")

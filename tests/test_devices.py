@@ -101,3 +101,50 @@ def test_a_model_offloaded_to_disk_by_accelerate_gives_the_same_results(tmp_path
     tokenizer = AutoTokenizer.from_pretrained(folder)
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()  # the weights' digest reads the offloaded ones
     assert load.wrap_model(offloaded, tokenizer).revision == load.wrap_model(plain, tokenizer).revision
+
+
+def test_the_device_map_setting_loads_a_model_offloaded_to_disk(tmp_path, write_experiment):
+    """`device_map=FILE` (or auto/balanced/sequential) from a `causal run` or RunConfig: the same numbers."""
+    import json
+
+    import numpy as np
+
+    import causal
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu",
+                                     "gpt_neox.layers.1": "disk", "gpt_neox.final_layer_norm": "cpu",
+                                     "gpt_neox.rotary_emb": "cpu", "gpt_neox.emb_dropout": "cpu", "lm_head": "cpu"}))
+    config = causal.RunConfig(device="cpu", progress=False)
+    plain = causal.run_text(OFFLOADED, config)
+    for device_map in (str(placement), "auto"):
+        spread_config = causal.RunConfig(device="cpu", progress=False, device_map=device_map,
+                                         offload_folder=str(tmp_path / "offload"))
+        experiment = causal.prepare_text(OFFLOADED, spread_config)
+        layer_1 = next(experiment.model.model.gpt_neox.layers[1].parameters()).device.type
+        assert layer_1 == ("meta" if device_map != "auto" else "cpu")  # on disk (read from the checkpoint there)
+        spread = causal.run_prepared(experiment, spread_config)
+        for name in ("patch_z", "attribute_q", "trace_resid_pre", "lens_resid_post", "resid"):
+            assert np.array_equal(plain[name].values, spread[name].values, equal_nan=True), (device_map, name)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nowhere.json", "device_map='nowhere.json' is neither one of auto, balanced, balanced_low_0, sequential nor a "
+                     "JSON file"),
+    ("bad.json", "device_map file"),
+    ("list.json", "must map module names to devices"),
+])
+def test_bad_device_maps_are_refused_before_loading(tmp_path, monkeypatch, value, message):
+    from transformers import AutoModelForCausalLM
+
+    import causal
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)  # never reached
+    with pytest.raises(CausalError, match=re_escape(message)):
+        causal.run_text(OFFLOADED, causal.RunConfig(device="cpu", progress=False, device_map=value))
+
+
+def re_escape(text: str) -> str:
+    import re
+    return re.escape(text)

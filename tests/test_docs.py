@@ -125,11 +125,12 @@ class Models:
     def __init__(self, stand_ins: dict[str, Path]):
         self.stand_ins, self.loaded = stand_ins, {}
 
-    def load(self, ref, device="auto", dtype="float32", span=None, trust_remote_code=False):
-        key = (ref, device, dtype)
+    def load(self, ref, device="auto", dtype="float32", span=None, trust_remote_code=False, **placement):
+        key = (ref, device, dtype, *placement.items())
         if key not in self.loaded:
             target = str(self.stand_ins.get(ref, ref))
-            self.loaded[key] = dataclasses.replace(load_model(target, device, dtype, span, trust_remote_code), ref=ref)
+            self.loaded[key] = dataclasses.replace(load_model(target, device, dtype, span, trust_remote_code,
+                                                              **placement), ref=ref)
         return self.loaded[key]
 
     def patch(self, monkeypatch) -> None:

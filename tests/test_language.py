@@ -72,7 +72,7 @@ _LOADED: dict = {}
 def _load_each_model_once(monkeypatch):
     """`causal.prepare`/`run` load through causal.api.load_model; reuse what an earlier test loaded."""
     def load(ref, device="auto", dtype="float32", span=None, **kwargs):
-        key = (str(ref), device, dtype)
+        key = (str(ref), device, dtype, *kwargs.items())
         if key not in _LOADED:
             _LOADED[key] = load_model(ref, device, dtype, span, **kwargs)
         return _LOADED[key]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import importlib.util
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -145,10 +147,13 @@ def model_class_for(config) -> tuple[type, str]:
     return AutoModelForCausalLM, "lm"
 
 
-def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Span | None = None,
+               trust_remote_code: bool = False, device_map: str | None = None,
+               offload_folder: str | None = None) -> LoadedModel:
     torch_dtype = _dtype(dtype)
     target = resolve_reference(ref, span)
     torch_device = pick_device(device)
+    placement = _placement(device_map, offload_folder)
     hf_logging.disable_progress_bar()  # our own progress bar covers the run; theirs is noise per load
     options = {"trust_remote_code": trust_remote_code, "local_files_only": _cache_only(ref, target, span)}
     try:
@@ -156,7 +161,8 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
         config = AutoConfig.from_pretrained(target, **options)
         _check_quantization(ref, config, torch_device, span)
         model_class, head = model_class_for(config)
-        model, info = model_class.from_pretrained(target, dtype=torch_dtype, output_loading_info=True, **options)
+        model, info = model_class.from_pretrained(target, dtype=torch_dtype, output_loading_info=True, **options,
+                                                  **placement)
     except CausalError:
         raise
     except Exception as exc:  # noqa: BLE001 -- whatever a broken folder or weights file raises, say so plainly
@@ -166,9 +172,41 @@ def load_model(ref: str, device: str = "auto", dtype: str = "float32", span: Spa
                                "or a filled HF cache; models that ship their own code need trust_remote_code=true"
                           ) from None
     _check_complete(ref, info, tokenizer, span)
-    model.eval().to(torch_device)
+    model.eval()
+    if placement:  # accelerate placed it: inputs go where the embeddings are
+        embeddings = model.get_input_embeddings().weight
+        torch_device = embeddings.device if embeddings.device.type != "meta" else torch.device("cpu")
+    else:
+        model.to(torch_device)
     adapter = adapter_for(model)
     return LoadedModel(ref, model, tokenizer, adapter, _revision(target, model), torch_device, torch_dtype, head)
+
+
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device_map: str | None, offload_folder: str | None) -> dict:
+    """from_pretrained's device_map / offload_folder for the `device_map` setting, checked before loading."""
+    if device_map is None:
+        return {}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise CausalError(f"device_map={device_map!r} needs the accelerate package", hint="pip install accelerate") from None
+    placement: str | dict = device_map
+    if device_map not in PLACEMENTS:
+        path = Path(device_map)
+        if not path.is_file():
+            raise CausalError(f"device_map={device_map!r} is neither one of {', '.join(PLACEMENTS)} nor a JSON file")
+        try:
+            placement = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CausalError(f"device_map file {device_map!r} is not JSON: {exc}") from None
+        if not isinstance(placement, dict) or not all(isinstance(k, str) and isinstance(v, (str, int))
+                                                     for k, v in placement.items()):
+            raise CausalError(f"device_map file {device_map!r} must map module names to devices "
+                              '({"model.layers.0": 0, "lm_head": "cpu", "model.layers.9": "disk"})')
+    return {"device_map": placement, "offload_folder": offload_folder or tempfile.mkdtemp(prefix="causal-offload-")}
 
 
 def _check_quantization(ref: str, config, device: torch.device, span: Span | None) -> None:
