@@ -20,6 +20,7 @@ from causal.resolve.experiment import Experiment
 FLOP_RATES = {"cpu": 2e10, "cuda": 2e13}
 WARN_SECONDS = 3600.0
 WARN_BYTES = 2 * 2 ** 30
+OFFLOADED = "offloaded to disk or CPU by accelerate"
 
 
 def describe(experiment: Experiment, plan: Plan) -> str:
@@ -98,15 +99,23 @@ def _memory_lines(experiment: Experiment, plan: Plan) -> list[str]:
     model, adapter = experiment.model.model, experiment.model.adapter
     weights: dict[str, int] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
-        weights[str(tensor.device)] = weights.get(str(tensor.device), 0) + tensor.numel() * tensor.element_size()
+        where = OFFLOADED if tensor.device.type == "meta" else str(tensor.device)
+        weights[where] = weights.get(where, 0) + tensor.numel() * tensor.element_size()
     cache = bytes_per_example(experiment, plan) * max(len(chunk.examples) for chunk in plan.chunks)
-    layers = [str(next(block.parameters(), torch.empty(0)).device) for block in adapter.blocks] \
-        if adapter.has_blocks else []
+    layers = [_runs_on(block) for block in adapter.blocks] if adapter.has_blocks else []
     share = {device: layers.count(device) / len(layers) for device in set(layers)} if layers else \
         {str(experiment.model.device): 1.0}
     devices = sorted(set(weights) | set(share))
     parts = [f"{device} {readable_size(weights.get(device, 0) + cache * share.get(device, 0.0))}" for device in devices]
     return [f"memory   per device (weights + cached activations of the largest chunk): {', '.join(parts)}"]
+
+
+def _runs_on(block: torch.nn.Module) -> str:
+    """Where a block computes: accelerate's execution device for an offloaded one, else its weights' device."""
+    hook = getattr(block, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return str(torch.device(hook.execution_device))
+    return str(next(block.parameters(), torch.empty(0)).device)
 
 
 def block_work(experiment: Experiment, plan: Plan) -> tuple[float, float]:
