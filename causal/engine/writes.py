@@ -23,6 +23,7 @@ class Write:
     where: torch.Tensor  # (rows, width, *extra dims) bool
     value: torch.Tensor | None  # None: zero; else (rows or 1, width or 1, *trailing dims)
     add: bool = False
+    basis: torch.Tensor | None = None  # (d, k) orthonormal: only the span moves, h + B Bᵀ (value - h)
 
 
 def as_hook(writes: list[Write]):
@@ -37,6 +38,10 @@ def as_hook(writes: list[Write]):
                 continue
             value = write.value if write.value.shape[1] == 1 else write.value[:, start:start + length]
             value = value.to(act.device, act.dtype)
+            if write.basis is not None:
+                basis = write.basis.to(act.device, act.dtype)
+                act = act + where * (((value - act) @ basis) @ basis.T)
+                continue
             act = act + where * value if write.add else torch.where(where, value, act)
         return act
     return apply

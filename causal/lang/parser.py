@@ -445,6 +445,8 @@ class _ToAst(Transformer):
         if len(children) == 1 and isinstance(children[0], Token) and children[0].type == "NAME":
             return ast.Clause(name, str(children[0]), self._s(children[0]))
         value = children[0] if children else None
+        if isinstance(value, Token) and value.type == "STRING":  # `within basis("file")`: the text inside
+            return ast.Clause(name, str(value)[1:-1], self._s(value))
         if isinstance(value, Token):  # a keyword alternative (`-> logits`): no value of its own
             value = None
         return ast.Clause(name, value, self._s(meta))

@@ -1,0 +1,67 @@
+"""Subspaces of a site's vectors for `patch ... within basis("FILE")` (issue 14, item 1).
+
+A basis file is safetensors with one tensor `basis` of shape (d, k): k directions in the site's
+vector space (d_model for the residual stream and block outputs, d_head for a head's z, q, k, v).
+Its columns are orthonormalised here (QR), so any k independent directions name the same span;
+`metadata.model`, where the file has it, must be the run's model (the name it was saved under).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from causal.models.adapter import EMBEDDING, HEAD_OUTPUT, KEY, QUERY, RESIDUAL, VALUE
+
+VECTOR_ROLES = (RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE)  # sites whose last dim is one vector
+TENSOR = "basis"
+
+
+def site_basis(resolution, node, sweep) -> torch.Tensor:
+    """The statement's basis, orthonormal (d, k), checked against every site it patches."""
+    ref, span = node.get("within"), node.span_of("within")
+    widths = set()
+    for site in {target.site for point in sweep.points for target in point}:
+        info = resolution.adapter.site_info(site)
+        if info.role not in VECTOR_ROLES:
+            raise resolution.error(f"within basis(...) swaps a subspace of a site's vectors; {site!r} has none "
+                                   "(use a residual, attn_out, mlp_out, embed, z, q, k or v site)", span)
+        widths.add(info.features)
+    if len(widths) > 1:
+        raise resolution.error(f"within basis(...) needs sites of one width; these have {sorted(widths)}", span)
+    width = widths.pop()
+    raw = _read(resolution, ref, span)
+    if raw.dim() != 2 or raw.shape[0] != width:
+        raise resolution.error(f"basis {ref!r} has shape {tuple(raw.shape)}, but the sites' vectors have {width} "
+                               f"numbers: it must be ({width}, k)", span)
+    if not 1 <= raw.shape[1] <= width:
+        raise resolution.error(f"basis {ref!r} has {raw.shape[1]} directions; choose 1..{width}", span)
+    q, r = torch.linalg.qr(raw.double())
+    if (r.diagonal().abs() < 1e-8 * r.diagonal().abs().max().clamp(min=1e-30)).any():
+        raise resolution.error(f"basis {ref!r}: its {raw.shape[1]} directions are not independent", span)
+    return q.float()
+
+
+def _read(resolution, ref: str, span) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+    path = Path(ref)
+    if not path.is_absolute() and resolution.file.path:
+        path = Path(resolution.file.path).parent / path
+    if not path.is_file():
+        raise resolution.error(f"basis file {ref!r} not found (looked at {path})", span)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            keys, metadata = list(handle.keys()), handle.metadata() or {}
+            if TENSOR not in keys:
+                raise resolution.error(f"basis file {ref!r} has no tensor {TENSOR!r} (it has {', '.join(keys) or 'none'})",
+                                       span)
+            tensor = handle.get_tensor(TENSOR)
+    except SafetensorError as exc:
+        raise resolution.error(f"basis file {ref!r} is not a safetensors file: {exc}", span) from None
+    model = metadata.get("model")
+    if model is not None and model != resolution.model.ref:
+        raise resolution.error(f"basis {ref!r} was saved for model {model!r}, not {resolution.model.ref!r}", span)
+    return tensor.float()
+
+
+__all__ = ["site_basis"]

@@ -1,0 +1,108 @@
+"""Subspace interchange with a fixed basis (issue 14, item 1): `patch ... within basis("FILE")` against a
+hand-written hook on the tiny GPT-2, h' = h + B Bᵀ (h_source - h) with B the file's directions made
+orthonormal. Tolerance 1e-5 absolute (float32), as tests/test_methods.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import causal
+from causal.errors import CausalError
+from tests.conftest import ids_of, logprob_last, make_rows
+from tests.handhooks import capture, run_with_edits
+
+ATOL = 1e-5
+D_MODEL = 32
+
+
+def write_basis(path, tensor: torch.Tensor, **metadata) -> str:
+    save_file({"basis": tensor.contiguous()}, str(path), metadata=metadata or None)
+    return str(path)
+
+
+@pytest.fixture
+def gpt2(tiny_gpt2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval(), AutoTokenizer.from_pretrained(tiny_gpt2)
+
+
+def test_a_subspace_patch_equals_the_hand_projection(tmp_path, write_experiment, cpu_config, gpt2):
+    model, tok = gpt2
+    directions = torch.randn(D_MODEL, 3, generator=torch.Generator().manual_seed(0))
+    basis = write_basis(tmp_path / "b.safetensors", directions)
+    full = write_basis(tmp_path / "full.safetensors", torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(1)))
+    rows = make_rows()
+    body = (f'metric logprob(io)\npatch resid_pre[layer=*, pos=-1] from corrupt into clean within basis("{basis}") as sub\n'
+            f'patch resid_pre[layer=*, pos=-1] from corrupt into clean within basis("{full}") as full\n'
+            'patch resid_pre[layer=*, pos=-1] from corrupt into clean as whole\n'
+            f'patch resid_pre[layer=1] from clean into clean within basis("{basis}") as same')
+    ds = causal.run(write_experiment(body, rows), cpu_config)
+    q, _ = torch.linalg.qr(directions.double())
+    q = q.float()
+    for i, row in enumerate(rows):
+        clean, corrupt = ids_of(tok, row["clean"]), ids_of(tok, row["corrupt"])
+        io = tok.convert_tokens_to_ids(row["io"])
+        for layer in range(2):
+            source = capture(model, corrupt, "resid_pre", layer)
+
+            def edit(act, layer=layer, source=source):
+                act[:, -1] += ((source[:, -1] - act[:, -1]) @ q) @ q.T
+            expected = logprob_last(run_with_edits(model, clean, [("resid_pre", layer, edit)]), io)
+            assert float(ds["sub"].sel(layer=layer, example=i).squeeze()) == pytest.approx(expected, abs=ATOL)
+    # k = d is whole-vector patching; clean into clean within a subspace changes nothing
+    torch.testing.assert_close(torch.from_numpy(ds["full"].values), torch.from_numpy(ds["whole"].values), atol=ATOL, rtol=0)
+    same = ds["same"].sel(layer=1).dropna("pos", how="all") if "pos" in ds["same"].dims else ds["same"].sel(layer=1)
+    torch.testing.assert_close(torch.from_numpy(same.values.squeeze()), torch.from_numpy(ds["clean"].values),
+                               atol=ATOL, rtol=0)
+
+
+def test_a_head_subspace_uses_d_head(tmp_path, write_experiment, cpu_config, gpt2):
+    model, tok = gpt2
+    d_head = D_MODEL // model.config.n_head
+    directions = torch.randn(d_head, 2, generator=torch.Generator().manual_seed(2))
+    basis = write_basis(tmp_path / "h.safetensors", directions)
+    rows = make_rows(n=2)
+    ds = causal.run(write_experiment(f'metric logprob(io)\npatch z[layer=1, head=2] from corrupt into clean within '
+                                     f'basis("{basis}") as sub', rows), cpu_config)
+    q = torch.linalg.qr(directions.double())[0].float()
+    columns = slice(2 * d_head, 3 * d_head)
+    for i, row in enumerate(rows):
+        clean, corrupt = ids_of(tok, row["clean"]), ids_of(tok, row["corrupt"])
+        source = capture(model, corrupt, "z", 1)
+
+        def edit(act):
+            act[..., columns] += ((source[..., columns] - act[..., columns]) @ q) @ q.T
+        expected = logprob_last(run_with_edits(model, clean, [("z", 1, edit)]), tok.convert_tokens_to_ids(row["io"]))
+        assert float(ds["sub"].sel(example=i).squeeze()) == pytest.approx(expected, abs=ATOL)
+
+
+@pytest.mark.parametrize("make, site, message", [
+    (lambda: torch.randn(16, 2), "resid_pre[layer=0]", "has shape (16, 2), but the sites' vectors have 32 numbers"),
+    (lambda: torch.randn(32), "resid_pre[layer=0]", "has shape (32,)"),
+    (lambda: torch.ones(32, 2), "resid_pre[layer=0]", "its 2 directions are not independent"),
+    (lambda: torch.randn(32, 2), "pattern[layer=0]", "'pattern' has none"),
+    (lambda: torch.randn(32, 2), "resid_pre[layer=0] + z[layer=0]", "needs sites of one width; these have [8, 32]"),
+])
+def test_bad_bases_are_refused_before_any_forward(tmp_path, write_experiment, no_forward, make, site, message):
+    basis = write_basis(tmp_path / "b.safetensors", make())
+    path = write_experiment(f'metric logprob(io)\npatch {site} from corrupt into clean within basis("{basis}")')
+    with pytest.raises(CausalError) as info:
+        causal.run(path, causal.RunConfig(device="cpu", progress=False))
+    assert message in str(info.value) and "exp.cx:5:" in str(info.value) and not no_forward
+
+
+def test_a_missing_wrong_or_foreign_basis_file_is_refused(tmp_path, write_experiment, no_forward):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    save_file({"other": torch.zeros(32, 1)}, str(tmp_path / "other.safetensors"))
+    foreign = write_basis(tmp_path / "foreign.safetensors", torch.randn(32, 1), model="gpt2-xl")
+    cases = {str(tmp_path / "nowhere.safetensors"): "not found",
+             str(tmp_path / "junk.safetensors"): "is not a safetensors file",
+             str(tmp_path / "other.safetensors"): "has no tensor 'basis' (it has other)",
+             foreign: "was saved for model 'gpt2-xl'"}
+    for file, message in cases.items():
+        path = write_experiment(f'metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean within basis("{file}")')
+        with pytest.raises(CausalError) as info:
+            causal.run(path, causal.RunConfig(device="cpu", progress=False))
+        assert message in str(info.value) and "exp.cx:5:" in str(info.value), file
+    assert not no_forward
