@@ -152,7 +152,7 @@ def floor_ratio(shape: dict, layer: int, features: int, tokens: int) -> float:
     return (2 + features) * full / (2 * trunk + features * per_feature)
 
 
-def prepare_sweep(root: Path, name: str, model_folder: Path, inputs, body: str, config) -> causal.Experiment:
+def prepare_sweep(root: Path, name: str, model_folder: Path, inputs, body: str, config):
     folder = root / name
     folder.mkdir()
     return causal.prepare(write_causal_experiment(folder, model_folder, data_rows(inputs), body), config)

@@ -317,27 +317,22 @@ def _dtype(name: str) -> torch.dtype:
 def _weights_digest(model: torch.nn.Module) -> str:
     """A content hash of the weights, so results and checkpoints name the exact model that ran."""
     digest = hashlib.sha256()
-    offloaded = _offloaded_weights(model)
     for name, tensor in sorted(model.state_dict().items()):
         if tensor.device.type == "meta":  # offloaded by accelerate: its weights lie on the CPU or disk
-            tensor = offloaded[name]
+            tensor = _offloaded_weight(model, name)
         digest.update(name.encode())
         digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _offloaded_weights(model: torch.nn.Module) -> dict:
-    """name -> tensor, for the weights accelerate keeps off the model (CPU or disk offload; lazily read)."""
-    class Lazy(dict):
-        def __missing__(self, name):
-            module_name, _, leaf = name.rpartition(".")
-            hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
-            weights = getattr(hook, "weights_map", None)
-            if weights is None:
-                raise CausalError(f"weight {name!r} of the model passed in is on the meta device and not offloaded "
-                                  "by accelerate, so it has no values")
-            return weights[leaf]
-    return Lazy()
+def _offloaded_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A weight accelerate keeps off the model, read through the weights map of its module's hook."""
+    module_name, _, leaf = name.rpartition(".")
+    weights = getattr(getattr(model.get_submodule(module_name), "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise CausalError(f"weight {name!r} of the model passed in is on the meta device and not offloaded by "
+                          "accelerate, so it has no values")
+    return weights[leaf]
 
 
 def _check_complete(ref: str, info: dict, tokenizer, span: Span | None) -> None:

@@ -105,12 +105,11 @@ def feature_activations(dataset: xr.Dataset, recording: str, example: int = EXAM
     ids = dataset[f"{recording}_top"].isel(example=example).dropna("pos", how="all")
     acts = dataset[f"{recording}_top_activation"].isel(example=example).sel(pos=ids["pos"])
     features = dataset[f"{recording}_frequency"]["feature"].values
+    row_of = {int(f): i for i, f in enumerate(features)}
+    top_ids, top_acts = ids.transpose("pos", "top").values, acts.transpose("pos", "top").values
+    fired = (np.nan_to_num(top_ids, nan=-1) >= 0) & np.isfinite(top_acts)
     grid = np.zeros((len(features), len(ids["pos"])))
-    column = {int(f): i for i, f in enumerate(features)}
-    for j, (row_ids, row_acts) in enumerate(zip(ids.transpose("pos", "top").values, acts.transpose("pos", "top").values)):
-        for feature, value in zip(row_ids, row_acts):
-            if feature >= 0 and np.isfinite(value):
-                grid[column[int(feature)], j] = value
+    grid[[row_of[int(f)] for f in top_ids[fired]], np.nonzero(fired)[0]] = top_acts[fired]
     return xr.DataArray(grid, dims=("feature", "pos"), coords={"feature": features, "pos": ids["pos"].values})
 
 
