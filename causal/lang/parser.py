@@ -288,6 +288,17 @@ class _ToAst(Transformer):
     def kwarg(self, meta, items):
         return (str(items[0]), items[1], self._s(meta))
 
+    def train_arg(self, meta, items):
+        return (str(items[0]), items[1], self._s(meta))
+
+    def train_list(self, meta, items):
+        return (str(items[0]), tuple(items[1:]), self._s(meta))
+
+    def trainer(self, meta, items):
+        """`by das(k=1, epochs=20)`: the trainer's name and its (key, value, span) settings."""
+        settings = tuple(i for i in items[1:] if isinstance(i, tuple))
+        return ast.Clause("trainer", (str(items[0]), settings), self._s(meta))
+
     # index sets
     def int_index(self, meta, items):
         return self._bounded(items[0])

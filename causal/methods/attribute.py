@@ -110,7 +110,7 @@ class Attribute(Method):
         hooks = {key: _keep_with_grad(kept, key) for key in watched}
         slots = read_slots(experiment, self.base, examples)
         mask = prompts.attention_mask[examples]
-        with _frozen_parameters(experiment.model.model), _input_requires_grad(experiment.model.model):
+        with frozen_parameters(experiment.model.model), _input_requires_grad(experiment.model.model):
             output = run.runner.forward(prompts.ids[examples], mask, hooks, read=slots[0], grad=True)
             values = metric_values(experiment, output, self.base, examples, slots, run.references_for(examples), mask)
             grads = []
@@ -255,7 +255,7 @@ def _keep_with_grad(kept: dict, key):
 
 
 @contextmanager
-def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Gradients are wanted for activations only: parameters stay out of the graph."""
     states = [(p, p.requires_grad) for p in model.parameters() if p.requires_grad]
     for p, _ in states:

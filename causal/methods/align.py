@@ -1,0 +1,203 @@
+"""align SITES from SOURCE into BASE predicting COLUMN by das(k=1): trained interchange interventions.
+
+Distributed alignment search (Geiger et al. 2023) tests whether a high-level variable lives in a
+k-dimensional subspace of a site: swapping that subspace from the source run into the base run
+must change the output as swapping the variable in the high-level model does (COLUMN holds that
+counterfactual answer, one token per pair). The subspace is learned by gradient descent on the
+cross-entropy of COLUMN at the base prompt's last position, the model frozen.
+
+Every candidate (sweep point x k) trains in the rows of the same forward and backward passes:
+a batch of b pairs becomes (candidates x b) rows, each candidate's rows edited at its own site.
+Losses are summed over candidates and Adam is elementwise, so each candidate's steps are those
+it would take alone. Pairs are split once by the seed into train, dev (early stopping) and
+held-out (the reported interchange intervention accuracy, IIA); each finished epoch is
+checkpointed, so a killed run resumes from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from causal.data.prompts import answer_ids
+from causal.methods.base import Method, Variable, method
+from causal.methods.subspace import VECTOR_ROLES
+from causal.resolve.experiment import Sweep
+
+TRAINERS = ("das", "lowrank", "boundless")
+DEFAULTS = {"k": 1, "epochs": 20, "lr": 0.01, "batch": 64, "patience": 3, "heldout": 0.2, "dev": 0.1, "seed": 0}
+MIN_SPLIT = 4  # pairs each of train, dev and held-out must have at least
+
+
+@dataclass(frozen=True)
+class Training:
+    kind: str
+    ks: tuple[int, ...]  # one candidate per k (boundless: one, its k is learned)
+    epochs: int
+    lr: float
+    batch: int
+    patience: int
+    heldout: float
+    dev: float
+    seed: int
+
+
+@dataclass
+class Split:
+    train: torch.Tensor
+    dev: torch.Tensor
+    heldout: torch.Tensor
+
+
+@dataclass
+class AlignState:
+    """Per candidate (points, ks): curves over epochs, held-out IIA and the learned bases."""
+
+    loss: torch.Tensor  # (points, ks, epochs) mean training loss
+    dev: torch.Tensor  # (points, ks, epochs) dev interchange accuracy
+    iia: torch.Tensor  # (points, ks)
+    size: torch.Tensor  # (points, ks) dimensions that swap
+    bases: torch.Tensor  # (points, ks, width, max k) NaN-padded
+    epochs_run: int = 0
+    subspaces: list = field(default_factory=list)
+
+
+@method("align")
+@dataclass
+class Align(Method):
+    source: str
+    labels: torch.Tensor  # (examples,) the counterfactual answer's token id
+    column: str
+    training: Training
+    width: int
+    split: Split
+
+    plans_jobs = False  # training is its own loop over epochs (finish), not patched jobs
+    reuses_prefix = False
+
+    @classmethod
+    def resolve(cls, node, resolution):
+        source, base = resolution.source_and_base(node, "alignment")
+        adapter = resolution.adapter
+        vector_sites = tuple(s for s in adapter.site_names if adapter.site_info(s).role in VECTOR_ROLES)
+        sweep = resolution.sweep(node.sites, base, vector_sites)
+        width = _one_width(resolution, node, sweep)
+        training = _training(resolution, node, width)
+        column, span = node.get("predicting"), node.span_of("predicting")
+        labels = answer_ids(resolution.column(column, span), resolution.model.tokenizer, column, span)
+        resolution.check_has_logit(column, labels, span)
+        split = _split(resolution, node, len(labels), training)
+        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep,
+                   source, labels, column, training, width, split)
+
+    @property
+    def candidates(self) -> list[tuple[int, int]]:
+        return [(p, j) for p in range(len(self.sweep.points)) for j in range(len(self.training.ks))]
+
+    def new_state(self, experiment) -> AlignState:
+        points, ks, epochs = len(self.sweep.points), len(self.training.ks), self.training.epochs
+        nan = float("nan")
+        return AlignState(torch.full((points, ks, epochs), nan), torch.full((points, ks, epochs), nan),
+                          torch.full((points, ks), nan), torch.zeros(points, ks),
+                          torch.full((points, ks, self.width, max(self.training.ks)), nan))
+
+    def describe_runs(self, plan, index):
+        t = self.training
+        return (f"training {len(self.candidates)} {t.kind} subspaces together: up to {t.epochs} epochs of "
+                f"{len(self.split.train)} pairs, batches of {t.batch} pairs x {len(self.candidates)} candidates")
+
+    def shard_problem(self):
+        return f"'{self.statement}' trains on every example's pair; run it unsharded"
+
+    # training
+    def finish(self, run, state: AlignState) -> None:
+        from causal.methods.training import train
+        train(self, run, state)
+
+    def variables(self, effects, state: AlignState) -> list[Variable]:
+        t = self.training
+        attrs = {**self.attrs(), "trainer": t.kind, "predicting": self.column, "epochs_run": state.epochs_run,
+                 "lr": t.lr, "batch": t.batch, "seed": t.seed, "heldout_pairs": len(self.split.heldout),
+                 "heldout_examples": self.split.heldout.tolist()}
+        k = {"k": list(t.ks)}
+        epochs = {"epoch": list(range(1, t.epochs + 1))}
+        return [
+            Variable(f"{self.name}_iia", state.iia, self.sweep,
+                     {**attrs, "long_name": f"interchange intervention accuracy on held-out pairs ({self.column})"},
+                     ("k",), k),
+            Variable(f"{self.name}_loss", state.loss, self.sweep, {**attrs, "long_name": "mean training loss"},
+                     ("k", "epoch"), {**k, **epochs}),
+            Variable(f"{self.name}_dev_accuracy", state.dev, self.sweep,
+                     {**attrs, "long_name": "interchange accuracy on the dev pairs, per epoch"},
+                     ("k", "epoch"), {**k, **epochs}),
+            Variable(f"{self.name}_size", state.size, self.sweep,
+                     {**attrs, "long_name": "dimensions of the learned subspace"}, ("k",), k),
+            Variable(f"{self.name}_basis", state.bases, self.sweep,
+                     {**attrs, "long_name": "learned basis: (component, direction), NaN past its size",
+                      "model": ""}, ("k", "component", "direction"),
+                     {**k, "component": list(range(self.width)), "direction": list(range(max(t.ks)))}),
+        ]
+
+    def attrs(self) -> dict:
+        return {**super().attrs(), "kind": "alignment"}
+
+
+def _one_width(resolution, node, sweep: Sweep) -> int:
+    """Every candidate is one site at one layer, all of one vector width."""
+    widths = set()
+    for point in sweep.points:
+        if len(point) != 1 or len(point[0].layers) != 1:
+            raise resolution.error("align trains one subspace per site: give one site (no '+') and single "
+                                   "layers (layer=* sweeps them, layer=0..3 as one range is not a site)", node.span)
+        widths.add(resolution.adapter.site_info(point[0].site).features)
+    if len(widths) > 1:
+        raise resolution.error(f"align needs sites of one width; these have {sorted(widths)}", node.span)
+    return widths.pop()
+
+
+def _training(resolution, node, width: int) -> Training:
+    kind, settings = node.get("trainer")
+    span = node.span_of("trainer")
+    if kind not in TRAINERS:
+        raise resolution.error(f"unknown trainer {kind!r}; choose {', '.join(TRAINERS)}", span)
+    values = dict(DEFAULTS)
+    for key, value, at in settings:
+        if key not in DEFAULTS:
+            raise resolution.error(f"{kind}() has no setting {key!r}; it takes {', '.join(DEFAULTS)}", at)
+        values[key] = value
+    ks = values["k"] if isinstance(values["k"], tuple) else (values["k"],)
+    at = {key: a for key, _, a in settings}
+    for k in ks:
+        if not isinstance(k, int) or not 1 <= k <= width:
+            raise resolution.error(f"k={k!r}: a subspace of the sites' {width}-number vectors has 1..{width} "
+                                   "dimensions", at.get("k", span))
+    if kind == "boundless":
+        if "k" in at:
+            raise resolution.error("boundless learns its k; drop k=", at["k"])
+        ks = (width,)
+    for key, low, kind_of in (("epochs", 1, int), ("batch", 1, int), ("patience", 1, int), ("seed", 0, int)):
+        if not isinstance(values[key], kind_of) or values[key] < low:
+            raise resolution.error(f"{key}={values[key]!r}: a whole number of at least {low} is needed",
+                                   at.get(key, span))
+    for key in ("lr", "heldout", "dev"):
+        bad = not isinstance(values[key], (int, float)) or not (0 < values[key] < (1 if key != "lr" else 10))
+        if bad:
+            raise resolution.error(f"{key}={values[key]!r}: " + ("a learning rate above 0" if key == "lr" else
+                                   "a fraction of the pairs, between 0 and 1"), at.get(key, span))
+    return Training(kind, tuple(ks), values["epochs"], float(values["lr"]), values["batch"], values["patience"],
+                    float(values["heldout"]), float(values["dev"]), values["seed"])
+
+
+def _split(resolution, node, n: int, training: Training) -> Split:
+    """Seeded: held-out first, then dev, the rest trains."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(training.seed))
+    heldout, dev = round(n * training.heldout), round(n * training.dev)
+    train = n - heldout - dev
+    if min(heldout, dev, train) < MIN_SPLIT:
+        raise resolution.error(f"{n} pairs split {training.heldout:g} held-out / {training.dev:g} dev leaves "
+                               f"{train} to train, {dev} dev and {heldout} held-out; each needs at least "
+                               f"{MIN_SPLIT} (give more data)", node.span_of("trainer"))
+    return Split(order[heldout + dev:], order[heldout:heldout + dev], order[:heldout])
+
+
+__all__ = ["Align", "Training"]

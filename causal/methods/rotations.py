@@ -1,0 +1,81 @@
+"""The trainable subspaces `align` learns, parametrised as pyvene parametrises them.
+
+Each is a (d, m) matrix W with orthonormal columns, kept orthonormal by torch's orthogonal
+parametrisation (as pyvene's RotateLayer / LowRankRotateLayer), and per column a weight c in
+[0, 1]; swapping the subspace from a source is h' = h + W diag(c) Wᵀ (h_src − h).
+
+- `das`: a full rotation (d, d) whose first k columns swap (pyvene's RotatedSpaceIntervention);
+- `lowrank`: a (d, k) basis only (LowRankRotatedSpaceIntervention), cheaper for large d;
+- `boundless`: a full rotation and a learned boundary b: column i swaps with weight
+  σ(i / T) σ((b d − i) / T), the temperature T annealed (BoundlessRotatedSpaceIntervention).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BOUNDLESS_START_TEMPERATURE, BOUNDLESS_END_TEMPERATURE = 50.0, 0.1
+
+
+class _Columns(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class Subspace(nn.Module):
+    """One candidate's trainable subspace at one site."""
+
+    def __init__(self, kind: str, width: int, k: int, generator: torch.Generator):
+        super().__init__()
+        self.kind, self.k, self.width = kind, k, width
+        columns = width if kind in ("das", "boundless") else k
+        weight = torch.empty(width, columns)
+        nn.init.orthogonal_(weight, generator=generator)
+        self.rotation = nn.utils.parametrizations.orthogonal(_Columns(weight))
+        self.boundary = nn.Parameter(torch.tensor([0.5])) if kind == "boundless" else None
+        self.temperature = BOUNDLESS_START_TEMPERATURE
+
+    def directions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (d, m), per-column weights (m,) or None for all ones): what one swap applies."""
+        weight = self.rotation.weight
+        if self.kind == "das":
+            return weight[:, : self.k], None
+        if self.kind == "lowrank":
+            return weight, None
+        return weight, self.column_weights()
+
+    def column_weights(self) -> torch.Tensor:
+        boundary = self.boundary.clamp(1e-3, 1.0) * self.width
+        index = torch.arange(self.width, device=boundary.device, dtype=boundary.dtype)
+        t = self.temperature
+        return torch.sigmoid(index / t) * torch.sigmoid((boundary - index) / t)
+
+    def penalty(self) -> torch.Tensor | float:
+        """Boundless DAS pushes its boundary down (pyvene's tutorial: the boundary's sum, weight 1)."""
+        return self.boundary.clamp(1e-3, 1.0).sum() if self.boundary is not None else 0.0
+
+    def learned_size(self) -> int:
+        """How many columns swap (weight above one half); k for das and lowrank."""
+        if self.boundary is None:
+            return self.k
+        with torch.no_grad():
+            return int((self.column_weights() > 0.5).sum())
+
+    def basis(self) -> torch.Tensor:
+        """(d, size) the directions that swap, detached: what `within basis(...)` reuses."""
+        with torch.no_grad():
+            weight, weights = self.directions()
+            return weight[:, weights > 0.5] if weights is not None else weight.clone()
+
+
+def swap(h: torch.Tensor, source: torch.Tensor, where: torch.Tensor, weight: torch.Tensor,
+         weights: torch.Tensor | None) -> torch.Tensor:
+    """h + where · W diag(c) Wᵀ (source − h): the subspace of h taken from the source where `where` is set."""
+    coordinates = (source - h) @ weight
+    if weights is not None:
+        coordinates = coordinates * weights
+    return h + where * (coordinates @ weight.T)
+
+
+__all__ = ["Subspace", "swap"]
