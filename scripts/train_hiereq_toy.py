@@ -40,13 +40,18 @@ def hiereq_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token=SPECIAL)
 
 
-def batch(tokenizer, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 5) prompt ids and (n,) answer ids of n fresh inputs."""
+def batch(tokenizer, n: int, seed: int, aux: bool = False):
+    """(n, 5) prompt ids and (n,) answer ids of n fresh inputs; with `aux`, (n, 3) answers: each equality at its
+    second shape, then the output."""
     rng = random.Random(seed)
     inputs = [draw(rng) for _ in range(n)]
     ids = torch.tensor([tokenizer(prompt(shapes))["input_ids"] for shapes, _ in inputs])
-    answers = torch.tensor([tokenizer.convert_tokens_to_ids(ANSWERS[output(values)].strip()) for _, values in inputs])
-    return ids, answers
+    word = lambda truth: tokenizer.convert_tokens_to_ids(ANSWERS[truth].strip())
+    answers = torch.tensor([word(output(values)) for _, values in inputs])
+    if not aux:
+        return ids, answers
+    parts = torch.tensor([[word(values["wx"]), word(values["yz"])] for _, values in inputs])
+    return ids, torch.cat([parts, answers[:, None]], 1)
 
 
 def accuracy(model, tokenizer, n: int, seed: int) -> float:
@@ -56,7 +61,8 @@ def accuracy(model, tokenizer, n: int, seed: int) -> float:
     return round((logits.argmax(-1) == answers).float().mean().item(), 4)
 
 
-def train(steps: int, size: int, lr: float, seed: int, layers: int, width: int, heads: int, out: Path) -> dict:
+def train(steps: int, size: int, lr: float, seed: int, layers: int, width: int, heads: int, out: Path,
+          aux: bool) -> dict:
     torch.manual_seed(seed)
     tokenizer = hiereq_tokenizer()
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=8, n_embd=width, n_layer=layers, n_head=heads,
@@ -67,8 +73,12 @@ def train(steps: int, size: int, lr: float, seed: int, layers: int, width: int, 
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     start, curve = time.time(), []
     for step in range(steps):
-        ids, answers = batch(tokenizer, size, TRAIN_SEED + seed * steps + step)
-        loss = torch.nn.functional.cross_entropy(model.train()(input_ids=ids).logits[:, -1], answers)
+        ids, answers = batch(tokenizer, size, TRAIN_SEED + seed * steps + step, aux=aux)
+        logits = model.train()(input_ids=ids).logits
+        if aux:  # the equalities at b and d (positions 1 and 3) as well as the output at '='
+            loss = torch.nn.functional.cross_entropy(logits[:, [1, 3, 4]].flatten(0, 1), answers.flatten())
+        else:
+            loss = torch.nn.functional.cross_entropy(logits[:, -1], answers)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,9 +111,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--aux", action="store_true", help="also train each equality at its second shape")
     parser.add_argument("--out", type=Path, default=zoo_path("hiereq-gpt2"))
     args = parser.parse_args()
-    record = train(args.steps, args.batch, args.lr, args.seed, args.layers, args.width, args.heads, args.out)
+    record = train(args.steps, args.batch, args.lr, args.seed, args.layers, args.width, args.heads, args.out, args.aux)
     print(json.dumps(record, indent=2))
 
 
