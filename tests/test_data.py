@@ -111,7 +111,7 @@ def test_csv_runs_through_prepare(tmp_path, tiny_gpt2, cpu_config):
                                      "required)"),
     ('data counterfact(path="missing.json")', "2:18", "there is no file"),
     ("data counterfact(path=3)", "2:18", "must be a file path (relative to the experiment file), got 3"),
-    ("data inductoin(n=3)", "2:1", "unknown data generator 'inductoin'; available: counterfact, induction, ioi"),
+    ("data inductoin(n=3)", "2:1", "unknown data generator 'inductoin'; available: counterfact, hiereq, induction, ioi"),
 ])
 def test_bad_generator_arguments(tmp_path, line, where, expected):
     err = error_of(lambda: load(line, tmp_path))

@@ -882,7 +882,7 @@ def test_induction_generator(tmp_path):
     ('data "data.jsonl" limit 0', "2:19", "limit needs at least 1 example, got 0"),
     ('param n = -1\ndata "data.jsonl" limit n', "3:19", "limit needs at least 1 example, got -1"),
     ('data "d\x00.jsonl"', "2:8", "the file contains a NUL byte"),  # not text: refused before it is read as a path
-    ("data inducton(n=2)", "2:1", "unknown data generator 'inducton'; available: counterfact, induction, ioi"),
+    ("data inducton(n=2)", "2:1", "unknown data generator 'inducton'; available: counterfact, hiereq, induction, ioi"),
     ("data induction(m=2)", "2:16", "generator 'induction' takes no argument 'm'; it takes n (an integer in 1..100000; "
      "default 64), length (an integer in 1..100000; default 10), seed (an integer in 0..2147483647; default 0)"),
     ("data induction(n=0)", "2:16", "argument 'n' of 'induction' must be an integer in 1..100000, got 0"),

@@ -301,3 +301,37 @@ def test_counterfact_subject_span_covers_the_subject(bpe):
         first, last = causal.data.find_span(prompts, i, subject, "last")
         covered = bpe.decode(prompts.ids[i, first: last + 1].tolist())
         assert covered.strip() == subject  # exactly the subject's tokens, nothing more
+
+
+def test_hiereq_labels_follow_the_high_level_model():
+    """Every counterfactual label is the high-level model's output, recomputed here from the shapes."""
+    from causal.tasks import hiereq
+    columns = hiereq(word_tokenizer(4), n=400, seed=3).columns
+    truth = {True: " true", False: " false"}
+    for i in range(400):
+        a, b, c, d = columns["base"][i].split()[:4]
+        sa, sb, sc, sd = columns["source"][i].split()[:4]
+        assert columns["base"][i].endswith(" =") and columns["source"][i].endswith(" =")
+        assert columns["label"][i] == truth[(a == b) == (c == d)]
+        assert columns["source_label"][i] == truth[(sa == sb) == (sc == sd)]
+        assert columns["cf_wx"][i] == truth[(sa == sb) == (c == d)]
+        assert columns["cf_yz"][i] == truth[(a == b) == (sc == sd)]
+        for v in ("wx", "yz"):
+            assert columns[f"{v}_changes"][i] == ("yes" if columns[f"cf_{v}"][i] != columns["label"][i] else "no")
+    changes = sum(value == "yes" for value in columns["wx_changes"]) / 400
+    equal = sum(s.split()[0] == s.split()[1] for s in columns["base"]) / 400
+    assert 0.4 < changes < 0.6 and 0.4 < equal < 0.6  # fair coins: chance interchange accuracy is one half
+    assert hiereq(word_tokenizer(4), n=400, seed=3).columns == columns  # seeded
+    assert hiereq(word_tokenizer(4), n=400, seed=4).columns["base"] != columns["base"]
+
+
+def test_hiereq_in_an_experiment_file(tmp_path):
+    """`data hiereq(...)` binds its arguments like any generator, and a bad one is refused at file:line:col."""
+    from causal.data import load_examples
+    head = 'model "zoo:attn-only-2l"\nmetric accuracy(cf_wx) at -1\npatch embed from source into base\n'
+    good = parse_text(head + 'data hiereq(n=8, seed=1)\n', path="x.cx")
+    examples = load_examples(good.data, tmp_path, word_tokenizer(4))
+    assert len(examples) == 8 and set(examples.columns) >= {"base", "source", "cf_wx", "cf_yz"}
+    bad = parse_text(head + 'data hiereq(n=0)\n', path="x.cx")
+    with pytest.raises(CausalError, match=r"x.cx:4:13.*'n' of 'hiereq'"):
+        load_examples(bad.data, tmp_path, word_tokenizer(4))
