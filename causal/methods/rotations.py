@@ -32,7 +32,9 @@ class Subspace(nn.Module):
         columns = width if kind in ("das", "boundless") else k
         weight = torch.empty(width, columns)
         nn.init.orthogonal_(weight, generator=generator)
-        self.rotation = nn.utils.parametrizations.orthogonal(_Columns(weight))
+        with torch.random.fork_rng(devices=[]):  # completing a (d, k) basis to a rotation draws from the global RNG
+            torch.manual_seed(generator.initial_seed())
+            self.rotation = nn.utils.parametrizations.orthogonal(_Columns(weight))
         self.boundary = nn.Parameter(torch.tensor([0.5])) if kind == "boundless" else None
         self.temperature = BOUNDLESS_START_TEMPERATURE
 

@@ -5,6 +5,8 @@ each (site, layer) swaps the subspace of the candidates writing there; the other
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from causal.methods.attribute import frozen_parameters
@@ -17,9 +19,8 @@ def train(align, run, state) -> None:
     experiment = run.experiment
     t = align.training
     model = experiment.model
-    generator = torch.Generator().manual_seed(t.seed)
-    state.subspaces = [Subspace(t.kind, align.width, t.ks[j], generator).to(model.device)
-                       for _, j in align.candidates]
+    state.subspaces = [Subspace(t.kind, align.width, t.ks[j], _initial(t.seed, align.sweep.points[p], t.ks[j]))
+                       .to(model.device) for p, j in align.candidates]
     parameters = [p for s in state.subspaces for p in s.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(parameters, lr=t.lr)
     steps_per_epoch = -(-len(align.split.train) // t.batch)
@@ -70,6 +71,12 @@ def train(align, run, state) -> None:
         basis = state.subspaces[i].basis().cpu()
         state.size[p, j] = basis.shape[1]
         state.bases[p, j, :, : basis.shape[1]] = basis[:, : state.bases.shape[-1]]
+
+
+def _initial(seed: int, point, k: int) -> torch.Generator:
+    """Each candidate's first rotation depends on the seed, its site and k only, so trained with others or
+    alone it starts (and so ends) the same."""
+    return torch.Generator().manual_seed(zlib.crc32(repr((seed, point, k)).encode()))
 
 
 def _evaluate(align, run, state, candidates: list[int], examples: torch.Tensor):

@@ -1,0 +1,76 @@
+"""align (issue 14): trained interchange interventions on the zoo's hierarchical-equality toy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import causal
+from causal import CausalError
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = 'model "zoo:hiereq-gpt2"\ndata hiereq(n={n}, seed=0)\nmetric accuracy(cf_wx) at -1\n'
+
+
+def run(tmp_path, statement: str, n: int = 320):
+    path = tmp_path / "x.cx"
+    path.write_text(HEAD.format(n=n) + statement + "\n")
+    return causal.run(path)
+
+
+def test_finds_wx_where_the_model_computes_it_and_chance_elsewhere():
+    """The example file: WX at the second shape after block 0 (>= 0.9); the other sites stay near chance."""
+    ds = causal.run(ROOT / "experiments" / "das_hiereq.cx")
+    iia = ds["wx_iia"].sel(k=1)
+    assert float(iia.sel(layer=0, pos=1)) >= 0.9
+    control = iia.where((iia.layer != 0) | (iia.pos != 1))
+    assert float(control.max()) < 0.6  # the first shape alone, or the third, cannot hold (a == b)
+    assert ds["wx_loss"].dims[-1] == "epoch" and ds["wx_basis"].sizes["component"] == 64
+
+
+def test_candidates_trained_together_equal_each_trained_alone(tmp_path):
+    """Rows of one forward: each candidate's steps are its own (Adam is elementwise; losses are summed)."""
+    together = run(tmp_path, "align resid_post[layer=0, pos=[1, 3]] from source into base predicting cf_wx "
+                             "by lowrank(k=[1, 2], epochs=2) as wx")
+    alone = run(tmp_path, "align resid_post[layer=0, pos=3] from source into base predicting cf_wx "
+                          "by lowrank(k=2, epochs=2) as wx")
+    a = together["wx_basis"].sel(pos=3, k=2).values
+    b = alone["wx_basis"].sel(pos=3, k=2).values
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, equal_nan=True)
+    assert float(abs(together["wx_iia"].sel(pos=3, k=2) - alone["wx_iia"].sel(pos=3, k=2)).max()) == 0
+
+
+def test_full_rotation_equals_whole_vector_patching(tmp_path):
+    """k = d swaps the whole vector: IIA is the patch's accuracy on the same held-out pairs."""
+    ds = run(tmp_path, "align resid_post[layer=0, pos=1] from source into base predicting cf_wx "
+                       "by das(k=64, epochs=1) as wx\npatch resid_post[layer=0, pos=1] from source into base")
+    heldout = ds["wx_iia"].attrs["heldout_examples"]
+    patched = ds["patch_resid_post"].squeeze().values[list(heldout)].mean()
+    assert float(ds["wx_iia"].squeeze()) == pytest.approx(float(patched), abs=1e-6)
+
+
+def test_deterministic_for_a_fixed_seed(tmp_path):
+    statement = "align resid_post[layer=0, pos=1] from source into base predicting cf_wx by das(k=1, epochs=2) as wx"
+    first, second = run(tmp_path, statement), run(tmp_path, statement)
+    assert (first["wx_basis"].values == second["wx_basis"].values).all()
+
+
+@pytest.mark.parametrize("statement, where, message", [
+    ("by das(k=65)", "4:80", "k=65: a subspace of the sites' 64-number vectors has 1..64"),
+    ("by das(k=0)", "4:80", "has 1..64"),
+    ("by dass(k=1)", "4:73", "unknown trainer 'dass'"),
+    ("by das(rate=1)", "4:80", "has no setting 'rate'"),
+    ("by boundless(k=2)", "4:86", "boundless learns its k"),
+])
+def test_bad_settings_are_refused_before_training(tmp_path, statement, where, message):
+    with pytest.raises(CausalError, match=rf"x.cx:{where}: error: .*{message}"):
+        run(tmp_path, f"align resid_post[layer=0, pos=1] from source into base predicting cf_wx {statement}")
+
+
+def test_bad_labels_and_too_few_pairs(tmp_path):
+    with pytest.raises(CausalError, match=r"x.cx:4:67: error: column 'wx_changes', example 0: answer .* not in the "
+                                          "vocabulary"):
+        run(tmp_path, "align resid_post[layer=0, pos=1] from source into base predicting wx_changes by das()")
+    with pytest.raises(CausalError, match=r"x.cx:4:\d+: error: 12 pairs split .* each needs at least 4"):
+        run(tmp_path, "align resid_post[layer=0, pos=1] from source into base predicting cf_wx by das()", n=12)
