@@ -133,8 +133,8 @@ class Align(Method):
             Variable(f"{self.name}_size", state.size, self.sweep,
                      {**attrs, "long_name": "dimensions of the learned subspace"}, ("k",), k),
             Variable(f"{self.name}_basis", state.bases, self.sweep,
-                     {**attrs, "long_name": "learned basis: (component, direction), NaN past its size",
-                      "model": ""}, ("k", "component", "direction"),
+                     {**attrs, "long_name": "learned basis: (component, direction), NaN past its size"},
+                     ("k", "component", "direction"),
                      {**k, "component": list(range(self.width)), "direction": list(range(max(t.ks)))}),
         ]
 
