@@ -76,6 +76,7 @@ def _run_into(out_dir: Path, cfg: DictConfig, config: RunConfig, hydra) -> str:
         if hydra.mode == RunMode.MULTIRUN:  # which sweep the run belongs to: causal.load merges only one
             dataset.attrs["sweep_dir"] = str(_from_start(hydra.sweep.dir).resolve())
         results = save(dataset, out_dir / "results.nc")
+        save_bases(dataset, out_dir)
         if checkpoints:  # only once the results are safely on disk
             checkpoints.clear()
         plots = plot_all(dataset, out_dir / "plots") if cfg.plots else []
@@ -110,6 +111,11 @@ def save(dataset, path: Path) -> Path:
     return save_results(dataset, path)
 
 
+def save_bases(dataset, folder: Path) -> list[Path]:
+    from causal.results.bases import save_bases as save_all
+    return save_all(dataset, folder)
+
+
 def plot_all(dataset, folder: Path) -> list[Path]:
     from causal.results.plot import plot_all as plot
     return plot(dataset, folder)
@@ -142,6 +148,8 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
     for name, variable in dataset.data_vars.items():
         if variable.attrs.get("kind") == "generation" and variable.dtype.kind in "UO":  # texts, not token ids
             lines.append(_generated(name, variable))
+        if name.endswith("_iia") and variable.attrs.get("method") == "align":
+            lines.append(_aligned(name, variable, results.parent))
         if variable.attrs.get("kind") != "intervention":
             continue
         means = effect(dataset, name).mean("example")
@@ -150,6 +158,16 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
             mean = means.sel(metric=metric, drop=True) if "metric" in means.dims else means
             lines.append(f"{name} ({variable.attrs['statement']}), Δ {metric}: {_largest(mean)}")
     return "\n".join(lines)
+
+
+def _aligned(name: str, iia, folder: Path) -> str:
+    """The best candidate's held-out IIA, and where its bases went."""
+    best = iia.where(iia == iia.max(), drop=True)
+    at = " ".join(f"{d}={best[d].values.flat[0]}" for d in iia.dims)
+    bases = folder / "bases"
+    files = len(list(bases.glob(f"{name[:-4]}-*.safetensors"))) if bases.is_dir() else 0
+    return (f"{name} ({iia.attrs['statement']}): best held-out IIA {float(iia.max()):.2f} at {at}; "
+            f"bases: {bases}/ ({files} file(s))")
 
 
 def _generated(name: str, texts) -> str:

@@ -74,3 +74,35 @@ def test_bad_labels_and_too_few_pairs(tmp_path):
         run(tmp_path, "align resid_post[layer=0, pos=1] from source into base predicting wx_changes by das()")
     with pytest.raises(CausalError, match=r"x.cx:4:\d+: error: 12 pairs split .* each needs at least 4"):
         run(tmp_path, "align resid_post[layer=0, pos=1] from source into base predicting cf_wx by das()", n=12)
+
+
+def test_learned_bases_are_saved_beside_the_results_and_reused_by_within_basis(tmp_path):
+    """`causal run` writes one safetensors file per candidate; patching within that file's basis in another
+    experiment reproduces the candidate's held-out IIA, and another model's run refuses the file."""
+    from causal.cli import main
+    from causal.results import load
+    path = tmp_path / "x.cx"
+    path.write_text(HEAD.format(n=320) + "align resid_post[layer=0, pos=[1, 3]] from source into base "
+                    "predicting cf_wx by lowrank(k=2, epochs=2) as wx\n")
+    out = tmp_path / "out"
+    assert main(["run", str(path), f"hydra.run.dir={out}", "progress=false", "plots=false"]) == 0
+    trained = load(out / "results.nc")
+    files = sorted(p.name for p in (out / "bases").iterdir())
+    assert files == ["wx-resid_post-layer0-pos1-k2.safetensors", "wx-resid_post-layer0-pos3-k2.safetensors"]
+    basis = str(out / "bases" / files[0])
+    reuse = tmp_path / "reuse.cx"
+    reuse.write_text(HEAD.format(n=320) + f'patch resid_post[layer=0, pos=1] from source into base within '
+                     f'basis("{basis}") as sub\n')
+    patched = causal.run(reuse)
+    heldout = list(trained["wx_iia"].attrs["heldout_examples"])
+    iia = float(trained["wx_iia"].sel(layer=0, pos=1, k=2))
+    assert float(patched["sub"].squeeze().values[heldout].mean()) == pytest.approx(iia, abs=1e-6)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(basis, "pt") as handle:
+        metadata, tensor = handle.metadata(), handle.get_tensor("basis")
+    assert metadata["model"] == "zoo:hiereq-gpt2" and float(metadata["heldout_iia"]) == pytest.approx(iia, abs=1e-6)
+    save_file({"basis": tensor}, str(tmp_path / "retrained.safetensors"), metadata={**metadata, "model_revision": "v2"})
+    reuse.write_text(reuse.read_text().replace(basis, str(tmp_path / "retrained.safetensors")))
+    with pytest.raises(CausalError, match=r"reuse.cx:4:\d+: error: basis .* learned on revision 'v2' of 'zoo:hiereq"):
+        causal.run(reuse)

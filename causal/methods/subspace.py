@@ -3,7 +3,8 @@
 A basis file is safetensors with one tensor `basis` of shape (d, k): k directions in the site's
 vector space (d_model for the residual stream and block outputs, d_head for a head's z, q, k, v).
 Its columns are orthonormalised here (QR), so any k independent directions name the same span;
-`metadata.model`, where the file has it, must be the run's model (the name it was saved under).
+`metadata.model` (and `model_revision`), where the file has them, must be the run's model: the
+files `align` writes under bases/ carry both.
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def _read(resolution, ref: str, span) -> torch.Tensor:
     model = metadata.get("model")
     if model is not None and model != resolution.model.ref:
         raise resolution.error(f"basis {ref!r} was saved for model {model!r}, not {resolution.model.ref!r}", span)
+    revision = metadata.get("model_revision")
+    if model is not None and revision and resolution.model.revision and revision != resolution.model.revision:
+        raise resolution.error(f"basis {ref!r} was learned on revision {revision!r} of {model!r}; this run loads "
+                               f"{resolution.model.revision!r}", span)
     return tensor.float()
 
 
