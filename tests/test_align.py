@@ -106,3 +106,39 @@ def test_learned_bases_are_saved_beside_the_results_and_reused_by_within_basis(t
     reuse.write_text(reuse.read_text().replace(basis, str(tmp_path / "retrained.safetensors")))
     with pytest.raises(CausalError, match=r"reuse.cx:4:\d+: error: basis .* learned on revision 'v2' of 'zoo:hiereq"):
         causal.run(reuse)
+
+
+def test_a_killed_training_resumes_from_its_last_finished_epoch(tmp_path, monkeypatch):
+    """Killed in its third epoch, the re-run loads weights, Adam's moments and the early-stopping record of
+    epoch 2 and trains only epochs 3 and 4; the result equals an uninterrupted run's exactly."""
+    from dataclasses import replace
+
+    import xarray as xr
+
+    from causal.methods import training
+    path = tmp_path / "x.cx"
+    path.write_text(HEAD.format(n=320) + "align resid_post[layer=0, pos=[1, 3]] from source into base "
+                    "predicting cf_wx by boundless(epochs=4) as wx\n")
+    config = causal.RunConfig(progress=False, checkpoints=str(tmp_path / "ck"))
+    uninterrupted = causal.run(path, replace(config, checkpoints=None))
+    trained: list[int] = []
+    real_epoch = training._epoch
+
+    class Killed(KeyboardInterrupt):  # as a real interruption: it passes the internal-error boundary
+        pass
+
+    kill = [True]
+
+    def dies_in_the_third(align, run, state, optimiser, temperatures, progress, epoch):
+        if epoch == 2 and kill:
+            kill.clear()
+            raise Killed
+        trained.append(epoch)
+        return real_epoch(align, run, state, optimiser, temperatures, progress, epoch)
+
+    monkeypatch.setattr(training, "_epoch", dies_in_the_third)
+    with pytest.raises(Killed):
+        causal.run(path, config)
+    resumed = causal.run(path, config)
+    assert trained == [0, 1, 2, 3], "finished epochs were trained again"
+    xr.testing.assert_identical(resumed.drop_attrs(deep=False), uninterrupted.drop_attrs(deep=False))

@@ -5,14 +5,29 @@ each (site, layer) swaps the subspace of the candidates writing there; the other
 """
 from __future__ import annotations
 
+import logging
 import zlib
+from dataclasses import dataclass, field
 
 import torch
 
 from causal.methods.attribute import frozen_parameters
 from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE, Subspace, swap
 
-EPOCH_KEY = "align-{index}-epoch"
+EPOCH_KEY = "align-{name}-epochs"  # one checkpoint per statement, rewritten each epoch
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What a killed training needs to go on from its last finished epoch (checkpointed after each)."""
+
+    epoch: int = 0
+    step: int = 0
+    best: list = field(default_factory=list)  # per candidate: its best state_dict so far, or None
+    best_loss: list = field(default_factory=list)
+    waited: list = field(default_factory=list)
+    active: list = field(default_factory=list)
 
 
 def train(align, run, state) -> None:
@@ -26,51 +41,101 @@ def train(align, run, state) -> None:
     steps_per_epoch = -(-len(align.split.train) // t.batch)
     temperatures = torch.linspace(BOUNDLESS_START_TEMPERATURE, BOUNDLESS_END_TEMPERATURE,
                                   max(1, t.epochs * steps_per_epoch)).tolist()
-    best = [None] * len(state.subspaces)
-    best_loss = [float("inf")] * len(state.subspaces)
-    waited = [0] * len(state.subspaces)
-    active = list(range(len(state.subspaces)))
-    step = 0
+    n = len(state.subspaces)
+    progress = _resumed(align, run, state, optimiser) or Progress(0, 0, [None] * n, [float("inf")] * n, [0] * n,
+                                                                  list(range(n)))
     with frozen_parameters(model.model):
-        for epoch in range(t.epochs):
-            order = align.split.train[torch.randperm(len(align.split.train),
-                                                     generator=torch.Generator().manual_seed(t.seed + 1 + epoch))]
-            losses = torch.zeros(len(state.subspaces))
-            for start in range(0, len(order), t.batch):
-                batch = order[start:start + t.batch]
-                for s in state.subspaces:
-                    s.temperature = temperatures[min(step, len(temperatures) - 1)]
-                loss = _loss(align, run, state, active, batch, grad=True)
-                total = loss.sum() + sum(state.subspaces[i].penalty() for i in active)
-                optimiser.zero_grad(set_to_none=True)
-                total.backward()
-                optimiser.step()
-                losses[active] += loss.detach().cpu() * len(batch)
-                step += 1
-            dev_loss, dev_accuracy = _evaluate(align, run, state, active, align.split.dev)
-            for slot, i in enumerate(active):
-                p, j = align.candidates[i]
-                state.loss[p, j, epoch] = losses[i] / len(order)
-                state.dev[p, j, epoch] = dev_accuracy[slot]
-                if dev_loss[slot] < best_loss[i] - 1e-6 or t.kind == "boundless":
-                    best_loss[i], waited[i] = float(dev_loss[slot]), 0
-                    best[i] = {k: v.detach().clone() for k, v in state.subspaces[i].state_dict().items()}
-                else:
-                    waited[i] += 1
-            active = [i for i in active if waited[i] < t.patience]
-            state.epochs_run = epoch + 1
-            if not active:
+        for epoch in range(progress.epoch, t.epochs):
+            if not progress.active:
                 break
+            _epoch(align, run, state, optimiser, temperatures, progress, epoch)
+            _checkpoint(align, run, state, optimiser, progress)
     for i, subspace in enumerate(state.subspaces):
-        if best[i] is not None:
-            subspace.load_state_dict(best[i])
-    everyone = list(range(len(state.subspaces)))
+        if progress.best[i] is not None:
+            subspace.load_state_dict(progress.best[i])
+    everyone = list(range(n))
     _, iia = _evaluate(align, run, state, everyone, align.split.heldout)
     for i, (p, j) in enumerate(align.candidates):
         state.iia[p, j] = iia[i]
         basis = state.subspaces[i].basis().cpu()
         state.size[p, j] = basis.shape[1]
         state.bases[p, j, :, : basis.shape[1]] = basis[:, : state.bases.shape[-1]]
+
+
+def _epoch(align, run, state, optimiser, temperatures: list[float], progress: Progress, epoch: int) -> None:
+    """One pass over the training pairs; then dev loss decides each candidate's best and early stop."""
+    t = align.training
+    active = progress.active
+    order = align.split.train[torch.randperm(len(align.split.train),
+                                             generator=torch.Generator().manual_seed(t.seed + 1 + epoch))]
+    losses = torch.zeros(len(state.subspaces))
+    for start in range(0, len(order), t.batch):
+        batch = order[start:start + t.batch]
+        for s in state.subspaces:
+            s.temperature = temperatures[min(progress.step, len(temperatures) - 1)]
+        loss = _loss(align, run, state, active, batch, grad=True)
+        total = loss.sum() + sum(state.subspaces[i].penalty() for i in active)
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        optimiser.step()
+        losses[active] += loss.detach().cpu() * len(batch)
+        progress.step += 1
+    dev_loss, dev_accuracy = _evaluate(align, run, state, active, align.split.dev)
+    for slot, i in enumerate(active):
+        p, j = align.candidates[i]
+        state.loss[p, j, epoch] = losses[i] / len(order)
+        state.dev[p, j, epoch] = dev_accuracy[slot]
+        if dev_loss[slot] < progress.best_loss[i] - 1e-6 or t.kind == "boundless":
+            progress.best_loss[i], progress.waited[i] = float(dev_loss[slot]), 0
+            progress.best[i] = {k: v.detach().clone() for k, v in state.subspaces[i].state_dict().items()}
+        else:
+            progress.waited[i] += 1
+    progress.active = [i for i in active if progress.waited[i] < t.patience]
+    progress.epoch = state.epochs_run = epoch + 1
+
+
+def _checkpoint(align, run, state, optimiser, progress: Progress) -> None:
+    """Everything as named tensors (safetensors, no pickle): weights, Adam's moments, bests, counters, curves."""
+    if run.store is None:
+        return
+    n = len(state.subspaces)
+    tensors = {"loss": state.loss, "dev": state.dev,
+               "counters": torch.tensor([progress.epoch, progress.step]),
+               "best_loss": torch.tensor(progress.best_loss, dtype=torch.float64),
+               "waited": torch.tensor(progress.waited),
+               "active": torch.tensor([i in progress.active for i in range(n)])}
+    for i, subspace in enumerate(state.subspaces):
+        tensors.update({f"now.{i}.{k}": v.detach().cpu() for k, v in subspace.state_dict().items()})
+        if progress.best[i] is not None:
+            tensors.update({f"best.{i}.{k}": v.cpu() for k, v in progress.best[i].items()})
+    for index, moments in optimiser.state_dict()["state"].items():
+        tensors.update({f"adam.{index}.{k}": torch.as_tensor(v).cpu() for k, v in moments.items()})
+    run.store.save_tensors(EPOCH_KEY.format(name=align.name), tensors)
+
+
+def _resumed(align, run, state, optimiser) -> Progress | None:
+    """The last finished epoch's Progress, its weights and Adam's state loaded; None to start afresh."""
+    key = EPOCH_KEY.format(name=align.name)
+    saved = run.saved_tensors(key, run.store.completed()) if run.store else None
+    if saved is None:
+        return None
+    n, device = len(state.subspaces), run.experiment.model.device
+    state.loss.copy_(saved["loss"])
+    state.dev.copy_(saved["dev"])
+    for i, subspace in enumerate(state.subspaces):
+        subspace.load_state_dict({k: saved[f"now.{i}.{k}"] for k in subspace.state_dict()})
+    best = [{k: saved[f"best.{i}.{k}"].to(device) for k in s.state_dict()} if f"best.{i}.{next(iter(s.state_dict()))}"
+            in saved else None for i, s in enumerate(state.subspaces)]
+    adam = optimiser.state_dict()
+    indices = {int(name.split(".")[1]) for name in saved if name.startswith("adam.")}
+    adam["state"] = {index: {k.split(".", 2)[2]: v.to(device) if k.split(".", 2)[2] != "step" else v
+                             for k, v in saved.items() if k.startswith(f"adam.{index}.")} for index in indices}
+    optimiser.load_state_dict(adam)
+    epoch, step = saved["counters"].tolist()
+    state.epochs_run = epoch
+    log.warning("resuming %s: %d of %d epochs already trained", align.name, epoch, align.training.epochs)
+    return Progress(epoch, step, best, saved["best_loss"].tolist(), saved["waited"].tolist(),
+                    [i for i in range(n) if bool(saved["active"][i])])
 
 
 def _initial(seed: int, point, k: int) -> torch.Generator:
