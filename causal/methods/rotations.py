@@ -26,16 +26,17 @@ class _Columns(nn.Module):
 class Subspace(nn.Module):
     """One candidate's trainable subspace at one site."""
 
-    def __init__(self, kind: str, width: int, k: int, generator: torch.Generator):
+    def __init__(self, kind: str, width: int, k: int, generator: torch.Generator, dtype: torch.dtype = torch.float32):
+        """Built in its dtype: a float32 rotation cast to float64 is orthogonal only to ~1e-7."""
         super().__init__()
         self.kind, self.k, self.width = kind, k, width
         columns = width if kind in ("das", "boundless") else k
-        weight = torch.empty(width, columns)
+        weight = torch.empty(width, columns, dtype=dtype)
         nn.init.orthogonal_(weight, generator=generator)
         with torch.random.fork_rng(devices=[]):  # completing a (d, k) basis to a rotation draws from the global RNG
             torch.manual_seed(generator.initial_seed())
             self.rotation = nn.utils.parametrizations.orthogonal(_Columns(weight))
-        self.boundary = nn.Parameter(torch.tensor([0.5])) if kind == "boundless" else None
+        self.boundary = nn.Parameter(torch.tensor([0.5], dtype=dtype)) if kind == "boundless" else None
         self.temperature = BOUNDLESS_START_TEMPERATURE
 
     def directions(self) -> tuple[torch.Tensor, torch.Tensor | None]:

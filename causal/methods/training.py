@@ -34,7 +34,8 @@ def train(align, run, state) -> None:
     experiment = run.experiment
     t = align.training
     model = experiment.model
-    state.subspaces = [Subspace(t.kind, align.width, t.ks[j], _initial(t.seed, align.sweep.points[p], t.ks[j]))
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32  # never trained in half precision
+    state.subspaces = [Subspace(t.kind, align.width, t.ks[j], _initial(t.seed, align.sweep.points[p], t.ks[j]), dtype)
                        .to(model.device) for p, j in align.candidates]
     parameters = [p for s in state.subspaces for p in s.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(parameters, lr=t.lr)
