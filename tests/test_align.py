@@ -142,3 +142,32 @@ def test_a_killed_training_resumes_from_its_last_finished_epoch(tmp_path, monkey
     resumed = causal.run(path, config)
     assert trained == [0, 1, 2, 3], "finished epochs were trained again"
     xr.testing.assert_identical(resumed.drop_attrs(deep=False), uninterrupted.drop_attrs(deep=False))
+
+
+@pytest.fixture(scope="module")
+def model64():
+    import transformers
+
+    from causal.zoo import zoo_path
+    folder = zoo_path("hiereq-gpt2")
+    return (transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64),
+            transformers.AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.mark.parametrize("cache_gb", [None, 1e-6])
+def test_resumed_rows_and_recorded_activations_train_as_the_reference_path(tmp_path, model64, cache_gb):
+    """Candidates at layers 0 and 1 in one batch: each group's rows resume at its layer from the recorded base
+    run, sources are recorded once (or, past the cache budget, per batch); the bases equal those of
+    optimize=False, where every row runs the whole model, to 1e-9 (float64). Position 4 at layer 1: at the last
+    layer only the last position reaches the readout, so a resumed row there shows a wrong start."""
+    from dataclasses import replace
+    model, tokenizer = model64
+    path = tmp_path / "x.cx"
+    path.write_text(HEAD.format(n=160) + "align resid_post[layer=*, pos=[1, 4]] from source into base predicting "
+                    "cf_wx by lowrank(k=2, epochs=2) as wx\n")
+    config = causal.RunConfig(progress=False, cache_gb=cache_gb)
+    fast = causal.run(path, config, model=model, tokenizer=tokenizer)
+    reference = causal.run(path, replace(config, optimize=False), model=model, tokenizer=tokenizer)
+    assert fast["wx_basis"].sizes["layer"] == 2
+    assert abs(fast["wx_basis"] - reference["wx_basis"]).max() < 1e-9
+    assert (fast["wx_iia"] == reference["wx_iia"]).all()

@@ -68,6 +68,7 @@ class Plan:
     kv_streams: set[str]  # streams whose keys/values later jobs reuse
     chunks: list[Chunk]
     shard: object | None = None  # causal.shards.Shard: the part of the examples this run computes
+    cache_bytes: float | None = None  # what a chunk's base runs may keep; methods with their own loops heed it too
 
     @property
     def jobs(self) -> list[Job]:
@@ -95,7 +96,7 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
     """
     streams = make_streams(experiment)
     plan = Plan(batch_size, optimize, streams, {s: set() for s in streams}, {s: set() for s in streams}, set(), [],
-                shard)
+                shard, cache_bytes)
     n_layers = experiment.model.adapter.n_layers
     for method in experiment.interventions:
         for stream, keys in method.records(n_layers).items():

@@ -60,6 +60,7 @@ class AlignState:
     bases: torch.Tensor  # (points, ks, width, max k) NaN-padded
     epochs_run: int = 0
     subspaces: list = field(default_factory=list)
+    unpatched: object = None  # causal.methods.training.Unpatched, while training
 
 
 @method("align")

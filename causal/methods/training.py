@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from causal.engine.forward import Resume
 from causal.methods.attribute import frozen_parameters
+from causal.models.adapter import BLOCK_INPUT
 from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE, Subspace, swap
 
 EPOCH_KEY = "align-{name}-epochs"  # one checkpoint per statement, rewritten each epoch
@@ -43,6 +45,7 @@ def train(align, run, state) -> None:
     temperatures = torch.linspace(BOUNDLESS_START_TEMPERATURE, BOUNDLESS_END_TEMPERATURE,
                                   max(1, t.epochs * steps_per_epoch)).tolist()
     n = len(state.subspaces)
+    state.unpatched = Unpatched(align, run)
     progress = _resumed(align, run, state, optimiser) or Progress(0, 0, [None] * n, [float("inf")] * n, [0] * n,
                                                                   list(range(n)))
     with frozen_parameters(model.model):
@@ -56,6 +59,7 @@ def train(align, run, state) -> None:
             subspace.load_state_dict(progress.best[i])
     everyone = list(range(n))
     _, iia = _evaluate(align, run, state, everyone, align.split.heldout)
+    state.unpatched = None  # its memory is the cache budget's again
     for i, (p, j) in enumerate(align.candidates):
         state.iia[p, j] = iia[i]
         basis = state.subspaces[i].basis().cpu()
@@ -157,31 +161,82 @@ def _evaluate(align, run, state, candidates: list[int], examples: torch.Tensor):
 
 
 def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: bool, accuracy: bool = False):
-    """(candidates,) mean cross-entropy of the counterfactual label; with `accuracy`, also correct counts."""
+    """(candidates,) mean cross-entropy of the counterfactual label; with `accuracy`, also correct counts.
+
+    Candidates are grouped by the layer their site is at: each group's forward resumes there from the base
+    run's residual stream, as a sweep's jobs do, so blocks below a site are run once per batch, not per
+    candidate."""
     experiment = run.experiment
     base, source = experiment.prompts[align.base], experiment.prompts[align.source]
     targets = [align.sweep.points[align.candidates[i][0]][0] for i in candidates]
-    keys = {(t.site, t.layers[0]) for t in targets}
-    sources = _source_activations(run, source, batch, keys)
+    sources = state.unpatched.get(align.source, batch)
     directions = [state.subspaces[i].directions() for i in candidates]
-    hooks = {}
-    for key in keys:
-        owners = [slot for slot, t in enumerate(targets) if (t.site, t.layers[0]) == key]
-        hooks[key] = _swap_hook(run, align, targets, owners, directions, sources[key], batch)
-    rows = len(candidates)
-    ids = base.ids[batch].repeat(rows, 1)
-    mask = base.attention_mask[batch].repeat(rows, 1)
-    read = (base.lengths[batch] - 1).repeat(rows)[:, None]
-    output = run.runner.forward(ids, mask, hooks, read=read, grad=grad)
-    logits = output.logits[:, 0].float()
-    labels = align.labels[batch].to(logits.device).repeat(rows)
-    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none").view(rows, len(batch)).mean(1)
-    if not accuracy:
-        return loss
-    return loss, (logits.argmax(-1) == labels).view(rows, len(batch)).float().sum(1)
+    groups: dict[int, list[int]] = {}
+    for slot, i in enumerate(candidates):
+        groups.setdefault(_start_layer(align, run, align.candidates[i][0]), []).append(slot)
+    starts = state.unpatched.get(align.base, batch)
+    losses, rights = [None] * len(candidates), [None] * len(candidates)  # per slot, filled group by group
+    for layer, slots in groups.items():
+        group_targets = [targets[s] for s in slots]
+        hooks = {}
+        for key in {(t.site, t.layers[0]) for t in group_targets}:
+            owners = [g for g, t in enumerate(group_targets) if (t.site, t.layers[0]) == key]
+            hooks[key] = _swap_hook(run, align, group_targets, owners, [directions[s] for s in slots],
+                                    sources[key], batch)
+        rows = len(slots)
+        resume = Resume(layer, 0, starts[(BLOCK_INPUT, layer)].repeat(rows, 1, 1)) if layer else None
+        output = run.runner.forward(base.ids[batch].repeat(rows, 1), base.attention_mask[batch].repeat(rows, 1),
+                                    hooks, resume=resume, read=(base.lengths[batch] - 1).repeat(rows)[:, None],
+                                    grad=grad)
+        logits = output.logits[:, 0].float()
+        labels = align.labels[batch].to(logits.device).repeat(rows)
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none").view(rows, len(batch)).mean(1)
+        right = (logits.argmax(-1) == labels).view(rows, len(batch)).float().sum(1)
+        for g, slot in enumerate(slots):
+            losses[slot], rights[slot] = loss[g], right[g]
+    return (torch.stack(losses), torch.stack(rights)) if accuracy else torch.stack(losses)
 
 
-def _source_activations(run, source, batch: torch.Tensor, keys: set) -> dict:
+def _start_layer(align, run, point: int) -> int:
+    """Where a candidate's rows begin: its site's layer, or 0 for the reference path (optimize=False)."""
+    if not run.plan.optimize or not run.experiment.model.adapter.has_blocks:
+        return 0
+    return align.start_layer(align.sweep.points[point])
+
+
+class Unpatched:
+    """What training reads from unpatched runs: the source run's activations at every candidate's site, the
+    base run's block inputs where candidates' forwards resume. Recorded once for all pairs when they fit
+    in the run's cache budget (every epoch then reuses them), else run again for each batch."""
+
+    def __init__(self, align, run):
+        self.run = run
+        layers = {_start_layer(align, run, p) for p in range(len(align.sweep.points))}
+        self.keys = {align.source: {(point[0].site, point[0].layers[0]) for point in align.sweep.points}}
+        self.keys.setdefault(align.base, set()).update((BLOCK_INPUT, layer) for layer in layers if layer > 0)
+        self.kept: dict[str, dict] | None = None
+        n, batch = run.experiment.n_examples, run.plan.batch_size
+        first = {column: self.computed(column, torch.arange(1)) for column in self.keys}
+        per_example = sum(v.numel() * v.element_size() for kept in first.values() for v in kept.values())
+        if run.plan.cache_bytes is None or per_example * n <= run.plan.cache_bytes:
+            self.kept = {column: {key: torch.cat([self.computed(column, torch.arange(s, min(s + batch, n)))[key]
+                                                  for s in range(0, n, batch)]) for key in keys}
+                         for column, keys in self.keys.items() if keys}
+
+    def get(self, column: str, batch: torch.Tensor) -> dict:
+        if self.kept is None:
+            return self.computed(column, batch)
+        kept = self.kept.get(column, {})
+        return {key: values[batch.to(values.device)] for key, values in kept.items()}
+
+    def computed(self, column: str, batch: torch.Tensor) -> dict:
+        return _activations(self.run, self.run.experiment.prompts[column], batch, self.keys[column])
+
+
+def _activations(run, prompts, batch: torch.Tensor, keys: set) -> dict:
+    """One unpatched forward of the batch keeping the activations at `keys`, detached."""
+    if not keys:
+        return {}
     kept = {}
 
     def keep(key):
@@ -189,8 +244,9 @@ def _source_activations(run, source, batch: torch.Tensor, keys: set) -> dict:
             kept[key] = act
             return act
         return hook
-    run.runner.forward(source.ids[batch], source.attention_mask[batch], {key: keep(key) for key in keys},
-                       read=(source.lengths[batch] - 1)[:, None])
+    with run.runner.note_block_output():
+        run.runner.forward(prompts.ids[batch], prompts.attention_mask[batch], {key: keep(key) for key in keys},
+                           read=(prompts.lengths[batch] - 1)[:, None])
     return {key: value.clone() for key, value in kept.items()}  # out of inference mode, usable in a graph
 
 
