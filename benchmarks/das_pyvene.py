@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 import causal
 from causal.methods.rotations import Subspace
-from causal.methods.training import _initial
+from causal.methods.training import initial
 
 hf_logging.set_verbosity_error()
 
@@ -79,7 +79,7 @@ def _train_one(pyvene, model, align, base, source, point, layer: int, position: 
     intervenable.disable_model_gradients()
     intervention = next(iter(intervenable.interventions.values()))
     intervention = intervention[0] if isinstance(intervention, (list, tuple)) else intervention
-    intervention.rotate_layer.load_state_dict(Subspace("das", align.width, k, _initial(t.seed, point, k))
+    intervention.rotate_layer.load_state_dict(Subspace("das", align.width, k, initial(t.seed, point, k))
                                               .rotation.state_dict())
     intervention.set_interchange_dim(k)
     optimiser = torch.optim.Adam(intervention.rotate_layer.parameters(), lr=t.lr)

@@ -141,6 +141,7 @@ def compose_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 def summary(dataset, results: Path, plots: list[Path]) -> str:
+    from causal.results.bases import SCORES
     from causal.results.summary import effect
     lines = [f"results: {results}"]
     if plots:
@@ -148,8 +149,9 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
     for name, variable in dataset.data_vars.items():
         if variable.attrs.get("kind") == "generation" and variable.dtype.kind in "UO":  # texts, not token ids
             lines.append(_generated(name, variable))
-        if name.endswith("_iia") and variable.attrs.get("method") == "align":
-            lines.append(_aligned(name, variable, results.parent))
+        score = SCORES.get(variable.attrs.get("method"))
+        if score and name.endswith(score) and name[: -len(score)] + "_basis" in dataset:
+            lines.append(_trained(name[: -len(score)], variable, results.parent))
         if variable.attrs.get("kind") != "intervention":
             continue
         means = effect(dataset, name).mean("example")
@@ -160,14 +162,15 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def _aligned(name: str, iia, folder: Path) -> str:
-    """The best candidate's held-out IIA, and where its bases went."""
-    best = iia.where(iia == iia.max(), drop=True)
-    at = " ".join(f"{d}={best[d].values.flat[0]}" for d in iia.dims)
+def _trained(stem: str, score, folder: Path) -> str:
+    """The best candidate's held-out score (align: IIA, reft: accuracy), and where the learned files went."""
+    best = score.where(score == score.max(), drop=True)
+    at = " ".join(f"{d}={best[d].values.flat[0]}" for d in score.dims)
     bases = folder / "bases"
-    files = len(list(bases.glob(f"{name[:-4]}-*.safetensors"))) if bases.is_dir() else 0
-    return (f"{name} ({iia.attrs['statement']}): best held-out IIA {float(iia.max()):.2f} at {at}; "
-            f"bases: {bases}/ ({files} file(s))")
+    files = len(list(bases.glob(f"{stem}-*.safetensors"))) if bases.is_dir() else 0
+    what = "IIA" if score.attrs["method"] == "align" else "accuracy"
+    return (f"{stem} ({score.attrs['statement']}): best held-out {what} {float(score.max()):.2f} at {at}; "
+            f"learned: {bases}/ ({files} file(s))")
 
 
 def _generated(name: str, texts) -> str:

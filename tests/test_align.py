@@ -101,7 +101,7 @@ def test_learned_bases_are_saved_beside_the_results_and_reused_by_within_basis(t
     from safetensors.torch import save_file
     with safe_open(basis, "pt") as handle:
         metadata, tensor = handle.metadata(), handle.get_tensor("basis")
-    assert metadata["model"] == "zoo:hiereq-gpt2" and float(metadata["heldout_iia"]) == pytest.approx(iia, abs=1e-6)
+    assert metadata["model"] == "zoo:hiereq-gpt2" and float(metadata["heldout_score"]) == pytest.approx(iia, abs=1e-6)
     save_file({"basis": tensor}, str(tmp_path / "retrained.safetensors"), metadata={**metadata, "model_revision": "v2"})
     reuse.write_text(reuse.read_text().replace(basis, str(tmp_path / "retrained.safetensors")))
     with pytest.raises(CausalError, match=r"reuse.cx:4:\d+: error: basis .* learned on revision 'v2' of 'zoo:hiereq"):

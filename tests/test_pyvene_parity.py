@@ -21,7 +21,7 @@ import transformers
 
 import causal
 from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE, Subspace
-from causal.methods.training import _initial
+from causal.methods.training import initial
 from causal.zoo import zoo_path
 
 K, POSITION, LR, BATCH = 2, 1, 0.01, 16
@@ -67,7 +67,7 @@ def _pyvene_basis(kind: str, model, experiment, align) -> torch.Tensor:
     intervention = intervention[0] if isinstance(intervention, (list, tuple)) else intervention
     k = align.training.ks[0]  # boundless: the width
     intervention.to(torch.float64)
-    first = Subspace(kind, 64, k, _initial(0, align.sweep.points[0], k), torch.float64)
+    first = Subspace(kind, 64, k, initial(0, align.sweep.points[0], k), torch.float64)
     intervention.rotate_layer.load_state_dict(first.rotation.state_dict())
     parameters = list(intervention.rotate_layer.parameters())
     if kind == "das":

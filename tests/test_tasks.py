@@ -314,6 +314,7 @@ def test_hiereq_labels_follow_the_high_level_model():
         assert columns["base"][i].endswith(" =") and columns["source"][i].endswith(" =")
         assert columns["label"][i] == truth[(a == b) == (c == d)]
         assert columns["source_label"][i] == truth[(sa == sb) == (sc == sd)]
+        assert columns["negated"][i] == truth[(a == b) != (c == d)]
         assert columns["cf_wx"][i] == truth[(sa == sb) == (c == d)]
         assert columns["cf_yz"][i] == truth[(a == b) == (sc == sd)]
         for v in ("wx", "yz"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ class Write:
     value: torch.Tensor | None  # None: zero; else (rows or 1, width or 1, *trailing dims)
     add: bool = False
     basis: torch.Tensor | None = None  # (d, k) orthonormal: only the span moves, h + B Bᵀ (value - h)
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None  # a function of the activation itself (a LoReFT)
 
 
 def as_hook(writes: list[Write]):
@@ -33,6 +35,9 @@ def as_hook(writes: list[Write]):
         for write in writes:
             where = write.where[:, start:start + length].to(act.device)
             where = where.reshape(*where.shape, *([1] * (act.dim() - where.dim())))
+            if write.edit is not None:
+                act = torch.where(where, write.edit(act), act)
+                continue
             if write.value is None:
                 act = act.masked_fill(where, 0.0)
                 continue

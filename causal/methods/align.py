@@ -21,6 +21,7 @@ import torch
 
 from causal.data.prompts import answer_ids
 from causal.methods.base import Method, Variable, method
+from causal.methods.rotations import Subspace
 from causal.methods.subspace import VECTOR_ROLES
 from causal.resolve.experiment import Sweep
 
@@ -61,6 +62,7 @@ class AlignState:
     epochs_run: int = 0
     subspaces: list = field(default_factory=list)
     unpatched: object = None  # causal.methods.training.Unpatched, while training
+    saved: dict = field(default_factory=dict)  # (point, k index) -> the module's saved tensors
 
 
 @method("align")
@@ -82,14 +84,13 @@ class Align(Method):
         adapter = resolution.adapter
         vector_sites = tuple(s for s in adapter.site_names if adapter.site_info(s).role in VECTOR_ROLES)
         sweep = resolution.sweep(node.sites, base, vector_sites)
-        width = _one_width(resolution, node, sweep)
-        training = _training(resolution, node, width)
+        width = one_width(resolution, node, sweep, "align")
+        training = training_settings(resolution, node, width, TRAINERS)
         column, span = node.get("predicting"), node.span_of("predicting")
         labels = answer_ids(resolution.column(column, span), resolution.model.tokenizer, column, span)
         resolution.check_has_logit(column, labels, span)
-        split = _split(resolution, node, len(labels), training)
         return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep,
-                   source, labels, column, training, width, split)
+                   source, labels, column, training, width, split(resolution, node, len(labels), training))
 
     @property
     def candidates(self) -> list[tuple[int, int]]:
@@ -111,15 +112,26 @@ class Align(Method):
         return f"'{self.statement}' trains on every example's pair; run it unsharded"
 
     # training
+    def new_module(self, point: int, k_index: int, generator: torch.Generator, dtype: torch.dtype):
+        return Subspace(self.training.kind, self.width, self.training.ks[k_index], generator, dtype)
+
     def finish(self, run, state: AlignState) -> None:
         from causal.methods.training import train
         train(self, run, state)
 
+    @property
+    def source_label(self) -> str:
+        return self.source or ""  # reft trains without one
+
+    def training_attrs(self, state: AlignState) -> dict:
+        t = self.training
+        return {**self.attrs(), "trainer": t.kind, "predicting": self.column, "epochs_run": state.epochs_run,
+                "lr": t.lr, "batch": t.batch, "seed": t.seed, "heldout_pairs": len(self.split.heldout),
+                "heldout_examples": self.split.heldout.tolist()}
+
     def variables(self, effects, state: AlignState) -> list[Variable]:
         t = self.training
-        attrs = {**self.attrs(), "trainer": t.kind, "predicting": self.column, "epochs_run": state.epochs_run,
-                 "lr": t.lr, "batch": t.batch, "seed": t.seed, "heldout_pairs": len(self.split.heldout),
-                 "heldout_examples": self.split.heldout.tolist()}
+        attrs = self.training_attrs(state)
         k = {"k": list(t.ks)}
         epochs = {"epoch": list(range(1, t.epochs + 1))}
         return [
@@ -143,24 +155,24 @@ class Align(Method):
         return {**super().attrs(), "kind": "alignment"}
 
 
-def _one_width(resolution, node, sweep: Sweep) -> int:
+def one_width(resolution, node, sweep: Sweep, keyword: str) -> int:
     """Every candidate is one site at one layer, all of one vector width."""
     widths = set()
     for point in sweep.points:
         if len(point) != 1 or len(point[0].layers) != 1:
-            raise resolution.error("align trains one subspace per site: give one site (no '+') and single "
+            raise resolution.error(f"{keyword} trains one intervention per site: give one site (no '+') and single "
                                    "layers (layer=* sweeps them, layer=0..3 as one range is not a site)", node.span)
         widths.add(resolution.adapter.site_info(point[0].site).features)
     if len(widths) > 1:
-        raise resolution.error(f"align needs sites of one width; these have {sorted(widths)}", node.span)
+        raise resolution.error(f"{keyword} needs sites of one width; these have {sorted(widths)}", node.span)
     return widths.pop()
 
 
-def _training(resolution, node, width: int) -> Training:
+def training_settings(resolution, node, width: int, trainers: tuple[str, ...]) -> Training:
     kind, settings = node.get("trainer")
     span = node.span_of("trainer")
-    if kind not in TRAINERS:
-        raise resolution.error(f"unknown trainer {kind!r}; choose {', '.join(TRAINERS)}", span)
+    if kind not in trainers:
+        raise resolution.error(f"unknown trainer {kind!r}; choose {', '.join(trainers)}", span)
     values = dict(DEFAULTS)
     for key, value, at in settings:
         if key not in DEFAULTS:
@@ -189,7 +201,7 @@ def _training(resolution, node, width: int) -> Training:
                     float(values["heldout"]), float(values["dev"]), values["seed"])
 
 
-def _split(resolution, node, n: int, training: Training) -> Split:
+def split(resolution, node, n: int, training: Training) -> Split:
     """Seeded: held-out first, then dev, the rest trains."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(training.seed))
     heldout, dev = round(n * training.heldout), round(n * training.dev)
@@ -201,4 +213,4 @@ def _split(resolution, node, n: int, training: Training) -> Split:
     return Split(order[heldout + dev:], order[heldout:heldout + dev], order[:heldout])
 
 
-__all__ = ["Align", "Training"]
+__all__ = ["Align", "AlignState", "Training", "one_width", "split", "training_settings"]

@@ -1,5 +1,8 @@
 """steer SITES by EXPR [on BASE]: activation addition along a vector of mean activations.
 
+`steer SITES by loreft("FILE")` instead applies a LoReFT a `reft` run learned and saved (bases/):
+h -> h + R (W h + b − Rᵀ h) at the selected positions.
+
 The vector is linear in `mean(column [at positions])` terms (e.g. 4 * (mean(pos) - mean(neg)));
 each mean is over examples and positions of that column's unpatched run, at the steered site.
 On SAE feature sites a number may stand alone or be added: `steer sae(...)[feature=7] by 4` adds
@@ -16,6 +19,8 @@ from causal.engine.writes import Write, grouped
 from causal.errors import CausalError, Span
 from causal.lang import ast
 from causal.methods.base import Method, method
+from causal.methods.rotations import loreft_edit
+from causal.methods.subspace import loreft_parameters
 from causal.models.adapter import FEATURE
 from causal.resolve.positions import position_masks
 
@@ -34,17 +39,20 @@ class MeanTerm:
 class Steer(Method):
     terms: tuple[MeanTerm, ...]
     constant: float = 0.0  # added as it is: feature sites only (a number of feature activation)
+    loreft: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # R, W, b a `reft` run saved
 
     @classmethod
     def resolve(cls, node, resolution):
         base = node.get("on") or resolution.default_base(node.span)
         resolution.run_prompt(base, node.span_of("on") or node.span)
         sweep = resolution.sweep(node.sites, base)
+        name, statement = resolution.name_for(node, node.sites[0].name), resolution.statement(node.span)
+        if node.get("loreft") is not None:
+            return cls(name, statement, base, sweep, (), loreft=loreft_parameters(resolution, node, sweep))
         features = all(resolution.adapter.site_info(t.site).role == FEATURE for point in sweep.points for t in point)
         means, constant = linear_terms(node.get("vector"), node.span, features)
         terms = tuple(cls.mean_term(resolution, coef, mean) for coef, mean in means)
-        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, terms,
-                   constant)
+        return cls(name, statement, base, sweep, terms, constant)
 
     @staticmethod
     def mean_term(resolution, coef: float, mean: ast.MeanOf) -> MeanTerm:
@@ -66,7 +74,13 @@ class Steer(Method):
 
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
+        if self.loreft is not None:
+            return grouped([(key, Write(where, None, edit=self.loreft_edit)) for (key, _), where in masks.items()])
         return grouped([(key, Write(where, self.vector(key, state), add=True)) for (key, _), where in masks.items()])
+
+    def loreft_edit(self, h: torch.Tensor) -> torch.Tensor:
+        basis, weight, bias = (t.to(h.device, h.dtype) for t in self.loreft)
+        return loreft_edit(h, basis, weight, bias)
 
     def vector(self, key, state) -> torch.Tensor:
         """(1, 1, *trailing dims): the means' combination plus the constant, broadcast over rows and positions."""

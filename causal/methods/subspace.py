@@ -16,22 +16,14 @@ from causal.models.adapter import EMBEDDING, HEAD_OUTPUT, KEY, QUERY, RESIDUAL, 
 
 VECTOR_ROLES = (RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE)  # sites whose last dim is one vector
 TENSOR = "basis"
+LOREFT_TENSORS = ("basis", "weight", "bias")
 
 
 def site_basis(resolution, node, sweep) -> torch.Tensor:
     """The statement's basis, orthonormal (d, k), checked against every site it patches."""
     ref, span = node.get("within"), node.span_of("within")
-    widths = set()
-    for site in {target.site for point in sweep.points for target in point}:
-        info = resolution.adapter.site_info(site)
-        if info.role not in VECTOR_ROLES:
-            raise resolution.error(f"within basis(...) swaps a subspace of a site's vectors; {site!r} has none "
-                                   "(use a residual, attn_out, mlp_out, embed, z, q, k or v site)", span)
-        widths.add(info.features)
-    if len(widths) > 1:
-        raise resolution.error(f"within basis(...) needs sites of one width; these have {sorted(widths)}", span)
-    width = widths.pop()
-    raw = _read(resolution, ref, span)
+    width = site_width(resolution, sweep, span, "within basis(...)")
+    raw = read_learned(resolution, ref, span, (TENSOR,), "basis")[TENSOR]
     if raw.dim() != 2 or raw.shape[0] != width:
         raise resolution.error(f"basis {ref!r} has shape {tuple(raw.shape)}, but the sites' vectors have {width} "
                                f"numbers: it must be ({width}, k)", span)
@@ -43,30 +35,61 @@ def site_basis(resolution, node, sweep) -> torch.Tensor:
     return q.float()
 
 
-def _read(resolution, ref: str, span) -> torch.Tensor:
+def site_width(resolution, sweep, span, what: str) -> int:
+    """The one vector width of every site the statement edits."""
+    widths = set()
+    for site in {target.site for point in sweep.points for target in point}:
+        info = resolution.adapter.site_info(site)
+        if info.role not in VECTOR_ROLES:
+            raise resolution.error(f"{what} edits a subspace of a site's vectors; {site!r} has none "
+                                   "(use a residual, attn_out, mlp_out, embed, z, q, k or v site)", span)
+        widths.add(info.features)
+    if len(widths) > 1:
+        raise resolution.error(f"{what} needs sites of one width; these have {sorted(widths)}", span)
+    return widths.pop()
+
+
+def loreft_parameters(resolution, node, sweep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`steer ... by loreft("FILE")`: R (d, k), W (k, d), b (k) as `reft` saved them, checked against the sites."""
+    ref, span = node.get("loreft"), node.span_of("loreft")
+    width = site_width(resolution, sweep, span, "loreft(...)")
+    saved = read_learned(resolution, ref, span, LOREFT_TENSORS, "loreft")
+    basis, weight, bias = (saved[name] for name in LOREFT_TENSORS)
+    k = basis.shape[-1] if basis.dim() == 2 else -1
+    expected = {"basis": (width, k), "weight": (k, width), "bias": (k,)}
+    for name, tensor in saved.items():
+        if k < 1 or tuple(tensor.shape) != expected[name]:
+            raise resolution.error(f"loreft {ref!r}: {name} has shape {tuple(tensor.shape)}; the sites' vectors have "
+                                   f"{width} numbers, so basis (d, k), weight (k, d), bias (k) need d = {width}", span)
+    return basis, weight, bias
+
+
+def read_learned(resolution, ref: str, span, names: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, refused (at the statement) if missing, unreadable or another model's."""
     from safetensors import SafetensorError, safe_open
     path = Path(ref)
     if not path.is_absolute() and resolution.file.path:
         path = Path(resolution.file.path).parent / path
     if not path.is_file():
-        raise resolution.error(f"basis file {ref!r} not found (looked at {path})", span)
+        raise resolution.error(f"{what} file {ref!r} not found (looked at {path})", span)
     try:
         with safe_open(str(path), "pt") as handle:
             keys, metadata = list(handle.keys()), handle.metadata() or {}
-            if TENSOR not in keys:
-                raise resolution.error(f"basis file {ref!r} has no tensor {TENSOR!r} (it has {', '.join(keys) or 'none'})",
+            missing = [name for name in names if name not in keys]
+            if missing:
+                raise resolution.error(f"{what} file {ref!r} has no tensor {missing[0]!r} (it has {', '.join(keys) or 'none'})",
                                        span)
-            tensor = handle.get_tensor(TENSOR)
+            tensors = {name: handle.get_tensor(name).float() for name in names}
     except SafetensorError as exc:
-        raise resolution.error(f"basis file {ref!r} is not a safetensors file: {exc}", span) from None
+        raise resolution.error(f"{what} file {ref!r} is not a safetensors file: {exc}", span) from None
     model = metadata.get("model")
     if model is not None and model != resolution.model.ref:
-        raise resolution.error(f"basis {ref!r} was saved for model {model!r}, not {resolution.model.ref!r}", span)
+        raise resolution.error(f"{what} {ref!r} was saved for model {model!r}, not {resolution.model.ref!r}", span)
     revision = metadata.get("model_revision")
     if model is not None and revision and resolution.model.revision and revision != resolution.model.revision:
-        raise resolution.error(f"basis {ref!r} was learned on revision {revision!r} of {model!r}; this run loads "
+        raise resolution.error(f"{what} {ref!r} was learned on revision {revision!r} of {model!r}; this run loads "
                                f"{resolution.model.revision!r}", span)
-    return tensor.float()
+    return tensors
 
 
-__all__ = ["site_basis"]
+__all__ = ["loreft_parameters", "read_learned", "site_basis", "site_width"]

@@ -14,7 +14,7 @@ import torch
 from causal.engine.forward import Resume
 from causal.methods.attribute import frozen_parameters
 from causal.models.adapter import BLOCK_INPUT
-from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE, Subspace, swap
+from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE
 
 EPOCH_KEY = "align-{name}-epochs"  # one checkpoint per statement, rewritten each epoch
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def train(align, run, state) -> None:
     t = align.training
     model = experiment.model
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32  # never trained in half precision
-    state.subspaces = [Subspace(t.kind, align.width, t.ks[j], _initial(t.seed, align.sweep.points[p], t.ks[j]), dtype)
-                       .to(model.device) for p, j in align.candidates]
+    state.subspaces = [align.new_module(p, j, initial(t.seed, align.sweep.points[p], t.ks[j]), dtype).to(model.device)
+                       for p, j in align.candidates]
     parameters = [p for s in state.subspaces for p in s.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(parameters, lr=t.lr)
     steps_per_epoch = -(-len(align.split.train) // t.batch)
@@ -62,9 +62,10 @@ def train(align, run, state) -> None:
     state.unpatched = None  # its memory is the cache budget's again
     for i, (p, j) in enumerate(align.candidates):
         state.iia[p, j] = iia[i]
-        basis = state.subspaces[i].basis().cpu()
-        state.size[p, j] = basis.shape[1]
-        state.bases[p, j, :, : basis.shape[1]] = basis[:, : state.bases.shape[-1]]
+        saved = {name: tensor.cpu() for name, tensor in state.subspaces[i].saved().items()}
+        state.size[p, j] = saved["basis"].shape[1]
+        state.bases[p, j, :, : saved["basis"].shape[1]] = saved["basis"][:, : state.bases.shape[-1]]
+        state.saved[(p, j)] = saved
 
 
 def _epoch(align, run, state, optimiser, temperatures: list[float], progress: Progress, epoch: int) -> None:
@@ -143,7 +144,7 @@ def _resumed(align, run, state, optimiser) -> Progress | None:
                     [i for i in range(n) if bool(saved["active"][i])])
 
 
-def _initial(seed: int, point, k: int) -> torch.Generator:
+def initial(seed: int, point, k: int) -> torch.Generator:
     """Each candidate's first rotation depends on the seed, its site and k only, so trained with others or
     alone it starts (and so ends) the same."""
     return torch.Generator().manual_seed(zlib.crc32(repr((seed, point, k)).encode()))
@@ -161,16 +162,17 @@ def _evaluate(align, run, state, candidates: list[int], examples: torch.Tensor):
 
 
 def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: bool, accuracy: bool = False):
-    """(candidates,) mean cross-entropy of the counterfactual label; with `accuracy`, also correct counts.
+    """(candidates,) mean cross-entropy of the label (align: the counterfactual answer, reft: the target); with
+    `accuracy`, also correct counts.
 
     Candidates are grouped by the layer their site is at: each group's forward resumes there from the base
     run's residual stream, as a sweep's jobs do, so blocks below a site are run once per batch, not per
     candidate."""
     experiment = run.experiment
-    base, source = experiment.prompts[align.base], experiment.prompts[align.source]
+    base = experiment.prompts[align.base]
     targets = [align.sweep.points[align.candidates[i][0]][0] for i in candidates]
-    sources = state.unpatched.get(align.source, batch)
-    directions = [state.subspaces[i].directions() for i in candidates]
+    sources = state.unpatched.get(align.source, batch) if align.source else {}
+    editors = [state.subspaces[i].editor() for i in candidates]
     groups: dict[int, list[int]] = {}
     for slot, i in enumerate(candidates):
         groups.setdefault(_start_layer(align, run, align.candidates[i][0]), []).append(slot)
@@ -181,8 +183,8 @@ def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: b
         hooks = {}
         for key in {(t.site, t.layers[0]) for t in group_targets}:
             owners = [g for g, t in enumerate(group_targets) if (t.site, t.layers[0]) == key]
-            hooks[key] = _swap_hook(run, align, group_targets, owners, [directions[s] for s in slots],
-                                    sources[key], batch)
+            hooks[key] = _edit_hook(run, align, group_targets, owners, [editors[s] for s in slots],
+                                    sources.get(key), batch)
         rows = len(slots)
         resume = Resume(layer, 0, starts[(BLOCK_INPUT, layer)].repeat(rows, 1, 1)) if layer else None
         output = run.runner.forward(base.ids[batch].repeat(rows, 1), base.attention_mask[batch].repeat(rows, 1),
@@ -212,7 +214,8 @@ class Unpatched:
     def __init__(self, align, run):
         self.run = run
         layers = {_start_layer(align, run, p) for p in range(len(align.sweep.points))}
-        self.keys = {align.source: {(point[0].site, point[0].layers[0]) for point in align.sweep.points}}
+        self.keys = {align.source: {(point[0].site, point[0].layers[0]) for point in align.sweep.points}} \
+            if align.source else {}
         self.keys.setdefault(align.base, set()).update((BLOCK_INPUT, layer) for layer in layers if layer > 0)
         self.kept: dict[str, dict] | None = None
         n, batch = run.experiment.n_examples, run.plan.batch_size
@@ -250,7 +253,8 @@ def _activations(run, prompts, batch: torch.Tensor, keys: set) -> dict:
     return {key: value.clone() for key, value in kept.items()}  # out of inference mode, usable in a graph
 
 
-def _swap_hook(run, align, targets, owners: list[int], directions, source: torch.Tensor, batch: torch.Tensor):
+def _edit_hook(run, align, targets, owners: list[int], editors, source: torch.Tensor | None, batch: torch.Tensor):
+    """Each owner's rows (slot-major blocks of the batch) edited by its own candidate; the others pass."""
     b = len(batch)
     wheres = {slot: run.masks.target(targets[slot], batch, align.base) for slot in owners}
 
@@ -262,9 +266,8 @@ def _swap_hook(run, align, targets, owners: list[int], directions, source: torch
             h = act[slot * b:(slot + 1) * b]
             where = wheres[slot][:, start:start + h.shape[1]].to(act.device)
             where = where.reshape(*where.shape, *([1] * (h.dim() - where.dim()))).to(h.dtype)
-            weight, weights = directions[slot]
-            src = source[:, start:start + h.shape[1]].to(h.dtype)
-            pieces.append(swap(h, src, where, weight.to(h.dtype), None if weights is None else weights.to(h.dtype)))
+            src = None if source is None else source[:, start:start + h.shape[1]]
+            pieces.append(editors[slot](h, src, where))
             done = (slot + 1) * b
         if done < act.shape[0]:
             pieces.append(act[done:])

@@ -47,12 +47,13 @@ def hiereq(tokenizer, n: Count = 256, seed: Seed = 0) -> Examples:
     """Base/source pairs of the hierarchical-equality task, with the high-level model's labels.
 
     Columns: `base`, `source` ("A A C D =": four shapes and '='), `label` and `source_label`
-    (" true" or " false", each input's own output), and per variable V in wx, yz: `cf_V`, the
+    (" true" or " false", each input's own output), `negated` (the answer the base's is not: a target
+    for `reft`, which must learn to flip the model's answer), and per variable V in wx, yz: `cf_V`, the
     output of the base with V taken from the source, and `V_changes` ("yes"/"no": whether that
     swap changes the base's output).
     """
     rng = random.Random(seed)
-    columns: dict[str, list] = {name: [] for name in ("base", "source", "label", "source_label")}
+    columns: dict[str, list] = {name: [] for name in ("base", "source", "label", "source_label", "negated")}
     for variable in VARIABLES:
         columns[f"cf_{variable}"], columns[f"{variable}_changes"] = [], []
     for _ in range(n):
@@ -61,6 +62,7 @@ def hiereq(tokenizer, n: Count = 256, seed: Seed = 0) -> Examples:
         columns["source"].append(prompt(source))
         columns["label"].append(ANSWERS[output(base_values)])
         columns["source_label"].append(ANSWERS[output(source_values)])
+        columns["negated"].append(ANSWERS[not output(base_values)])
         for variable in VARIABLES:
             swapped = output({**base_values, variable: source_values[variable]})
             columns[f"cf_{variable}"].append(ANSWERS[swapped])
