@@ -171,3 +171,17 @@ def test_resumed_rows_and_recorded_activations_train_as_the_reference_path(tmp_p
     assert fast["wx_basis"].sizes["layer"] == 2
     assert abs(fast["wx_basis"] - reference["wx_basis"]).max() < 1e-9
     assert (fast["wx_iia"] == reference["wx_iia"]).all()
+
+
+def test_the_plot_shows_held_out_iia_over_the_sites_and_every_candidates_curve(tmp_path):
+    from causal.results.plot import plot_all
+    from causal.results.trained_plots import trained_figures
+    ds = run(tmp_path, "align resid_post[layer=*, pos=[1, 3]] from source into base predicting cf_wx "
+                       "by das(k=1, epochs=2) as wx")
+    (stem, figure), = list(trained_figures(ds))
+    scores, curves = figure.axes[:2]  # then the colour bar
+    assert stem == "wx" and scores.get_xlabel() == "pos" and scores.get_ylabel() == "layer"
+    cells = sorted(float(t.get_text()) for t in scores.texts)
+    assert cells == pytest.approx(sorted(ds["wx_iia"].values.ravel().round(2).tolist()), abs=0.006)
+    assert len(curves.lines) == 4 and curves.get_xlabel() == "epoch"
+    assert [p.name for p in plot_all(ds, tmp_path / "plots")] == ["wx.png"]

@@ -199,3 +199,17 @@ def _temporary_hook(module: nn.Module, fn, pre: bool = False) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Gradients are wanted for activations only: parameters stay out of the graph."""
+    states = [(p, p.requires_grad) for p in model.parameters() if p.requires_grad]
+    for p, _ in states:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, state in states:
+            if not p.is_inference():  # accelerate's offload may have swapped in weights read under inference mode
+                p.requires_grad_(state)

@@ -104,9 +104,12 @@ class Align(Method):
                           torch.full((points, ks, self.width, max(self.training.ks)), nan))
 
     def describe_runs(self, plan, index):
-        t = self.training
-        return (f"training {len(self.candidates)} {t.kind} subspaces together: up to {t.epochs} epochs of "
-                f"{len(self.split.train)} pairs, batches of {t.batch} pairs x {len(self.candidates)} candidates")
+        t, n = self.training, len(self.candidates)
+        unit = "pairs" if self.source else "examples"
+        steps = t.epochs * -(-len(self.split.train) // t.batch)
+        return (f"training {n} {t.kind} candidates together: up to {t.epochs} epochs of {len(self.split.train)} "
+                f"{unit} ({len(self.split.dev)} dev, {len(self.split.heldout)} held-out), up to {steps} steps of "
+                f"{t.batch} {unit} x {n} candidates in one forward and backward each")
 
     def shard_problem(self):
         return f"'{self.statement}' trains on every example's pair; run it unsharded"

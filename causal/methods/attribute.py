@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from causal.engine.forward import frozen_parameters
 from causal.engine.plan import Packer, RowStarts, row_starts, target_first_position
 from causal.metrics import metric_values, read_slots
 from causal.methods.base import Method, Variable, method, source_writes
@@ -252,20 +253,6 @@ def _keep_with_grad(kept: dict, key):
         kept[key] = new
         return new
     return keep
-
-
-@contextmanager
-def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Gradients are wanted for activations only: parameters stay out of the graph."""
-    states = [(p, p.requires_grad) for p in model.parameters() if p.requires_grad]
-    for p, _ in states:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, state in states:
-            if not p.is_inference():  # accelerate's offload may have swapped in weights read under inference mode
-                p.requires_grad_(state)
 
 
 @contextmanager

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from causal.engine.forward import Resume
-from causal.methods.attribute import frozen_parameters
-from causal.models.adapter import BLOCK_INPUT
+from causal.engine.forward import Resume, frozen_parameters
 from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE
+from causal.models.adapter import BLOCK_INPUT
 
 EPOCH_KEY = "align-{name}-epochs"  # one checkpoint per statement, rewritten each epoch
 log = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from causal.errors import CausalError  # noqa: E402
 from causal.files import write_atomically  # noqa: E402
 from causal.results.inside_plots import inside_figures  # noqa: E402
+from causal.results.trained_plots import trained_figures  # noqa: E402
 from causal.results.summary import effect  # noqa: E402
 
 SITE_DIMS = ("layer", "head", "kv_head", "pos", "neuron", "feature", "key_pos")  # what a statement sweeps: the axes of a panel
@@ -106,6 +107,7 @@ def _figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
         if len(members) > 1 and method != "attribute":
             yield f"{method}_compared" + members[0].stem[len(members[0].name):], _comparison(members, dataset)
     yield from inside_figures(dataset)  # logit lens, attention patterns: readouts, not effects
+    yield from trained_figures(dataset)  # align / reft: held-out scores and training curves
 
 
 def _plotted(dataset: xr.Dataset) -> Iterator[_Plotted]:
