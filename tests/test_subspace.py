@@ -106,3 +106,63 @@ def test_a_missing_wrong_or_foreign_basis_file_is_refused(tmp_path, write_experi
             causal.run(path, causal.RunConfig(device="cpu", progress=False))
         assert message in str(info.value) and "exp.cx:5:" in str(info.value), file
     assert not no_forward
+
+
+def test_ablate_and_steer_within_a_basis_equal_the_hand_projections(tmp_path, write_experiment, cpu_config, gpt2):
+    """zero: h - B Bᵀ h; mean: h + B Bᵀ (mean - h) with the per-position mean over the clean prompts;
+    steer: h + B Bᵀ v with v the difference of the two columns' means at the last position."""
+    model, tok = gpt2
+    directions = torch.randn(D_MODEL, 2, generator=torch.Generator().manual_seed(3))
+    basis = write_basis(tmp_path / "b.safetensors", directions)
+    rows = make_rows()
+    body = (f'metric logprob(io)\nablate resid_pre[layer=1, pos=-1] with zero within basis("{basis}") as zero\n'
+            f'ablate resid_pre[layer=1, pos=-1] with mean within basis("{basis}") as mean\n'
+            f'steer resid_pre[layer=1, pos=-1] by 3 * (mean(clean at -1) - mean(corrupt at -1)) within '
+            f'basis("{basis}") on clean as steer')
+    ds = causal.run(write_experiment(body, rows), cpu_config)
+    q = torch.linalg.qr(directions.double())[0].float()
+    cleans = [ids_of(tok, row["clean"]) for row in rows]
+    corrupts = [ids_of(tok, row["corrupt"]) for row in rows]
+    assert len({c.shape[1] for c in cleans + corrupts}) == 1  # one length: per-position means are plain means
+    acts = torch.cat([capture(model, c, "resid_pre", 1) for c in cleans])
+    position_mean = acts.mean(0)
+    vector = 3 * (acts[:, -1].mean(0) - torch.cat([capture(model, c, "resid_pre", 1) for c in corrupts])[:, -1].mean(0))
+    edits = {"zero": lambda act: act[:, -1].sub_((act[:, -1] @ q) @ q.T),
+             "mean": lambda act: act[:, -1].add_(((position_mean[-1] - act[:, -1]) @ q) @ q.T),
+             "steer": lambda act: act[:, -1].add_((vector @ q) @ q.T)}
+    for i, row in enumerate(rows):
+        io = tok.convert_tokens_to_ids(row["io"])
+        for name, edit in edits.items():
+            expected = logprob_last(run_with_edits(model, cleans[i], [("resid_pre", 1, edit)]), io)
+            assert float(ds[name].sel(example=i).squeeze()) == pytest.approx(expected, abs=ATOL), name
+
+
+def test_a_difference_of_means_basis_equals_the_hand_projection(write_experiment, cpu_config, gpt2):
+    """`within basis(mean(clean) - mean(corrupt))`: at each layer the one direction u of the difference of the
+    columns' mean activations there (every position), normalised; a patch moves h along u only."""
+    model, tok = gpt2
+    rows = make_rows()
+    body = ('metric logprob(io)\npatch resid_pre[layer=*, pos=-1] from corrupt into clean within '
+            'basis(mean(clean) - mean(corrupt)) as sub')
+    ds = causal.run(write_experiment(body, rows), cpu_config)
+    cleans = [ids_of(tok, row["clean"]) for row in rows]
+    corrupts = [ids_of(tok, row["corrupt"]) for row in rows]
+    for layer in range(2):
+        mean = lambda prompts: torch.cat([capture(model, p, "resid_pre", layer)[0] for p in prompts]).mean(0)
+        u = mean(cleans) - mean(corrupts)
+        u = u / u.norm()
+        for i, row in enumerate(rows):
+            source = capture(model, corrupts[i], "resid_pre", layer)
+
+            def edit(act, source=source):
+                act[:, -1] += ((source[:, -1] - act[:, -1]) @ u)[:, None] * u
+            expected = logprob_last(run_with_edits(model, cleans[i], [("resid_pre", layer, edit)]),
+                                    tok.convert_tokens_to_ids(row["io"]))
+            assert float(ds["sub"].sel(layer=layer, example=i).squeeze()) == pytest.approx(expected, abs=ATOL)
+
+
+def test_a_difference_of_means_of_equal_columns_has_no_direction(write_experiment, cpu_config):
+    path = write_experiment('metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean within '
+                            'basis(mean(clean) - mean(clean))')
+    with pytest.raises(CausalError, match=r"difference of means at \('resid_pre', 0\) is zero"):
+        causal.run(path, cpu_config)

@@ -24,7 +24,7 @@ class Write:
     where: torch.Tensor  # (rows, width, *extra dims) bool
     value: torch.Tensor | None  # None: zero; else (rows or 1, width or 1, *trailing dims)
     add: bool = False
-    basis: torch.Tensor | None = None  # (d, k) orthonormal: only the span moves, h + B Bᵀ (value - h)
+    basis: torch.Tensor | None = None  # (d, k) orthonormal: only the span moves, h + B Bᵀ (value - h), or + B Bᵀ value
     edit: Callable[[torch.Tensor], torch.Tensor] | None = None  # a function of the activation itself (a LoReFT)
 
 
@@ -38,15 +38,19 @@ def as_hook(writes: list[Write]):
             if write.edit is not None:
                 act = torch.where(where, write.edit(act), act)
                 continue
+            if write.basis is not None:  # only the span moves: to the value, or by it (add)
+                basis = write.basis.to(act.device, act.dtype)
+                value = 0.0 if write.value is None else write.value if write.value.shape[1] == 1 \
+                    else write.value[:, start:start + length]
+                value = value if isinstance(value, float) else value.to(act.device, act.dtype)
+                moved = value if write.add else value - act
+                act = act + where * ((moved @ basis) @ basis.T)
+                continue
             if write.value is None:
                 act = act.masked_fill(where, 0.0)
                 continue
             value = write.value if write.value.shape[1] == 1 else write.value[:, start:start + length]
             value = value.to(act.device, act.dtype)
-            if write.basis is not None:
-                basis = write.basis.to(act.device, act.dtype)
-                act = act + where * (((value - act) @ basis) @ basis.T)
-                continue
             act = act + where * value if write.add else torch.where(where, value, act)
         return act
     return apply

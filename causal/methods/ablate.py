@@ -1,8 +1,9 @@
-"""ablate SITES with zero|mean|resample [over COLUMN] [on BASE]: remove what a site carries.
+"""ablate SITES with zero|mean|resample [over COLUMN] [within basis(...)] [on BASE]: remove what a site carries.
 
 zero writes zeros; mean writes the per-position mean over the reference prompts (examples
 too short for a position do not count towards its mean); resample writes another example's
-activation at the same position (a fixed derangement, seeded by the run's seed).
+activation at the same position (a fixed derangement, seeded by the run's seed). `within basis(...)`
+ablates only the span of B: h' = h + B Bᵀ (value - h), e.g. the projection onto B removed for zero.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from causal.engine.stats import PositionMean, derangement
 from causal.errors import did_you_mean
 from causal.engine.writes import ZERO, Write, grouped
 from causal.methods.base import Method, method
+from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
 
 ABLATIONS = ("zero", "mean", "resample")
 
@@ -21,6 +23,7 @@ ABLATIONS = ("zero", "mean", "resample")
 class Ablate(Method):
     how: str  # zero | mean | resample
     reference: str
+    basis: FixedBasis | MeansBasis | None = None  # from `within basis(...)`
 
     @classmethod
     def resolve(cls, node, resolution):
@@ -42,7 +45,7 @@ class Ablate(Method):
             cls.check_resample(resolution, reference, base, over_span or node.span)
         sweep = resolution.sweep(node.sites, base)
         return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, how,
-                   reference)
+                   reference, within_basis(resolution, node, sweep))
 
     @staticmethod
     def check_reference_covers(resolution, reference: str, base: str, span) -> None:
@@ -85,6 +88,10 @@ class Ablate(Method):
         return {self.reference: self.site_keys} if self.how == "resample" else {}
 
     def statistics(self, experiment, state):
+        return self.ablation_statistics(experiment, state) + (self.basis.statistics(self.site_keys, state)
+                                                              if self.basis else [])
+
+    def ablation_statistics(self, experiment, state):
         if self.how == "resample":
             state["donors"] = derangement(experiment.n_examples, experiment.seed,
                                           groups=experiment.prompts[self.reference].lengths)
@@ -96,7 +103,11 @@ class Ablate(Method):
 
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
-        return grouped([(key, self.write(key, where, job, run, state)) for (key, _), where in masks.items()])
+        writes = [(key, self.write(key, where, job, run, state)) for (key, _), where in masks.items()]
+        if self.basis:
+            for key, write in writes:
+                write.basis = self.basis.of(key, state)
+        return grouped(writes)
 
     def write(self, key, where, job, run, state) -> Write:
         if self.how == "zero":

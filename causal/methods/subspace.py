@@ -1,22 +1,73 @@
-"""Subspaces of a site's vectors for `patch ... within basis("FILE")` (issue 14, item 1).
+"""Subspaces of a site's vectors for `patch | ablate | steer ... within basis(...)` (issue 14, item 1).
 
-A basis file is safetensors with one tensor `basis` of shape (d, k): k directions in the site's
+`basis("FILE")`: safetensors with one tensor `basis` of shape (d, k): k directions in the site's
 vector space (d_model for the residual stream and block outputs, d_head for a head's z, q, k, v).
 Its columns are orthonormalised here (QR), so any k independent directions name the same span;
 `metadata.model` (and `model_revision`), where the file has them, must be the run's model: the
 files `align` writes under bases/ carry both.
+`basis(mean(a) - mean(b))`: the one direction of a difference of mean activations at each site (as
+steering vectors are written), computed by the run's statistics pass and normalised.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from causal.errors import CausalError
+from causal.methods.means import MeanTerm, linear_terms, mean_statistics, mean_term
 
 from causal.models.adapter import EMBEDDING, HEAD_OUTPUT, KEY, QUERY, RESIDUAL, VALUE
 
 VECTOR_ROLES = (RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE)  # sites whose last dim is one vector
 TENSOR = "basis"
 LOREFT_TENSORS = ("basis", "weight", "bias")
+
+
+@dataclass(frozen=True, eq=False)
+class FixedBasis:
+    """A basis read from a file: the same (d, k) at every site."""
+
+    basis: torch.Tensor
+
+    def statistics(self, keys, state) -> list:
+        return []
+
+    def of(self, key, state) -> torch.Tensor:
+        return self.basis
+
+
+@dataclass(frozen=True, eq=False)
+class MeansBasis:
+    """A difference of means: per site key, its normalised direction (d, 1) once the statistics are in."""
+
+    terms: tuple[MeanTerm, ...]
+    statement: str
+
+    def statistics(self, keys, state) -> list:
+        return mean_statistics(self.terms, keys, state.setdefault("basis_vectors", {}))
+
+    def of(self, key, state) -> torch.Tensor:
+        vector = state["basis_vectors"][key].flatten().double()
+        norm = vector.norm()
+        if not torch.isfinite(norm) or norm < 1e-12:
+            raise CausalError(f"'{self.statement}': the difference of means at {key} is zero, so it has no direction; "
+                              "the two columns' mean activations are the same there")
+        return (vector / norm)[:, None].float()
+
+
+def within_basis(resolution, node, sweep) -> FixedBasis | MeansBasis | None:
+    """The statement's `within basis(...)`, checked against its sites; None without one."""
+    if node.get("within") is not None:
+        return FixedBasis(site_basis(resolution, node, sweep))
+    expr = node.get("within_means")
+    if expr is None:
+        return None
+    span = node.span_of("within_means")
+    site_width(resolution, sweep, span, "within basis(...)")
+    means, _ = linear_terms(expr, span)
+    return MeansBasis(tuple(mean_term(resolution, coef, mean) for coef, mean in means), resolution.statement(node.span))
 
 
 def site_basis(resolution, node, sweep) -> torch.Tensor:
@@ -92,4 +143,4 @@ def read_learned(resolution, ref: str, span, names: tuple[str, ...], what: str) 
     return tensors
 
 
-__all__ = ["loreft_parameters", "read_learned", "site_basis", "site_width"]
+__all__ = ["FixedBasis", "MeansBasis", "loreft_parameters", "read_learned", "site_basis", "site_width", "within_basis"]
