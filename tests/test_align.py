@@ -185,3 +185,38 @@ def test_the_plot_shows_held_out_iia_over_the_sites_and_every_candidates_curve(t
     assert cells == pytest.approx(sorted(ds["wx_iia"].values.ravel().round(2).tolist()), abs=0.006)
     assert len(curves.lines) == 4 and curves.get_xlabel() == "epoch"
     assert [p.name for p in plot_all(ds, tmp_path / "plots")] == ["wx.png"]
+
+
+def test_boundless_keeps_a_subspace_where_wx_lives_and_none_where_it_cannot(tmp_path):
+    """The example file: at the second shape held-out IIA >= 0.9 with a learned size between 1 and d; at the
+    first it keeps no dimension (a swap of nothing changes nothing: IIA is the unchanged pairs' share). Its
+    bases are written, the empty one too."""
+    from causal.cli import main
+    from safetensors.torch import load_file
+    out = tmp_path / "out"
+    assert main(["run", str(ROOT / "experiments" / "boundless_hiereq.cx"), f"hydra.run.dir={out}", "progress=false",
+                 "plots=false"]) == 0
+    ds = causal.load(out / "results.nc")
+    found, first = ds.sel(layer=0, pos=1, k=64), ds.sel(layer=0, pos=0, k=64)
+    assert float(found["wx_iia"]) >= 0.9 and 1 <= int(found["wx_size"]) < 64
+    assert int(first["wx_size"]) == 0 and float(first["wx_iia"]) < 0.6
+    kept = load_file(str(out / "bases" / "wx-resid_post-layer0-pos1-k64.safetensors"))["basis"]
+    assert kept.shape == (64, int(found["wx_size"]))
+    assert torch.allclose(kept.T @ kept, torch.eye(kept.shape[1]), atol=1e-5)
+
+
+def test_per_head_candidates_swap_in_d_head_and_a_full_rotation_equals_the_head_patch(tmp_path):
+    """z[head=*]: one candidate per head, each a rotation of the head's d_head = 16 numbers; with k = 16 the
+    swap is the whole head's output, so the held-out IIA is the head patch's accuracy on those pairs."""
+    ds = run(tmp_path, "align z[layer=0, head=*, pos=1] from source into base predicting cf_wx by das(k=16, epochs=1) "
+                       "as wx\npatch z[layer=0, head=*, pos=1] from source into base")
+    assert ds["wx_basis"].sizes["component"] == 16 and ds["wx_iia"].sizes["head"] == 4
+    heldout = list(ds["wx_iia"].attrs["heldout_examples"])
+    patched = ds["patch_z"].isel(example=heldout).mean("example")
+    assert abs(ds["wx_iia"].squeeze() - patched.squeeze()).max() < 1e-6
+
+
+def test_the_lowrank_example_swaps_wx_at_the_second_shape_for_every_k():
+    ds = causal.run(ROOT / "experiments" / "lowrank_hiereq.cx")
+    iia = ds["wx_iia"].sel(layer=0)
+    assert (iia.sel(pos=1) >= 0.9).all() and float(iia.where(iia.pos != 1).max()) < 0.6
