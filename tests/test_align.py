@@ -157,8 +157,9 @@ def model64():
 @pytest.mark.parametrize("cache_gb", [None, 1e-6])
 def test_resumed_rows_and_recorded_activations_train_as_the_reference_path(tmp_path, model64, cache_gb):
     """Candidates at layers 0 and 1 in one batch: each group's rows resume at its layer from the recorded base
-    run, sources are recorded once (or, past the cache budget, per batch); the bases equal those of
-    optimize=False, where every row runs the whole model, to 1e-9 (float64). Position 4 at layer 1: at the last
+    run, sources are recorded once (or, past the cache budget, per batch, and each candidate in a forward of its
+    own); the bases equal those of optimize=False with every candidate in one forward, where every row runs the
+    whole model, to 1e-9 (float64). Position 4 at layer 1: at the last
     layer only the last position reaches the readout, so a resumed row there shows a wrong start."""
     from dataclasses import replace
     model, tokenizer = model64
@@ -167,7 +168,7 @@ def test_resumed_rows_and_recorded_activations_train_as_the_reference_path(tmp_p
                     "cf_wx by lowrank(k=2, epochs=2) as wx\n")
     config = causal.RunConfig(progress=False, cache_gb=cache_gb)
     fast = causal.run(path, config, model=model, tokenizer=tokenizer)
-    reference = causal.run(path, replace(config, optimize=False), model=model, tokenizer=tokenizer)
+    reference = causal.run(path, replace(config, optimize=False, cache_gb=None), model=model, tokenizer=tokenizer)
     assert fast["wx_basis"].sizes["layer"] == 2
     assert abs(fast["wx_basis"] - reference["wx_basis"]).max() < 1e-9
     assert (fast["wx_iia"] == reference["wx_iia"]).all()

@@ -17,6 +17,7 @@ from causal.models.adapter import BLOCK_INPUT
 
 EPOCH_KEY = "align-{name}-epochs"  # one checkpoint per statement, rewritten each epoch
 log = logging.getLogger(__name__)
+ACTIVATIONS_PER_LAYER = 40  # (seq, d_model) tensors a block keeps per row for its backward (GPT-2: ~34, MLP at 4d)
 
 
 @dataclass
@@ -78,12 +79,10 @@ def _epoch(align, run, state, optimiser, temperatures: list[float], progress: Pr
         batch = order[start:start + t.batch]
         for s in state.subspaces:
             s.temperature = temperatures[min(progress.step, len(temperatures) - 1)]
-        loss = _loss(align, run, state, active, batch, grad=True)
-        total = loss.sum() + sum(state.subspaces[i].penalty() for i in active)
         optimiser.zero_grad(set_to_none=True)
-        total.backward()
+        loss = _loss(align, run, state, active, batch, grad=True)  # each forward's backward done inside
         optimiser.step()
-        losses[active] += loss.detach().cpu() * len(batch)
+        losses[active] += loss.cpu() * len(batch)
         progress.step += 1
     dev_loss, dev_accuracy = _evaluate(align, run, state, active, align.split.dev)
     for slot, i in enumerate(active):
@@ -162,40 +161,65 @@ def _evaluate(align, run, state, candidates: list[int], examples: torch.Tensor):
 
 def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: bool, accuracy: bool = False):
     """(candidates,) mean cross-entropy of the label (align: the counterfactual answer, reft: the target); with
-    `accuracy`, also correct counts.
+    `accuracy`, also correct counts. With `grad`, each forward's backward is run here (the parameters'
+    gradients accumulate; candidates share none) and the losses come back detached.
 
     Candidates are grouped by the layer their site is at: each group's forward resumes there from the base
     run's residual stream, as a sweep's jobs do, so blocks below a site are run once per batch, not per
-    candidate."""
+    candidate. A group too large for one forward's activations (the run's cache budget) is split."""
     experiment = run.experiment
-    base = experiment.prompts[align.base]
     targets = [align.sweep.points[align.candidates[i][0]][0] for i in candidates]
     sources = state.unpatched.get(align.source, batch) if align.source else {}
-    editors = [state.subspaces[i].editor() for i in candidates]
+    starts = state.unpatched.get(align.base, batch)
     groups: dict[int, list[int]] = {}
     for slot, i in enumerate(candidates):
         groups.setdefault(_start_layer(align, run, align.candidates[i][0]), []).append(slot)
-    starts = state.unpatched.get(align.base, batch)
-    losses, rights = [None] * len(candidates), [None] * len(candidates)  # per slot, filled group by group
+    per_forward = max(1, _rows_per_forward(run, grad) // len(batch))
+    losses, rights = [None] * len(candidates), [None] * len(candidates)  # per slot, filled forward by forward
     for layer, slots in groups.items():
-        group_targets = [targets[s] for s in slots]
-        hooks = {}
-        for key in {(t.site, t.layers[0]) for t in group_targets}:
-            owners = [g for g, t in enumerate(group_targets) if (t.site, t.layers[0]) == key]
-            hooks[key] = _edit_hook(run, align, group_targets, owners, [editors[s] for s in slots],
-                                    sources.get(key), batch)
-        rows = len(slots)
-        resume = Resume(layer, 0, starts[(BLOCK_INPUT, layer)].repeat(rows, 1, 1)) if layer else None
-        output = run.runner.forward(base.ids[batch].repeat(rows, 1), base.attention_mask[batch].repeat(rows, 1),
-                                    hooks, resume=resume, read=(base.lengths[batch] - 1).repeat(rows)[:, None],
-                                    grad=grad)
-        logits = output.logits[:, 0].float()
-        labels = align.labels[batch].to(logits.device).repeat(rows)
-        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none").view(rows, len(batch)).mean(1)
-        right = (logits.argmax(-1) == labels).view(rows, len(batch)).float().sum(1)
-        for g, slot in enumerate(slots):
-            losses[slot], rights[slot] = loss[g], right[g]
+        for first in range(0, len(slots), per_forward):
+            part = slots[first:first + per_forward]
+            loss, right = _forward(align, run, state, [candidates[s] for s in part], [targets[s] for s in part],
+                                   layer, sources, starts, batch, grad)
+            if grad:
+                (loss.sum() + sum(state.subspaces[candidates[s]].penalty() for s in part)).backward()
+                loss = loss.detach()
+            for g, slot in enumerate(part):
+                losses[slot], rights[slot] = loss[g], right[g]
     return (torch.stack(losses), torch.stack(rights)) if accuracy else torch.stack(losses)
+
+
+def _forward(align, run, state, candidates: list[int], targets, layer: int, sources: dict, starts: dict,
+             batch: torch.Tensor, grad: bool):
+    """One forward of len(candidates) x len(batch) rows, resumed at `layer`: (loss, correct) per candidate."""
+    base = run.experiment.prompts[align.base]
+    editors = [state.subspaces[i].editor() for i in candidates]
+    hooks = {}
+    for key in {(t.site, t.layers[0]) for t in targets}:
+        owners = [g for g, t in enumerate(targets) if (t.site, t.layers[0]) == key]
+        hooks[key] = _edit_hook(run, align, targets, owners, editors, sources.get(key), batch)
+    rows = len(candidates)
+    resume = Resume(layer, 0, starts[(BLOCK_INPUT, layer)].repeat(rows, 1, 1)) if layer else None
+    output = run.runner.forward(base.ids[batch].repeat(rows, 1), base.attention_mask[batch].repeat(rows, 1),
+                                hooks, resume=resume, read=(base.lengths[batch] - 1).repeat(rows)[:, None], grad=grad)
+    logits = output.logits[:, 0].float()
+    labels = align.labels[batch].to(logits.device).repeat(rows)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none").view(rows, len(batch)).mean(1)
+    return loss, (logits.argmax(-1) == labels).view(rows, len(batch)).float().sum(1)
+
+
+def _rows_per_forward(run, grad: bool) -> int:
+    """Rows whose activations (kept for the backward when training) fit in the run's cache budget: a rough
+    ACTIVATIONS_PER_LAYER tensors of (seq, d_model) per block and row; unbounded without a budget."""
+    budget = run.plan.cache_bytes
+    if budget is None:
+        return 1 << 30
+    experiment = run.experiment
+    adapter = experiment.model.adapter
+    seq = max(p.ids.shape[1] for p in experiment.prompts.values())
+    width = adapter.site_info(BLOCK_INPUT).features if BLOCK_INPUT in adapter.site_names else 1
+    per_row = seq * width * max(adapter.n_layers, 1) * (ACTIVATIONS_PER_LAYER if grad else 2) * 4
+    return int(budget // per_row)
 
 
 def _start_layer(align, run, point: int) -> int:
