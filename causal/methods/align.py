@@ -81,11 +81,16 @@ class Align(Method):
     @classmethod
     def resolve(cls, node, resolution):
         source, base = resolution.source_and_base(node, "alignment")
+        return cls.trained(node, resolution, base, source, TRAINERS)
+
+    @classmethod
+    def trained(cls, node, resolution, base: str, source: str | None, trainers: tuple[str, ...]):
+        """What align and reft resolve alike: one-width vector sites, settings, labels, the split."""
         adapter = resolution.adapter
         vector_sites = tuple(s for s in adapter.site_names if adapter.site_info(s).role in VECTOR_ROLES)
         sweep = resolution.sweep(node.sites, base, vector_sites)
-        width = one_width(resolution, node, sweep, "align")
-        training = training_settings(resolution, node, width, TRAINERS)
+        width = one_width(resolution, node, sweep, cls.keyword)
+        training = training_settings(resolution, node, width, trainers)
         column, span = node.get("predicting"), node.span_of("predicting")
         labels = answer_ids(resolution.column(column, span), resolution.model.tokenizer, column, span)
         resolution.check_has_logit(column, labels, span)

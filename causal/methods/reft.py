@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from causal.data.prompts import answer_ids
-from causal.methods.align import Align, AlignState, one_width, split, training_settings
+from causal.methods.align import Align, AlignState
 from causal.methods.base import Variable, method
 from causal.methods.rotations import Loreft
-from causal.methods.subspace import VECTOR_ROLES
 
 TRAINERS = ("loreft",)
 
@@ -31,16 +29,7 @@ class Reft(Align):
     def resolve(cls, node, resolution):
         base = node.get("on") or resolution.default_base(node.span)
         resolution.run_prompt(base, node.span_of("on") or node.span)
-        adapter = resolution.adapter
-        vector_sites = tuple(s for s in adapter.site_names if adapter.site_info(s).role in VECTOR_ROLES)
-        sweep = resolution.sweep(node.sites, base, vector_sites)
-        width = one_width(resolution, node, sweep, "reft")
-        training = training_settings(resolution, node, width, TRAINERS)
-        column, span = node.get("predicting"), node.span_of("predicting")
-        labels = answer_ids(resolution.column(column, span), resolution.model.tokenizer, column, span)
-        resolution.check_has_logit(column, labels, span)
-        return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep,
-                   None, labels, column, training, width, split(resolution, node, len(labels), training))
+        return cls.trained(node, resolution, base, None, TRAINERS)
 
     def new_module(self, point: int, k_index: int, generator: torch.Generator, dtype: torch.dtype):
         return Loreft(self.width, self.training.ks[k_index], generator, dtype)

@@ -9,8 +9,6 @@ it was learned on (which the readers check), the statement and the candidate's h
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from itertools import product
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from causal.errors import CausalError
+from causal.files import write_atomically
 from causal.methods.subspace import TENSOR
 
 FOLDER = "bases"
@@ -67,21 +65,7 @@ def _numbers(values: np.ndarray) -> torch.Tensor:
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Atomically, as results.nc: a killed run never leaves half a basis to be read later."""
     from safetensors.torch import save_file
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise CausalError(f"cannot write bases to {str(path.parent)!r}: {exc.strerror}") from None
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CausalError(f"cannot write basis {str(path)!r}: {exc.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "basis")
 
 
 __all__ = ["save_bases"]
