@@ -192,8 +192,9 @@ def test_boundless_keeps_a_subspace_where_wx_lives_and_none_where_it_cannot(tmp_
     """The example file: at the second shape held-out IIA >= 0.9 with a learned size between 1 and d; at the
     first it keeps no dimension (a swap of nothing changes nothing: IIA is the unchanged pairs' share). Its
     bases are written, the empty one too."""
-    from causal.cli import main
     from safetensors.torch import load_file
+
+    from causal.cli import main
     out = tmp_path / "out"
     assert main(["run", str(ROOT / "experiments" / "boundless_hiereq.cx"), f"hydra.run.dir={out}", "progress=false",
                  "plots=false"]) == 0

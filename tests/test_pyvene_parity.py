@@ -14,8 +14,8 @@ noise / (noise + eps). In float32 that noise (~1e-9) is eps's size and the two l
 """
 from __future__ import annotations
 
-import pyvene
 import pytest
+import pyvene
 import torch
 import transformers
 

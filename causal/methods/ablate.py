@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from causal.engine.stats import PositionMean, derangement
-from causal.errors import did_you_mean
 from causal.engine.writes import ZERO, Write, grouped
+from causal.errors import did_you_mean
 from causal.methods.base import Method, method
 from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
 

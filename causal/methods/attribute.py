@@ -17,8 +17,8 @@ import torch
 
 from causal.engine.forward import frozen_parameters
 from causal.engine.plan import Packer, RowStarts, row_starts, target_first_position
-from causal.metrics import metric_values, read_slots
 from causal.methods.base import Method, Variable, method, source_writes
+from causal.metrics import metric_values, read_slots
 from causal.models.adapter import KEY, MODULE, PATTERN, QUERY
 from causal.models.load import widest_float
 

@@ -17,7 +17,6 @@ import torch
 
 from causal.errors import CausalError
 from causal.methods.means import MeanTerm, linear_terms, mean_statistics, mean_term
-
 from causal.models.adapter import EMBEDDING, HEAD_OUTPUT, KEY, QUERY, RESIDUAL, VALUE
 
 VECTOR_ROLES = (RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE)  # sites whose last dim is one vector

@@ -167,7 +167,6 @@ def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: b
     Candidates are grouped by the layer their site is at: each group's forward resumes there from the base
     run's residual stream, as a sweep's jobs do, so blocks below a site are run once per batch, not per
     candidate. A group too large for one forward's activations (the run's cache budget) is split."""
-    experiment = run.experiment
     targets = [align.sweep.points[align.candidates[i][0]][0] for i in candidates]
     sources = state.unpatched.get(align.source, batch) if align.source else {}
     starts = state.unpatched.get(align.base, batch)
