@@ -295,7 +295,8 @@ class Executor:
             hidden = cached[rows.to(cached.device)][:, pos:]
         keys_values = None
         if pos > 0:
-            keys_values = [_prefix(k, v, rows, pos, computed=index >= layer)
+            keys_values = [_prefix(k, v, rows, pos, computed=index >= layer,
+                                   buffers=(caches.prefix_buffers, (stream, index)))
                            for index, (k, v) in enumerate(caches.keys_values[stream])]
         return Resume(layer, pos, hidden, keys_values)
 
@@ -362,18 +363,31 @@ def _recorder(store: dict, key, rows: torch.Tensor, total_rows: int) -> Callable
     return record
 
 
-def _prefix(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, pos: int,
-            computed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, pos: int, computed: bool,
+            buffers: tuple[dict, tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's cached keys/values for the job's rows: all positions, a copy the forward writes its own
     positions >= pos into. A layer the job skips (its block stands in with the cached output) never attends,
     so it gets a stand-in one number wide of length pos: the cache's length is all the model reads of it
     (HF counts an empty cache as length 0). Gathering every layer's prefix was a quarter of a head sweep's
-    time on GPT-2-small (issue "speed to the floor", item 2)."""
+    time on GPT-2-small (issue "speed to the floor", item 2); the copies go into buffers kept for the chunk
+    and reused by every job (a job's forward is done with them before the next gathers: nothing returns
+    them), as fresh tensors of that size cost 6x the gather itself in page faults on the CPU."""
     if not computed:
         stand_in = keys.new_zeros((len(rows), keys.shape[1], pos, 1))
         return stand_in, stand_in
     index = rows.to(keys.device)
-    return keys[index], values[index]
+    pool, slot = buffers
+    return (_gathered(keys, index, pool, (*slot, "keys")), _gathered(values, index, pool, (*slot, "values")))
+
+
+def _gathered(tensor: torch.Tensor, index: torch.Tensor, pool: dict, slot: tuple) -> torch.Tensor:
+    """tensor[index] written into the pool's buffer for `slot` (grown when too small)."""
+    buffer = pool.get(slot)
+    if buffer is None or buffer.shape[0] < len(index) or buffer.shape[1:] != tensor.shape[1:] \
+            or buffer.dtype != tensor.dtype or buffer.device != tensor.device:
+        buffer = pool[slot] = tensor.new_empty((len(index), *tensor.shape[1:]))
+    out = buffer[: len(index)]
+    return torch.index_select(tensor, 0, index, out=out)
 
 
 def _store_keys_values(caches: Caches, stream: str, keys_values, rows: torch.Tensor, total_rows: int) -> None:

@@ -64,6 +64,7 @@ class Caches:
         self.tensors: dict[tuple[str, CacheKey], torch.Tensor] = {}
         self.resume: dict[tuple[str, int], torch.Tensor] = {}  # (stream, layer) -> input of that block
         self.keys_values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.prefix_buffers: dict[tuple, torch.Tensor] = {}  # reused by every job's prefix keys/values (execute)
 
     def rows(self, stream: str, examples: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
         k = self.samples[stream]
