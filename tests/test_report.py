@@ -273,3 +273,19 @@ def test_report_errors_are_messages(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no results at" in capsys.readouterr().err
     assert main(["report", "-h"]) == 0 and "RUN_DIR" in capsys.readouterr().out
+
+
+def test_a_trained_statement_lists_its_best_candidates(tmp_path, browser):
+    """align: a section with the candidates ranked by held-out IIA (and their sizes), not 'no interventions'."""
+    path = tmp_path / "x.cx"
+    path.write_text('model "zoo:hiereq-gpt2"\ndata hiereq(n=160, seed=0)\nmetric accuracy(cf_wx) at -1\n'
+                    "align resid_post[layer=0, pos=[1, 3]] from source into base predicting cf_wx "
+                    "by lowrank(k=[1, 2], epochs=1) as wx\n")
+    ds = causal.run(path, causal.RunConfig(progress=False))
+    _opened(browser, write_report(ds, tmp_path / "report.html"))
+    assert _count(browser, f"{_section('wx')} table.candidates tr") == 1 + 4
+    assert browser.js(f"document.querySelector('{_section('wx')} h2').textContent") == "wx: held-out IIA"
+    best = browser.js(f"document.querySelector('{_section('wx')} table.candidates tr:nth-of-type(2) td:nth-of-type(4)')"
+                      ".textContent")
+    assert float(best) == pytest.approx(float(ds["wx_iia"].max()), abs=5e-3)
+    assert _count(browser, "p.note") == 0 and browser.errors() == []

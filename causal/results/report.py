@@ -7,6 +7,7 @@ Content-Security-Policy forbids it), so the file can be mailed or opened from a 
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ import xarray as xr
 from causal.files import write_atomically
 from causal.results.plot import SITE_DIMS
 from causal.results.summary import bootstrap_ci, effect, mean, standard_error
+from causal.results.trained_plots import SCORES
 
 LEVEL = 0.95
 SAMPLES = 1000
@@ -53,7 +55,30 @@ def page_data(dataset: xr.Dataset) -> dict:
     variables = [_variable(dataset, name) for name, v in dataset.data_vars.items()
                  if v.attrs.get("kind") == "intervention"]
     return {"attrs": attrs, "experiment_text": _text(dataset.attrs.get("experiment_text", "")), "swept": _swept(dataset),
-            "examples": int(dataset.sizes.get("example", 0)), "level": LEVEL, "variables": variables}
+            "examples": int(dataset.sizes.get("example", 0)), "level": LEVEL, "variables": variables,
+            "trained": trained_tables(dataset)}
+
+
+def trained_tables(dataset: xr.Dataset) -> list[dict]:
+    """Per align / reft statement, its best candidates by held-out score (the figure has them all)."""
+    tables = []
+    for name, score in dataset.data_vars.items():
+        suffix, label = SCORES.get(score.attrs.get("method"), (None, None))
+        if not (suffix and name.endswith(suffix) and name[: -len(suffix)] + "_basis" in dataset):
+            continue
+        stem = name[: -len(suffix)]
+        size = dataset[f"{stem}_size"]
+        dims = list(score.dims)
+        rows = [[*(_label(v) for v in at), float(score.sel(dict(zip(dims, at)))), int(size.sel(dict(zip(dims, at))))]
+                for at in itertools.product(*(score[d].values.tolist() for d in dims))]
+        rows.sort(key=lambda row: -np.nan_to_num(row[-2], nan=-1.0))
+        tables.append({"name": stem, "statement": _text(score.attrs.get("statement", "")), "label": label,
+                       "heldout": int(score.attrs.get("heldout_pairs", 0)), "dims": dims, "total": len(rows),
+                       "rows": [[*row[:-2], round(row[-2], 4), row[-1]] for row in rows[:TRAINED_ROWS]]})
+    return tables
+
+
+TRAINED_ROWS = 10  # candidates listed per trained statement
 
 
 def _swept(dataset: xr.Dataset) -> list[str]:
@@ -305,8 +330,29 @@ function selectors() {
 function render() {
   const charts = document.getElementById("charts");
   charts.replaceChildren();
-  if (!D.variables.length) charts.append(el("p", {class: "note"}, "This run has no intervention variables."));
+  if (!D.variables.length && !D.trained.length)
+    charts.append(el("p", {class: "note"}, "This run has no intervention variables."));
   for (const v of D.variables) charts.append(section(v, charts.clientWidth - 36));
+  for (const t of D.trained) charts.append(trainedSection(t));
+}
+
+function trainedSection(t) {  // align / reft: the best candidates by held-out score, as a table
+  const s = el("section", {class: "variable trained", "data-variable": t.name});
+  s.append(el("h2", {}, t.name + ": " + t.label));
+  s.append(el("code", {class: "statement"}, t.statement));
+  s.append(el("p", {class: "what"}, "The " + t.rows.length + " best of " + t.total + " trained candidates by their score on "
+    + t.heldout + " held-out examples (all of them, with the training curves, in plots/" + t.name + ".png); the learned "
+    + "bases and parameters are in bases/ beside results.nc."));
+  const table = el("table", {class: "candidates"}), head = el("tr");
+  for (const h of [...t.dims, t.label, "size"]) head.append(el("th", {}, h));
+  table.append(head);
+  for (const r of t.rows) {
+    const row = el("tr");
+    r.forEach((c, i) => row.append(el("td", {}, i === t.dims.length ? num(c, false) : String(c))));
+    table.append(row);
+  }
+  s.append(table);
+  return s;
 }
 
 function section(v, width) {
