@@ -141,7 +141,7 @@ def compose_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 def summary(dataset, results: Path, plots: list[Path]) -> str:
-    from causal.results.bases import SCORES
+    from causal.results.bases import trained_statements
     from causal.results.summary import effect
     lines = [f"results: {results}"]
     if plots:
@@ -149,9 +149,6 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
     for name, variable in dataset.data_vars.items():
         if variable.attrs.get("kind") == "generation" and variable.dtype.kind in "UO":  # texts, not token ids
             lines.append(_generated(name, variable))
-        score = SCORES.get(variable.attrs.get("method"))
-        if score and name.endswith(score) and name[: -len(score)] + "_basis" in dataset:
-            lines.append(_trained(name[: -len(score)], variable, results.parent))
         if variable.attrs.get("kind") != "intervention":
             continue
         means = effect(dataset, name).mean("example")
@@ -159,17 +156,17 @@ def summary(dataset, results: Path, plots: list[Path]) -> str:
         for metric in metrics:
             mean = means.sel(metric=metric, drop=True) if "metric" in means.dims else means
             lines.append(f"{name} ({variable.attrs['statement']}), Δ {metric}: {_largest(mean)}")
+    lines += [_trained(stem, score, label, results.parent) for stem, score, label in trained_statements(dataset)]
     return "\n".join(lines)
 
 
-def _trained(stem: str, score, folder: Path) -> str:
+def _trained(stem: str, score, label: str, folder: Path) -> str:
     """The best candidate's held-out score (align: IIA, reft: accuracy), and where the learned files went."""
     best = score.where(score == score.max(), drop=True)
     at = " ".join(f"{d}={best[d].values.flat[0]}" for d in score.dims)
     bases = folder / "bases"
     files = len(list(bases.glob(f"{stem}-*.safetensors"))) if bases.is_dir() else 0
-    what = "IIA" if score.attrs["method"] == "align" else "accuracy"
-    return (f"{stem} ({score.attrs['statement']}): best held-out {what} {float(score.max()):.2f} at {at}; "
+    return (f"{stem} ({score.attrs['statement']}): best {label} {float(score.max()):.2f} at {at}; "
             f"learned: {bases}/ ({files} file(s))")
 
 

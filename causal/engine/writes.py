@@ -38,22 +38,22 @@ def as_hook(writes: list[Write]):
             if write.edit is not None:
                 act = torch.where(where, write.edit(act), act)
                 continue
-            if write.basis is not None:  # only the span moves: to the value, or by it (add)
+            value = None if write.value is None else _at_positions(write.value, start, length).to(act.device, act.dtype)
+            if write.basis is not None:  # only the span moves: to the value (zero without one), or by it (add)
                 basis = write.basis.to(act.device, act.dtype)
-                value = 0.0 if write.value is None else write.value if write.value.shape[1] == 1 \
-                    else write.value[:, start:start + length]
-                value = value if isinstance(value, float) else value.to(act.device, act.dtype)
-                moved = value if write.add else value - act
+                moved = value if write.add else (-act if value is None else value - act)
                 act = act + where * ((moved @ basis) @ basis.T)
-                continue
-            if write.value is None:
+            elif value is None:
                 act = act.masked_fill(where, 0.0)
-                continue
-            value = write.value if write.value.shape[1] == 1 else write.value[:, start:start + length]
-            value = value.to(act.device, act.dtype)
-            act = act + where * value if write.add else torch.where(where, value, act)
+            else:
+                act = act + where * value if write.add else torch.where(where, value, act)
         return act
     return apply
+
+
+def _at_positions(value: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """A write's value for the positions the forward computes (one value for all positions stays as it is)."""
+    return value if value.shape[1] == 1 else value[:, start:start + length]
 
 
 class Caches:

@@ -25,6 +25,15 @@ class _Columns(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
+def _orthonormal(width: int, columns: int, generator: torch.Generator, dtype: torch.dtype) -> nn.Module:
+    """A (width, columns) weight kept orthonormal by torch's parametrisation, first drawn from `generator`."""
+    weight = torch.empty(width, columns, dtype=dtype)
+    nn.init.orthogonal_(weight, generator=generator)
+    with torch.random.fork_rng(devices=[]):  # completing a (d, k) basis to a rotation draws from the global RNG
+        torch.manual_seed(generator.initial_seed())
+        return nn.utils.parametrizations.orthogonal(_Columns(weight))
+
+
 class Subspace(nn.Module):
     """One candidate's trainable subspace at one site."""
 
@@ -32,12 +41,7 @@ class Subspace(nn.Module):
         """Built in its dtype: a float32 rotation cast to float64 is orthogonal only to ~1e-7."""
         super().__init__()
         self.kind, self.k, self.width = kind, k, width
-        columns = width if kind in ("das", "boundless") else k
-        weight = torch.empty(width, columns, dtype=dtype)
-        nn.init.orthogonal_(weight, generator=generator)
-        with torch.random.fork_rng(devices=[]):  # completing a (d, k) basis to a rotation draws from the global RNG
-            torch.manual_seed(generator.initial_seed())
-            self.rotation = nn.utils.parametrizations.orthogonal(_Columns(weight))
+        self.rotation = _orthonormal(width, width if kind in ("das", "boundless") else k, generator, dtype)
         self.boundary = nn.Parameter(torch.tensor([0.5], dtype=dtype)) if kind == "boundless" else None
         self.temperature = BOUNDLESS_START_TEMPERATURE
 
@@ -94,11 +98,7 @@ class Loreft(nn.Module):
     def __init__(self, width: int, k: int, generator: torch.Generator, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.k, self.width = k, width
-        weight = torch.empty(width, k, dtype=dtype)
-        nn.init.orthogonal_(weight, generator=generator)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(generator.initial_seed())
-            self.rotation = nn.utils.parametrizations.orthogonal(_Columns(weight))
+        self.rotation = _orthonormal(width, k, generator, dtype)
         bound = width ** -0.5  # nn.Linear's default: kaiming_uniform(a=√5) and its bias, both U(-1/√d, 1/√d)
         self.learned_source = nn.Linear(width, k, dtype=dtype)
         with torch.no_grad():

@@ -128,18 +128,23 @@ def _resumed(align, run, state, optimiser) -> Progress | None:
     state.dev.copy_(saved["dev"])
     for i, subspace in enumerate(state.subspaces):
         subspace.load_state_dict({k: saved[f"now.{i}.{k}"] for k in subspace.state_dict()})
-    best = [{k: saved[f"best.{i}.{k}"].to(device) for k in s.state_dict()} if f"best.{i}.{next(iter(s.state_dict()))}"
-            in saved else None for i, s in enumerate(state.subspaces)]
+    best = [_prefixed(saved, f"best.{i}.", device) or None for i in range(n)]  # None: no epoch improved yet
     adam = optimiser.state_dict()
     indices = {int(name.split(".")[1]) for name in saved if name.startswith("adam.")}
-    adam["state"] = {index: {k.split(".", 2)[2]: v.to(device) if k.split(".", 2)[2] != "step" else v
-                             for k, v in saved.items() if k.startswith(f"adam.{index}.")} for index in indices}
+    adam["state"] = {index: _prefixed(saved, f"adam.{index}.", device) for index in indices}
+    for moments in adam["state"].values():
+        moments["step"] = moments["step"].cpu()  # Adam keeps its step count on the CPU
     optimiser.load_state_dict(adam)
     epoch, step = saved["counters"].tolist()
     state.epochs_run = epoch
     log.warning("resuming %s: %d of %d epochs already trained", align.name, epoch, align.training.epochs)
     return Progress(epoch, step, best, saved["best_loss"].tolist(), saved["waited"].tolist(),
                     [i for i in range(n) if bool(saved["active"][i])])
+
+
+def _prefixed(saved: dict, prefix: str, device) -> dict:
+    """The tensors saved under `prefix`, keyed by the rest of their name, on `device`."""
+    return {name[len(prefix):]: tensor.to(device) for name, tensor in saved.items() if name.startswith(prefix)}
 
 
 def initial(seed: int, point, k: int) -> torch.Generator:

@@ -22,22 +22,28 @@ from causal.methods.subspace import TENSOR
 FOLDER = "bases"
 SUFFIX = "_basis"
 BASIS_DIMS = ("component", "direction")
-SCORES = {"align": "_iia", "reft": "_accuracy"}  # per method: the variable of each candidate's held-out score
+SCORES = {"align": ("_iia", "held-out IIA"), "reft": ("_accuracy", "held-out accuracy")}  # per method: its score
 EXTRA = ("weight", "bias")  # reft's other parameters, saved beside its basis
 
 
-def save_bases(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
-    """Every align variable's bases under folder/bases/; the paths written (none without align)."""
-    written = []
+def trained_statements(dataset: xr.Dataset) -> list[tuple[str, xr.DataArray, str]]:
+    """(NAME, its held-out score variable, the score's label) for every align / reft statement in the Dataset."""
+    found = []
     for name, variable in dataset.data_vars.items():
-        if name.endswith(SUFFIX) and variable.attrs.get("method") in SCORES:
-            written += _save_variable(dataset, name[: -len(SUFFIX)], Path(folder) / FOLDER)
-    return written
+        suffix, label = SCORES.get(variable.attrs.get("method"), (None, None))
+        if suffix and name.endswith(suffix) and name[: -len(suffix)] + SUFFIX in dataset:
+            found.append((name[: -len(suffix)], variable, label))
+    return found
 
 
-def _save_variable(dataset: xr.Dataset, stem: str, folder: Path) -> list[Path]:
+def save_bases(dataset: xr.Dataset, folder: str | Path) -> list[Path]:
+    """Every align / reft statement's learned files under folder/bases/; the paths written (none without)."""
+    return [path for stem, score, _ in trained_statements(dataset)
+            for path in _save_variable(dataset, stem, score, Path(folder) / FOLDER)]
+
+
+def _save_variable(dataset: xr.Dataset, stem: str, score: xr.DataArray, folder: Path) -> list[Path]:
     basis, size = dataset[stem + SUFFIX], dataset[stem + "_size"]
-    score = dataset[stem + SCORES[basis.attrs["method"]]]
     extra = {name: dataset[f"{stem}_{name}"] for name in EXTRA if f"{stem}_{name}" in dataset}
     dims = [d for d in basis.dims if d not in BASIS_DIMS]
     written = []
@@ -68,4 +74,4 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "basis")
 
 
-__all__ = ["save_bases"]
+__all__ = ["SCORES", "save_bases", "trained_statements"]

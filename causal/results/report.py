@@ -17,9 +17,9 @@ import numpy as np
 import xarray as xr
 
 from causal.files import write_atomically
+from causal.results.bases import trained_statements
 from causal.results.plot import SITE_DIMS
 from causal.results.summary import bootstrap_ci, effect, mean, standard_error
-from causal.results.trained_plots import SCORES
 
 LEVEL = 0.95
 SAMPLES = 1000
@@ -62,11 +62,7 @@ def page_data(dataset: xr.Dataset) -> dict:
 def trained_tables(dataset: xr.Dataset) -> list[dict]:
     """Per align / reft statement, its best candidates by held-out score (the figure has them all)."""
     tables = []
-    for name, score in dataset.data_vars.items():
-        suffix, label = SCORES.get(score.attrs.get("method"), (None, None))
-        if not (suffix and name.endswith(suffix) and name[: -len(suffix)] + "_basis" in dataset):
-            continue
-        stem = name[: -len(suffix)]
+    for stem, score, label in trained_statements(dataset):
         size = dataset[f"{stem}_size"]
         dims = list(score.dims)
         rows = [[*(_label(v) for v in at), float(score.sel(dict(zip(dims, at)))), int(size.sel(dict(zip(dims, at))))]

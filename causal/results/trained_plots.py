@@ -15,16 +15,14 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.figure import Figure
 
-SCORES = {"align": ("_iia", "held-out IIA"), "reft": ("_accuracy", "held-out accuracy")}
+from causal.results.bases import trained_statements
+
 MAX_CURVES = 40  # dev-accuracy lines drawn; a larger sweep shows its best candidates only
 
 
 def trained_figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
-    for name, variable in dataset.data_vars.items():
-        suffix, label = SCORES.get(variable.attrs.get("method"), (None, None))
-        if suffix and name.endswith(suffix) and name[: -len(suffix)] + "_basis" in dataset:
-            stem = name[: -len(suffix)]
-            yield stem, trained_figure(variable, dataset[f"{stem}_dev_accuracy"], label)
+    for stem, score, label in trained_statements(dataset):
+        yield stem, trained_figure(score, dataset[f"{stem}_dev_accuracy"], label)
 
 
 def trained_figure(score: xr.DataArray, dev: xr.DataArray, label: str) -> Figure:
