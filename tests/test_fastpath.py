@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 import transformers as T
 
 import causal
@@ -307,3 +308,29 @@ def test_sliding_window_model_equals_reference(statement, tmp_path):
     experiment = causal.prepare(path, config())
     reference = run_prepared(experiment, config(**REFERENCE))
     assert_same(reference, run_prepared(experiment, config(pack="exact", batch_size=SMALL_BATCH)), "window of 4")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
+def test_unembedding_in_vocabulary_slices_equals_reference(arch, prepared, monkeypatch):
+    """On the CPU the fast path unembeds a slice of the vocabulary per matmul (engine.forward, issue "speed to
+    the floor", item 2). Slices of 24 rows cut the 64-token vocabulary into 24 + 24 + 16: every result still
+    equals the reference path's."""
+    import causal.engine.forward as forward
+    experiment, reference = prepared(arch, "interventions")
+    monkeypatch.setattr(forward, "VOCAB_SLICE", 24)
+    sliced = []
+    original = forward._sliced_linear
+    monkeypatch.setattr(forward, "_sliced_linear", lambda *args: sliced.append(args[-1].shape[0]) or original(*args))
+    assert_same(reference, run_prepared(experiment, config(pack="auto", batch_size=LARGE_BATCH)), arch)
+    assert sliced  # the sliced unembedding ran
+    lm_head = experiment.model.model.get_output_embeddings()
+    assert "forward" not in vars(lm_head)  # and the model's own forward is back
+
+
+def test_sliced_linear_equals_one_matmul():
+    import causal.engine.forward as forward
+    weight, bias, hidden = torch.randn(2 * forward.VOCAB_SLICE + 5, 8), torch.randn(2 * forward.VOCAB_SLICE + 5), \
+        torch.randn(3, 2, 8)
+    for b in (None, bias):
+        torch.testing.assert_close(forward._sliced_linear(weight, b, hidden),
+                                   torch.nn.functional.linear(hidden, weight, b), atol=1e-6, rtol=0)
