@@ -334,3 +334,21 @@ def test_sliced_linear_equals_one_matmul():
     for b in (None, bias):
         torch.testing.assert_close(forward._sliced_linear(weight, b, hidden),
                                    torch.nn.functional.linear(hidden, weight, b), atol=1e-6, rtol=0)
+
+
+def test_an_unembedding_whose_forward_is_wrapped_keeps_its_wrapper(prepared, monkeypatch):
+    """accelerate's offload hooks live in the module's own `forward` attribute: the sliced unembedding must
+    neither replace them for the call nor delete them after it."""
+    import causal.engine.forward as forward
+    experiment, reference = prepared("gpt2", "interventions")
+    monkeypatch.setattr(forward, "VOCAB_SLICE", 24)
+    lm_head = experiment.model.model.get_output_embeddings()
+    calls = []
+    plain = lm_head.forward
+
+    def wrapper(hidden):
+        calls.append(hidden.shape)
+        return plain(hidden)
+    monkeypatch.setattr(lm_head, "forward", wrapper, raising=False)
+    assert_same(reference, run_prepared(experiment, config(pack="auto", batch_size=LARGE_BATCH)), "wrapped head")
+    assert calls and lm_head.forward is wrapper

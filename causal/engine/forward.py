@@ -144,10 +144,11 @@ class Runner:
         96 rows: 51 against 96 GFLOP/s on a 2-core EPYC, the largest single cost of a head sweep; issue
         "speed to the floor", item 2): each output element is the same dot product, so the logits are
         equal (bit for bit where tested). Forwards that unembed every position (the reference path, optimize=False)
-        keep the model's own call."""
+        keep the model's own call, as does a head whose forward is already wrapped (accelerate's offload hooks:
+        replacing theirs would skip them, and restoring ours would drop them)."""
         head = self.lm_head
         if not (wanted and type(head) is nn.Linear and head.weight.device.type == "cpu"
-                and head.weight.shape[0] > 2 * VOCAB_SLICE):
+                and head.weight.shape[0] > 2 * VOCAB_SLICE and "forward" not in vars(head)):
             return nullcontext()
         return _forward_replaced(head, partial(_sliced_linear, head.weight, head.bias))
 
