@@ -328,12 +328,13 @@ def test_unembedding_in_vocabulary_slices_equals_reference(arch, prepared, monke
 
 
 def test_sliced_linear_equals_one_matmul():
+    """Equal up to float32 rounding: the transposed matmul may sum a dot product in another order."""
     import causal.engine.forward as forward
     weight, bias, hidden = torch.randn(2 * forward.VOCAB_SLICE + 5, 8), torch.randn(2 * forward.VOCAB_SLICE + 5), \
         torch.randn(3, 2, 8)
     for b in (None, bias):
         torch.testing.assert_close(forward._sliced_linear(weight, b, hidden),
-                                   torch.nn.functional.linear(hidden, weight, b), atol=1e-6, rtol=0)
+                                   torch.nn.functional.linear(hidden, weight, b), atol=1e-6, rtol=1e-6)
 
 
 def test_an_unembedding_whose_forward_is_wrapped_keeps_its_wrapper(prepared, monkeypatch):
