@@ -161,8 +161,20 @@ def test_a_difference_of_means_basis_equals_the_hand_projection(write_experiment
             assert float(ds["sub"].sel(layer=layer, example=i).squeeze()) == pytest.approx(expected, abs=ATOL)
 
 
-def test_a_difference_of_means_of_equal_columns_has_no_direction(write_experiment, cpu_config):
-    path = write_experiment('metric logprob(io)\npatch resid_pre[layer=0] from corrupt into clean within '
-                            'basis(mean(clean) - mean(clean))')
+@pytest.mark.parametrize("statement, mean_passes", [
+    ("patch resid_pre[layer=0] from corrupt into clean {within}", 1),
+    ("ablate resid_pre[layer=0] with zero {within} on clean", 1),
+    ("steer resid_pre[layer=0] by 2 * mean(corrupt) {within} on clean", 2),  # the vector's mean is a second column
+])
+def test_a_difference_of_means_of_equal_columns_has_no_direction(write_experiment, cpu_config, monkeypatch, statement,
+                                                                   mean_passes):
+    """Refused once the statistics passes are in, before the base runs and jobs: only the means' forwards ran."""
+    from causal.engine.forward import Runner
+    forwards = []
+    original = Runner.forward
+    monkeypatch.setattr(Runner, "forward", lambda self, *a, **k: forwards.append(1) or original(self, *a, **k))
+    within = "within basis(mean(clean) - mean(clean))"
+    path = write_experiment(f'metric logprob(io)\n{statement.format(within=within)}')
     with pytest.raises(CausalError, match=r"difference of means at \('resid_pre', 0\) is zero"):
         causal.run(path, cpu_config)
+    assert len(forwards) == mean_passes

@@ -13,15 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from causal.engine.checkpoint import ChunkStore
-from causal.engine.plan import Chunk, Job, Plan, Stream
-from causal.errors import CausalError
-from causal.resolve.experiment import Experiment
 from causal.engine.forward import Output, Resume, Runner
 from causal.engine.health import NonFiniteWatch
+from causal.engine.plan import Chunk, Job, Plan, Stream
 from causal.engine.stats import run_statistics
 from causal.engine.writes import Caches, Masks, as_hook
+from causal.errors import CausalError
 from causal.metrics import chosen_slots, metric_values, read_slots
 from causal.models.adapter import BLOCK_INPUT
+from causal.resolve.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class Executor:
         accumulators = [a for m in self.experiment.interventions for a in m.statistics(self.experiment,
                                                                                       self.states[m.name])]
         run_statistics(accumulators, self.run_column)
+        for method in self.experiment.interventions:
+            method.check_statistics(self.states[method.name])
 
     def run(self) -> RawResults:
         self.prepare_statistics()

@@ -91,6 +91,10 @@ class Ablate(Method):
         return self.ablation_statistics(experiment, state) + (self.basis.statistics(self.site_keys, state)
                                                               if self.basis else [])
 
+    def check_statistics(self, state):
+        if self.basis:
+            self.basis.check(self.site_keys, state)
+
     def ablation_statistics(self, experiment, state):
         if self.how == "resample":
             state["donors"] = derangement(experiment.n_examples, experiment.seed,

@@ -116,6 +116,10 @@ class Method:
         """Passes over whole prompt columns it needs before any job (means, noise scales)."""
         return []
 
+    def check_statistics(self, state: Any) -> None:
+        """What its statistics passes gave, checked before any job (a difference of means with no direction):
+        refused here, the base runs and jobs are not computed for nothing."""
+
     # --- planning -----------------------------------------------------------------------------
     def start_layer(self, point: tuple[Target, ...]) -> int:
         """The first layer a row of this point changes: its forward starts there."""

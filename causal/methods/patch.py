@@ -34,6 +34,10 @@ class Patch(Method):
     def statistics(self, experiment, state):
         return self.basis.statistics(self.site_keys, state) if self.basis else []
 
+    def check_statistics(self, state):
+        if self.basis:
+            self.basis.check(self.site_keys, state)
+
     def writes(self, job, run, state):
         writes = source_writes(self, self.source, job, run)
         if self.basis:

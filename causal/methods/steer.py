@@ -52,6 +52,10 @@ class Steer(Method):
         basis = self.basis.statistics(self.site_keys, state) if self.basis else []
         return mean_statistics(self.terms, self.site_keys, state.setdefault("vectors", {})) + basis
 
+    def check_statistics(self, state):
+        if self.basis:
+            self.basis.check(self.site_keys, state)
+
     writes_past_prompt = True  # one vector for every position, generated ones too
 
     def writes(self, job, run, state):

@@ -36,6 +36,9 @@ class FixedBasis:
     def of(self, key, state) -> torch.Tensor:
         return self.basis
 
+    def check(self, keys, state) -> None:
+        """A file's basis was checked when it was read."""
+
 
 @dataclass(frozen=True, eq=False)
 class MeansBasis:
@@ -54,6 +57,11 @@ class MeansBasis:
             raise CausalError(f"'{self.statement}': the difference of means at {key} is zero, so it has no direction; "
                               "the two columns' mean activations are the same there")
         return (vector / norm)[:, None].float()
+
+    def check(self, keys, state) -> None:
+        """Every site's direction, once the statistics are in (`of` refuses one with none)."""
+        for key in keys:
+            self.of(key, state)
 
 
 def within_basis(resolution, node, sweep) -> FixedBasis | MeansBasis | None:
