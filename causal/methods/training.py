@@ -246,12 +246,15 @@ class Unpatched:
         self.keys.setdefault(align.base, set()).update((BLOCK_INPUT, layer) for layer in layers if layer > 0)
         self.kept: dict[str, dict] | None = None
         n, batch = run.experiment.n_examples, run.plan.batch_size
-        first = {column: self.computed(column, torch.arange(1)) for column in self.keys}
-        per_example = sum(v.numel() * v.element_size() for kept in first.values() for v in kept.values())
-        if run.plan.cache_bytes is None or per_example * n <= run.plan.cache_bytes:
-            self.kept = {column: {key: torch.cat([self.computed(column, torch.arange(s, min(s + batch, n)))[key]
-                                                  for s in range(0, n, batch)]) for key in keys}
-                         for column, keys in self.keys.items() if keys}
+        first = {column: self.computed(column, torch.arange(min(batch, n))) for column in self.keys}
+        first_bytes = sum(v.numel() * v.element_size() for kept in first.values() for v in kept.values())
+        if run.plan.cache_bytes is None or first_bytes / min(batch, n) * n <= run.plan.cache_bytes:
+            self.kept = {column: self._all(column, first[column], batch, n) for column in self.keys if first[column]}
+
+    def _all(self, column: str, first: dict, batch: int, n: int) -> dict:
+        """Every example's activations of `column`, its first batch (already run) joined by the others'."""
+        rest = [self.computed(column, torch.arange(s, min(s + batch, n))) for s in range(batch, n, batch)]
+        return {key: torch.cat([first[key], *(part[key] for part in rest)]) for key in first}
 
     def get(self, column: str, batch: torch.Tensor) -> dict:
         if self.kept is None:
