@@ -222,3 +222,20 @@ def test_the_lowrank_example_swaps_wx_at_the_second_shape_for_every_k():
     ds = causal.run(ROOT / "experiments" / "lowrank_hiereq.cx")
     iia = ds["wx_iia"].sel(layer=0)
     assert (iia.sel(pos=1) >= 0.9).all() and float(iia.where(iia.pos != 1).max()) < 0.6
+
+
+@pytest.mark.parametrize("trainer", ["das(k=1, epochs=1)", "boundless(epochs=1)"])
+def test_a_candidate_the_loss_cannot_reach_is_reported_unreached(tmp_path, trainer, caplog):
+    """resid_post of the last layer at position 1: nothing after it carries position 1 to the readout at the last
+    position, so its gradient is exactly zero (boundless's size penalty has one, which is not the loss reaching):
+    named in the attrs and the run's warnings; the last position's candidate is not."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="causal"):
+        ds = run(tmp_path, f"align resid_post[layer=1, pos=[1, 4]] from source into base predicting cf_wx "
+                           f"by {trainer} as wx", n=80)
+    k = ds["wx_iia"].k.values[0]
+    assert ds["wx_iia"].attrs["unreached_candidates"] == [f"layer=1 pos=1 k={k}"]
+    assert "the loss never reached 1 of 2 candidates (layer=1 pos=1" in caplog.text
+    reached = run(tmp_path, "align resid_post[layer=0, pos=[1, 4]] from source into base predicting cf_wx "
+                            "by das(k=1, epochs=1) as wx", n=80)
+    assert reached["wx_iia"].attrs["unreached_candidates"] == []

@@ -99,3 +99,10 @@ def test_a_wrong_or_foreign_loreft_file_is_refused(tmp_path):
         with pytest.raises(CausalError, match=r"x.cx:4:\d+: error: loreft") as info:
             causal.run(path)
         assert message in str(info.value), file
+
+
+def test_a_loreft_the_loss_cannot_reach_is_reported_unreached(tmp_path):
+    """A last-layer site before the read position: its LoReFT gets no gradient and is named so."""
+    ds = causal.run(write(tmp_path, "reft resid_post[layer=1, pos=[1, -1]] on base predicting negated by "
+                                    "loreft(k=1, epochs=1) as flip", n=80))
+    assert ds["flip_accuracy"].attrs["unreached_candidates"] == ["layer=1 pos=1 k=1"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from causal.data.prompts import answer_ids
+from causal.engine.execute import describe_point
 from causal.methods.base import Method, Variable, method
 from causal.methods.rotations import Subspace
 from causal.methods.subspace import VECTOR_ROLES
@@ -63,6 +64,7 @@ class AlignState:
     subspaces: list = field(default_factory=list)
     unpatched: object = None  # causal.methods.training.Unpatched, while training
     saved: dict = field(default_factory=dict)  # (point, k index) -> the module's saved tensors
+    reached: set = field(default_factory=set)  # candidates the loss's gradient has reached (nonzero) so far
 
 
 @method("align")
@@ -135,7 +137,12 @@ class Align(Method):
         t = self.training
         return {**self.attrs(), "trainer": t.kind, "predicting": self.column, "epochs_run": state.epochs_run,
                 "lr": t.lr, "batch": t.batch, "seed": t.seed, "heldout_pairs": len(self.split.heldout),
-                "heldout_examples": self.split.heldout.tolist()}
+                "heldout_examples": self.split.heldout.tolist(), "unreached_candidates": self.unreached(state)}
+
+    def unreached(self, state: AlignState) -> list[str]:
+        """Candidates no training step's loss reached, described by their site coordinates and k."""
+        return [f"{describe_point(self, p)} k={self.training.ks[j]}" for i, (p, j) in enumerate(self.candidates)
+                if i not in state.reached]
 
     def variables(self, effects, state: AlignState) -> list[Variable]:
         t = self.training

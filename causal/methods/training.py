@@ -57,6 +57,7 @@ def train(align, run, state) -> None:
     for i, subspace in enumerate(state.subspaces):
         if progress.best[i] is not None:
             subspace.load_state_dict(progress.best[i])
+    _warn_unreached(align, state)
     everyone = list(range(n))
     _, iia = _evaluate(align, run, state, everyone, align.split.heldout)
     state.unpatched = None  # its memory is the cache budget's again
@@ -66,6 +67,15 @@ def train(align, run, state) -> None:
         state.size[p, j] = saved["basis"].shape[1]
         state.bases[p, j, :, : saved["basis"].shape[1]] = saved["basis"][:, : state.bases.shape[-1]]
         state.saved[(p, j)] = saved
+
+
+def _warn_unreached(align, state) -> None:
+    unreached = align.unreached(state)
+    if unreached:
+        log.warning("'%s': the loss never reached %d of %d candidates (%s): their edit cannot change the readout "
+                    "(e.g. a last-layer site before the position read), so their subspaces stay as initialised and "
+                    "their IIA is the unedited model's; listed in the results' attrs as unreached_candidates",
+                    align.statement, len(unreached), len(align.candidates), "; ".join(unreached[:5]))
 
 
 def _epoch(align, run, state, optimiser, temperatures: list[float], progress: Progress, epoch: int) -> None:
@@ -107,7 +117,8 @@ def _checkpoint(align, run, state, optimiser, progress: Progress) -> None:
                "counters": torch.tensor([progress.epoch, progress.step]),
                "best_loss": torch.tensor(progress.best_loss, dtype=torch.float64),
                "waited": torch.tensor(progress.waited),
-               "active": torch.tensor([i in progress.active for i in range(n)])}
+               "active": torch.tensor([i in progress.active for i in range(n)]),
+               "reached": torch.tensor([i in state.reached for i in range(n)])}
     for i, subspace in enumerate(state.subspaces):
         tensors.update({f"now.{i}.{k}": v.detach().cpu() for k, v in subspace.state_dict().items()})
         if progress.best[i] is not None:
@@ -135,6 +146,8 @@ def _resumed(align, run, state, optimiser) -> Progress | None:
     for moments in adam["state"].values():
         moments["step"] = moments["step"].cpu()  # Adam keeps its step count on the CPU
     optimiser.load_state_dict(adam)
+    reached = saved.get("reached")  # None: a checkpoint from before it was kept; claim no candidate unreached
+    state.reached = {i for i in range(n) if reached is None or bool(reached[i])}
     epoch, step = saved["counters"].tolist()
     state.epochs_run = epoch
     log.warning("resuming %s: %d of %d epochs already trained", align.name, epoch, align.training.epochs)
@@ -186,11 +199,23 @@ def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: b
             loss, right = _forward(align, run, state, [candidates[s] for s in part], [targets[s] for s in part],
                                    layer, sources, starts, batch, grad)
             if grad:
-                (loss.sum() + sum(state.subspaces[candidates[s]].penalty() for s in part)).backward()
+                loss.sum().backward()
+                _note_reached(state, [candidates[s] for s in part])
+                penalty = sum(state.subspaces[candidates[s]].penalty() for s in part)
+                if isinstance(penalty, torch.Tensor) and penalty.requires_grad:
+                    penalty.backward()  # after the note: a size penalty's gradient is not the loss reaching
                 loss = loss.detach()
             for g, slot in enumerate(part):
                 losses[slot], rights[slot] = loss[g], right[g]
     return (torch.stack(losses), torch.stack(rights)) if accuracy else torch.stack(losses)
+
+
+def _note_reached(state, candidates: list[int]) -> None:
+    """Which candidates the loss's gradient has reached: one whose edit cannot change the readout (a last-layer
+    site before the read position) gets exactly zero, trains nothing, and is reported as such."""
+    for i in candidates:
+        if any(p.grad is not None and bool(p.grad.any()) for p in state.subspaces[i].parameters()):
+            state.reached.add(i)
 
 
 def _forward(align, run, state, candidates: list[int], targets, layer: int, sources: dict, starts: dict,
