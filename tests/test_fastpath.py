@@ -327,9 +327,12 @@ def test_unembedding_in_vocabulary_slices_equals_reference(arch, prepared, monke
     assert "forward" not in vars(lm_head)  # and the model's own forward is back
 
 
-def test_sliced_linear_equals_one_matmul():
-    """Equal up to float32 rounding: the transposed matmul may sum a dot product in another order."""
+@pytest.mark.parametrize("row_block", [128, 4])
+def test_sliced_linear_equals_one_matmul(monkeypatch, row_block):
+    """Equal up to float32 rounding: the transposed matmul may sum a dot product in another order. Blocks of 4
+    rows cut the 6 rows unevenly."""
     import causal.engine.forward as forward
+    monkeypatch.setattr(forward, "ROW_BLOCK", row_block)
     weight, bias, hidden = torch.randn(2 * forward.VOCAB_SLICE + 5, 8), torch.randn(2 * forward.VOCAB_SLICE + 5), \
         torch.randn(3, 2, 8)
     for b in (None, bias):

@@ -143,9 +143,10 @@ class Runner:
         against a large vocabulary ran at half the rate of the same work in slices (GPT-2's 50257 x 768 for
         96 rows: 51 against 96 GFLOP/s on a 2-core EPYC, the largest single cost of a head sweep; issue
         "speed to the floor", item 2): each output element is the same dot product, so the logits are
-        equal up to float32 rounding (bit for bit on the head sweep's results). Forwards that unembed every position (the reference path, optimize=False)
-        keep the model's own call, as does a head whose forward is already wrapped (accelerate's offload hooks:
-        replacing theirs would skip them, and restoring ours would drop them)."""
+        equal up to float32 rounding (bit for bit on the head sweep's results). Forwards that unembed every
+        position (the reference path, optimize=False) keep the model's own call, as does a head whose forward is
+        already wrapped (accelerate's offload hooks: replacing theirs would skip them, and restoring ours would
+        drop them)."""
         head = self.lm_head
         if not (wanted and type(head) is nn.Linear and head.weight.device.type == "cpu"
                 and head.weight.shape[0] > 2 * VOCAB_SLICE and "forward" not in vars(head)):
@@ -164,21 +165,27 @@ class Runner:
 
 
 VOCAB_SLICE = 1024  # rows of the unembedding per matmul; 512..2048 were equally fast for d 768 and 2048
+ROW_BLOCK = 128  # hidden rows unembedded per transposed block: its copy stays small (GPT-2: 26 MB)
 
 
 def _sliced_linear(weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits computed transposed, (vocab, rows), so each slice's matmul writes one contiguous block; written
-    into a (rows, vocab) tensor instead, each slice's rows lay 200 KB apart for GPT-2 and the unembedding plus the
-    metric's log_softmax took 130 ms a call against 96 (median of 40, 96 rows, 2-core EPYC)."""
+    """The logits computed transposed, (vocab, rows) for a block of rows, so each slice's matmul writes one
+    contiguous piece, then copied into (rows, vocab); written straight into (rows, vocab), each slice's rows lay
+    200 KB apart for GPT-2 and the unembedding plus the metric's log_softmax took 130 ms a call against 96 (median
+    of 40, 96 rows, 2-core EPYC). Blocks of rows bound the extra memory whatever the number of positions read."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = hidden.new_empty((weight.shape[0], flat.shape[0]))
-    for start in range(0, weight.shape[0], VOCAB_SLICE):
-        end = start + VOCAB_SLICE
-        if bias is None:
-            torch.mm(weight[start:end], flat.T, out=out[start:end])
-        else:
-            torch.addmm(bias[start:end, None], weight[start:end], flat.T, out=out[start:end])
-    return out.T.contiguous().view(*hidden.shape[:-1], weight.shape[0])
+    out = hidden.new_empty((flat.shape[0], weight.shape[0]))
+    for first in range(0, flat.shape[0], ROW_BLOCK):
+        rows = flat[first:first + ROW_BLOCK]
+        block = hidden.new_empty((weight.shape[0], rows.shape[0]))
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            end = start + VOCAB_SLICE
+            if bias is None:
+                torch.mm(weight[start:end], rows.T, out=block[start:end])
+            else:
+                torch.addmm(bias[start:end, None], weight[start:end], rows.T, out=block[start:end])
+        out[first:first + rows.shape[0]] = block.T
+    return out.view(*hidden.shape[:-1], weight.shape[0])
 
 
 @contextmanager
