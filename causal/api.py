@@ -136,10 +136,10 @@ def plan_run(experiment: Experiment, config: RunConfig) -> Plan:
 def _compute(experiment: Experiment, config: RunConfig) -> tuple[xr.Dataset, ChunkStore | None]:
     plan = plan_run(experiment, config)
     store = checkpoint_store(experiment, config, plan) if config.checkpoints else None
-    with store.held() if store else nullcontext():
-        raw = execute(experiment, plan, progress=config.progress, store=store)
     info = {"seed": config.seed, "batch_size": config.batch_size, "overrides": config.overrides}
-    with reported_against(experiment.file.text, experiment.file.path):
+    with reported_against(experiment.file.text, experiment.file.path):  # run-time errors quote their line too
+        with store.held() if store else nullcontext():
+            raw = execute(experiment, plan, progress=config.progress, store=store)
         return shards.own_part(assemble(experiment, raw, info), plan.shard), store
 
 

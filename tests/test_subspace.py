@@ -175,6 +175,9 @@ def test_a_difference_of_means_of_equal_columns_has_no_direction(write_experimen
     monkeypatch.setattr(Runner, "forward", lambda self, *a, **k: forwards.append(1) or original(self, *a, **k))
     within = "within basis(mean(clean) - mean(clean))"
     path = write_experiment(f'metric logprob(io)\n{statement.format(within=within)}')
-    with pytest.raises(CausalError, match=r"difference of means at \('resid_pre', 0\) is zero"):
+    with pytest.raises(CausalError, match=r"difference of means at \('resid_pre', 0\) is zero") as info:
         causal.run(path, cpu_config)
+    column = statement.index("{within}") + 1  # the clause, on the line after the header's four
+    assert str(info.value).startswith(f"{path}:5:{column}: error: basis(...): "), str(info.value)
+    assert str(info.value).splitlines()[1].strip().startswith(statement.split()[0])  # the statement's line, quoted
     assert len(forwards) == mean_passes

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from causal.errors import CausalError
+from causal.errors import CausalError, Span
 from causal.methods.means import MeanTerm, linear_terms, mean_statistics, mean_term
 from causal.models.adapter import EMBEDDING, HEAD_OUTPUT, KEY, QUERY, RESIDUAL, VALUE
 
@@ -45,7 +45,7 @@ class MeansBasis:
     """A difference of means: per site key, its normalised direction (d, 1) once the statistics are in."""
 
     terms: tuple[MeanTerm, ...]
-    statement: str
+    span: Span  # of `basis(...)`, where a difference with no direction is reported
 
     def statistics(self, keys, state) -> list:
         return mean_statistics(self.terms, keys, state.setdefault("basis_vectors", {}))
@@ -54,8 +54,8 @@ class MeansBasis:
         vector = state["basis_vectors"][key].flatten().double()
         norm = vector.norm()
         if not torch.isfinite(norm) or norm < 1e-12:
-            raise CausalError(f"'{self.statement}': the difference of means at {key} is zero, so it has no direction; "
-                              "the two columns' mean activations are the same there")
+            raise CausalError(f"basis(...): the difference of means at {key} is zero, so it has no direction; "
+                              "the two columns' mean activations are the same there", self.span)
         return (vector / norm)[:, None].float()
 
     def check(self, keys, state) -> None:
@@ -74,7 +74,7 @@ def within_basis(resolution, node, sweep) -> FixedBasis | MeansBasis | None:
     span = node.span_of("within_means")
     site_width(resolution, sweep, span, "within basis(...)")
     means, _ = linear_terms(expr, span)
-    return MeansBasis(tuple(mean_term(resolution, coef, mean) for coef, mean in means), resolution.statement(node.span))
+    return MeansBasis(tuple(mean_term(resolution, coef, mean) for coef, mean in means), span)
 
 
 def site_basis(resolution, node, sweep) -> torch.Tensor:

@@ -213,7 +213,7 @@ def _loss(align, run, state, candidates: list[int], batch: torch.Tensor, grad: b
 def _note_reached(state, candidates: list[int]) -> None:
     """Which candidates the loss's gradient has reached: one whose edit cannot change the readout (a last-layer
     site before the read position) gets exactly zero, trains nothing, and is reported as such."""
-    for i in candidates:
+    for i in set(candidates) - state.reached:  # once reached, not looked at again (each look is a device sync)
         if any(p.grad is not None and bool(p.grad.any()) for p in state.subspaces[i].parameters()):
             state.reached.add(i)
 
