@@ -3,7 +3,7 @@
     python benchmarks/work_guard.py [--margin 0.02]
 
 Counts, never times: every forward pass of a run is logged (rows x layers computed x positions
-computed, "token-layers"), and the total must not exceed the plan's (`causal.check.block_work` for the
+computed, "token-layers"), and the total must not exceed the plan's (`causal.app.check.block_work` for the
 intervention passes, one whole pass per example for each base run) by more than --margin. A change
 that silently stops skipping layers or positions, or runs a job twice, fails it on any machine in a
 few seconds. It also prints the plan's work against running every row whole (`optimize=False`), the
@@ -24,9 +24,10 @@ if not __package__:  # run as a script: make `causal` (this checkout's) and `ben
 import causal  # noqa: E402
 from benchmarks.references import build_gpt2, save_model_folder, write_causal_experiment  # noqa: E402
 from benchmarks.sweep import STATEMENTS, TINY, data_rows, make_inputs  # noqa: E402
-from causal.api import plan_run, run_prepared  # noqa: E402
-from causal.check import block_work  # noqa: E402
-from causal.engine.forward import Resume, Runner  # noqa: E402
+from causal.app.api import plan_run, run_prepared  # noqa: E402
+from causal.app.check import block_work  # noqa: E402
+from causal.engine.forward import Runner  # noqa: E402
+from causal.values import Resume
 
 MARGIN = 0.02  # counted work may exceed the plan's by 2% (nothing should: the executor follows the plan)
 

@@ -13,24 +13,24 @@ __all__ = ["CausalError", "RunConfig", "load", "merge_runs", "plot", "prepare", 
 
 _HOME = {  # where each public name lives
     "CausalError": "causal.errors",
-    "RunConfig": "causal.settings",
+    "RunConfig": "causal.app.settings",
     "load": "causal.results",
     "save": "causal.results",
     "merge_runs": "causal.results",
     "plot": "causal.results.plot",
-    "prepare": "causal.api",
-    "prepare_text": "causal.api",
-    "run": "causal.api",
-    "run_prepared": "causal.api",
-    "run_text": "causal.api",
+    "prepare": "causal.app.api",
+    "prepare_text": "causal.app.api",
+    "run": "causal.app.api",
+    "run_prepared": "causal.app.api",
+    "run_text": "causal.app.api",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
-    from causal.api import prepare, prepare_text, run, run_prepared, run_text
+    from causal.app.api import prepare, prepare_text, run, run_prepared, run_text
+    from causal.app.settings import RunConfig
     from causal.errors import CausalError
     from causal.results import load, merge_runs, save
     from causal.results.plot import plot
-    from causal.settings import RunConfig
 
 
 def __getattr__(name: str) -> Any:

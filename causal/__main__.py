@@ -1,6 +1,6 @@
 """`python -m causal ...` is the `causal` command."""
 import sys
 
-from causal.cli import main
+from causal.app.cli import main
 
 sys.exit(main())

@@ -7,6 +7,8 @@ with its size rather than after minutes of reading.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -71,3 +73,8 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Pa
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def fingerprint(parts: dict) -> str:
+    """A short content hash of `parts` (JSON, keys sorted): names what a stored thing was computed from."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]

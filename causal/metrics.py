@@ -11,37 +11,14 @@ Importing this module does not import torch (the CLI checks metric names before 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from causal.values import EMBEDDING, LOGITS, MetricKind
 
 if TYPE_CHECKING:
     import torch
 
-    from causal.engine.forward import Output
-    from causal.resolve.experiment import Experiment
-
-LOGITS, EMBEDDING = "logits", "embedding"
-
-
-@dataclass(frozen=True)
-class MetricKind:
-    name: str
-    arity: int
-    reads: str  # LOGITS: next-token logits at positions (language models); EMBEDDING: an encoder's sentence embedding
-    score: Callable  # LOGITS: (logits (rows, k, vocab), answers [(rows, k)] or reference) -> (rows, k); EMBEDDING: ->(rows,)
-    units: str  # CF-style, for the results: "nat", "logit", "1" (a fraction, count or cosine)
-    takes_next: bool = False
-    reference: Callable | None = None  # (output, chosen, attention_mask) -> what a compared run is scored against
-
-    @property
-    def reads_whole_prompt(self) -> bool:
-        return self.reads == EMBEDDING
-
-    @property
-    def compares(self) -> bool:
-        """Its argument names a prompt column whose unpatched run it compares with, not answers."""
-        return self.reference is not None
-
+    from causal.values import Experiment, Output
 
 def _at(table: "torch.Tensor", token: "torch.Tensor") -> "torch.Tensor":
     return table.gather(-1, token[..., None])[..., 0]

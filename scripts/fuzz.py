@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from causal.errors import CausalError  # noqa: E402
 from causal.lang.parser import parse_text  # noqa: E402
 from causal.models import load_model  # noqa: E402
+from causal.methods import METHODS
 from causal.resolve import resolve  # noqa: E402
 from tests.grammar_fuzz import generate  # noqa: E402
 from tests.test_fuzz import ROWS  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> int:
         start = time.monotonic()
         kind = None
         try:
-            resolve(parse_text(text, str(folder / "fuzz.cx")), model)
+            resolve(parse_text(text, str(folder / "fuzz.cx")), model, METHODS)
             outcomes["resolved"] += 1
         except CausalError:
             outcomes["causal error"] += 1

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import causal
-from causal.cli import main
+from causal.app.cli import main
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "induction.cx"
 

@@ -9,6 +9,8 @@ import torch
 import causal
 from causal import CausalError
 
+pytestmark = pytest.mark.slow  # training
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = 'model "zoo:hiereq-gpt2"\ndata hiereq(n={n}, seed=0)\nmetric accuracy(cf_wx) at -1\n'
 
@@ -79,7 +81,7 @@ def test_bad_labels_and_too_few_pairs(tmp_path):
 def test_learned_bases_are_saved_beside_the_results_and_reused_by_within_basis(tmp_path):
     """`causal run` writes one safetensors file per candidate; patching within that file's basis in another
     experiment reproduces the candidate's held-out IIA, and another model's run refuses the file."""
-    from causal.cli import main
+    from causal.app.cli import main
     from causal.results import load
     path = tmp_path / "x.cx"
     path.write_text(HEAD.format(n=320) + "align resid_post[layer=0, pos=[1, 3]] from source into base "
@@ -194,7 +196,7 @@ def test_boundless_keeps_a_subspace_where_wx_lives_and_none_where_it_cannot(tmp_
     bases are written, the empty one too."""
     from safetensors.torch import load_file
 
-    from causal.cli import main
+    from causal.app.cli import main
     out = tmp_path / "out"
     assert main(["run", str(ROOT / "experiments" / "boundless_hiereq.cx"), f"hydra.run.dir={out}", "progress=false",
                  "plots=false"]) == 0

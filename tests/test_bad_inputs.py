@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import causal
 from causal import CausalError, RunConfig
-from causal.cli import main
+from causal.app.cli import main
 from causal.engine.forward import Runner
 from causal.zoo import word_tokenizer
 from tests.conftest import make_rows
@@ -68,7 +68,7 @@ def copy_model(source: Path, folder: Path) -> Path:
 
 def test_cli_syntax_error_exits_2_with_location_caret_and_no_traceback(write_experiment, tmp_path):
     path = write_experiment("metric logprob(io)\nablate mlp_out[layer=0] wiht zero")
-    result = subprocess.run([sys.executable, "-m", "causal.cli", "run", str(path), f"hydra.run.dir={tmp_path / 'r'}"],
+    result = subprocess.run([sys.executable, "-m", "causal.app.cli", "run", str(path), f"hydra.run.dir={tmp_path / 'r'}"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -11,9 +11,9 @@ from transformers import BloomConfig, BloomForCausalLM
 
 import causal
 from causal import RunConfig
-from causal.api import plan_run, prepare
-from causal.check import block_work
-from causal.cli import main
+from causal.app.api import plan_run, prepare
+from causal.app.check import block_work
+from causal.app.cli import main
 from causal.zoo import word_tokenizer
 from tests.conftest import VOCAB
 
@@ -49,14 +49,15 @@ def test_plot_command_remakes_plots(write_experiment, tmp_path):
     assert (out / "plots" / "ablate_z.png").exists()
 
 
+@pytest.mark.slow
 def test_errors_exit_2_without_traceback(write_experiment, tmp_path):
     path = write_experiment("metric logprob(io)\nablate attn_out[layer=9] with zero")
-    result = subprocess.run([sys.executable, "-m", "causal.cli", "run", str(path), f"hydra.run.dir={tmp_path / 'r'}"],
+    result = subprocess.run([sys.executable, "-m", "causal.app.cli", "run", str(path), f"hydra.run.dir={tmp_path / 'r'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{path}:5:23: error: layer 9 is out of range" in result.stderr
-    missing = subprocess.run([sys.executable, "-m", "causal.cli", "run", "nope.cx"], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "causal.app.cli", "run", "nope.cx"], capture_output=True, text=True)
     assert missing.returncode == 2 and "cannot read experiment file 'nope.cx': no such file" in missing.stderr
 
 
@@ -129,7 +130,7 @@ def test_check_shows_parameters_with_command_line_values(write_experiment, no_fo
 # --------------------------------------------------------------------------------- the command line itself
 
 def test_each_command_has_help(capsys):
-    from causal.settings import command_line_settings
+    from causal.app.settings import command_line_settings
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
     assert top.startswith("usage:\n  causal run FILE [key=value ...]")
@@ -195,11 +196,11 @@ def test_settings_are_declared_once():
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
-    import causal.api
+    import causal.app.api
     import causal.conf
-    from causal.settings import RunConfig as Declared
-    from causal.settings import RunSettings
-    assert causal.RunConfig is causal.api.RunConfig is Declared
+    from causal.app.settings import RunConfig as Declared
+    from causal.app.settings import RunSettings
+    assert causal.RunConfig is causal.app.api.RunConfig is Declared
     python_only = {f.name for f in fields(Declared) if not f.metadata["command_line"]}
     assert python_only == {"optimize", "overrides"}
     assert [f.name for f in fields(RunSettings)] == [
@@ -215,6 +216,7 @@ def test_settings_are_declared_once():
             compose("run", overrides=["file=x.cx", "batch_size=abc"])
 
 
+@pytest.mark.slow
 def test_python_dash_m_causal_runs(write_experiment, tmp_path):
     path = write_experiment("metric logprob(io)\nablate mlp_out with zero")
     result = subprocess.run([sys.executable, "-m", "causal", "run", str(path), f"hydra.run.dir={tmp_path / 'r'}",

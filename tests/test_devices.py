@@ -125,8 +125,8 @@ def test_the_device_map_setting_loads_a_model_offloaded_to_disk(tmp_path, write_
         layer_1 = next(experiment.model.model.gpt_neox.layers[1].parameters()).device.type
         assert layer_1 == ("meta" if device_map != "auto" else "cpu")  # on disk (read from the checkpoint there)
         if device_map != "auto":  # `causal check` counts those weights apart, the layer's activations on the CPU
-            from causal.api import plan_run
-            from causal.check import describe
+            from causal.app.api import plan_run
+            from causal.app.check import describe
             memory = describe(experiment, plan_run(experiment, spread_config)).splitlines()[-1]
             assert memory.startswith("memory   per device") and ", offloaded to disk or CPU by accelerate " in memory
         spread = causal.run_prepared(experiment, spread_config)

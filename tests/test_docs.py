@@ -25,14 +25,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import causal
-from causal import api, cli
-from causal.check import describe
+from causal.app import api, cli
+from causal.app.check import describe
 from causal.data.load import GENERATORS
 from causal.errors import CausalError
-from causal.hydra_app import summary
+from causal.app.hydra_app import summary
 from causal.lang.parser import DECLARATIONS, intervention_keywords, parse_file, parse_text
 from causal.models.load import load_model
 from causal.zoo import word_tokenizer
+
+pytestmark = pytest.mark.slow  # every documented example run
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -87,6 +87,7 @@ def test_model_stores_facts_by_subject(hf):
     assert majority < 0.4
 
 
+@pytest.mark.slow
 def test_model_knows_the_traced_facts_and_noise_hides_them(traced):
     _, ds = traced
     clean, noised = ds["clean"].values, ds["states_noised"].values

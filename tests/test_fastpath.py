@@ -23,9 +23,10 @@ import transformers as T
 
 import causal
 import causal.engine.plan
-from causal.api import run_prepared
+from causal.app.api import run_prepared
 from causal.engine.plan import compile_plan
-from causal.engine.forward import Resume, Runner
+from causal.engine.forward import Runner
+from causal.values import Resume
 from fastpath_cases import ARCHS, CASES, SMALL, Arch, make_rows, save_model, write_case
 
 ATOL = 1e-5
@@ -75,6 +76,7 @@ def assert_same(reference, got, what: str) -> None:
 
 # equality with the reference path
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pack, batch", CONFIGS)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -18,8 +18,9 @@ import xarray as xr
 
 import causal
 from causal import CausalError, RunConfig
-from causal.cli import main
-from causal.folders import LOCK, claim_new_folder, held, hydra_quoted
+from causal.app.cli import main
+from causal.app.folders import claim_new_folder, hydra_quoted
+from causal.locks import LOCK, held
 from tests.conftest import make_rows
 
 BODY = "metric logprob(io)\nablate mlp_out[layer=*] with zero"
@@ -57,7 +58,7 @@ def test_folders_claimed_in_the_same_second_differ(tmp_path):
 
 def test_two_runs_of_same_named_files_in_the_same_second_keep_both_results(write_experiment, tmp_path, capsys,
                                                                             monkeypatch):
-    monkeypatch.setattr("causal.folders.datetime", _FrozenClock)
+    monkeypatch.setattr("causal.app.folders.datetime", _FrozenClock)
     path = write_experiment(BODY)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -71,9 +72,10 @@ def test_two_runs_of_same_named_files_in_the_same_second_keep_both_results(write
     assert sorted(xr.open_dataset(p).attrs["experiment"] for p in results) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_two_multiruns_started_together_get_their_own_sweep_folders(write_experiment, tmp_path, capsys,
                                                                      monkeypatch):
-    monkeypatch.setattr("causal.folders.datetime", _FrozenClock)
+    monkeypatch.setattr("causal.app.folders.datetime", _FrozenClock)
     path = write_experiment(BODY)
     for _ in range(2):
         code, _, err = cli(capsys, "run", "-m", str(path), "seed=0,1", "device=cpu", "progress=false", "plots=false")
@@ -127,6 +129,7 @@ def test_load_refuses_a_folder_holding_two_sweeps(write_experiment, tmp_path):
     assert causal.merge_runs(datasets).sizes["seed"] == 2  # deliberately: the same experiment merges
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["my exp.cx", "a,b.cx", "it's.cx", "k=v.cx", "${oc.env:HOME}.cx", 'q"x.cx'])
 def test_file_names_hydra_would_read_as_override_grammar(write_experiment, tmp_path, capsys, name):
     path = write_experiment(BODY).rename(tmp_path / name)
@@ -212,10 +215,11 @@ def test_a_tab_before_the_error_keeps_the_caret_under_it(write_experiment):
 
 # --------------------------------------------------------------------------------- 4. resume with holes
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_resume_with_finished_batches_missing_from_the_middle_is_bit_identical(write_experiment, tmp_path, trial):
     """Resumed batches are summed in job order with the recomputed ones, so the noise samples' sum is the same."""
-    from causal.api import run_keeping_checkpoints
+    from causal.app.api import run_keeping_checkpoints
     path = write_experiment("metric logprob(io)\ntrace noise(3 sigma, samples=5) on [1, 2] restore "
                             "resid_pre[layer=*, pos=*]", make_rows(n=8))
     config = RunConfig(device="cpu", progress=False, batch_size=3, checkpoints=str(tmp_path / "ck"), seed=trial)
@@ -549,7 +553,7 @@ def test_help_of_each_command(capsys, args):
 def test_an_unexpected_exception_is_a_short_report_with_a_log(write_experiment, tmp_path, capsys, monkeypatch):
     def broken(dataset, path):
         return 1 / 0
-    monkeypatch.setattr("causal.hydra_app.save", broken)
+    monkeypatch.setattr("causal.app.hydra_app.save", broken)
     code, out, err = cli(capsys, "run", str(write_experiment(BODY)), f"hydra.run.dir={tmp_path / 'r'}",
                          "device=cpu", "progress=false")
     log = tmp_path / "r" / "causal-internal-error.log"
@@ -561,11 +565,11 @@ def test_an_unexpected_exception_is_a_short_report_with_a_log(write_experiment, 
 
 
 def test_python_callers_get_an_internal_error_chained_to_the_cause(write_experiment, monkeypatch):
-    from causal.internal import InternalError
+    from causal.app.internal import InternalError
 
     def broken(*args, **kwargs):
         raise KeyError("boom")
-    monkeypatch.setattr("causal.api.assemble", broken)
+    monkeypatch.setattr("causal.app.api.assemble", broken)
     with pytest.raises(InternalError) as info:
         run(write_experiment(BODY))
     assert isinstance(info.value.__cause__, KeyError) and info.value.log.is_file()
@@ -573,8 +577,8 @@ def test_python_callers_get_an_internal_error_chained_to_the_cause(write_experim
 
 
 def test_check_estimates_time_and_memory_and_warns_on_a_large_plan(write_experiment, monkeypatch):
-    from causal.api import plan_run
-    from causal.check import describe
+    from causal.app.api import plan_run
+    from causal.app.check import describe
     config = RunConfig(device="cpu", progress=False)
     experiment = causal.prepare(write_experiment(BODY), config)
     plan = plan_run(experiment, config)
@@ -582,7 +586,7 @@ def test_check_estimates_time_and_memory_and_warns_on_a_large_plan(write_experim
     estimate = next(line for line in lines if line.startswith("estimate "))
     assert "FLOPs in the layers: about" in estimate and lines[-1].startswith("memory   per device")
     assert "results 96 bytes" in estimate and "cached activations up to" in estimate  # (3 layers + 1 baseline) x 6 x 4 B
-    monkeypatch.setattr("causal.check.WARN_SECONDS", 1e-9)
+    monkeypatch.setattr("causal.app.check.WARN_SECONDS", 1e-9)
     assert any(line.startswith("warning  a large plan (") for line in describe(experiment, plan).splitlines())
 
 
@@ -601,7 +605,7 @@ def test_attribution_over_ragged_prompts_is_nan_where_patching_is(write_experime
 
 def test_a_second_run_of_the_same_experiment_at_once_is_refused_not_crashed(write_experiment, tmp_path, no_forward):
     """Both would share one checkpoint folder (same fingerprint); the first would delete it under the second."""
-    from causal.api import checkpoint_store, plan_run
+    from causal.app.api import checkpoint_store, plan_run
     config = RunConfig(device="cpu", progress=False, checkpoints=str(tmp_path / "ck"))
     path = write_experiment(BODY)
     experiment = causal.prepare(path, config)
@@ -664,7 +668,7 @@ def test_plots_facet_instead_of_averaging_a_dimension(write_experiment, tmp_path
 def test_resample_runs_on_prompts_of_several_lengths_within_each_length(write_experiment):
     """Issue "a researcher's first week", item 14: donors come from prompts of the same length; the ioi
     generator's mixed templates used to be refused outright."""
-    from causal.engine.stats import derangement
+    from causal.methods.statistics import derangement
     rows = make_rows(n=9, ragged=True)  # lengths 5, 6, 7, three examples each
     dataset = run(write_experiment("metric logprob(io) at -1\nablate z[layer=*, head=*] with resample", rows))
     assert not dataset["ablate_z"].isnull().any()

@@ -25,16 +25,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from causal.cli import check_command_line, run_settings
+from causal.app.cli import check_command_line, run_settings
 from causal.data import read_table
 from causal.errors import CausalError
 from causal.lang.parser import parse_text
-from causal.settings import RunConfig, check_config
+from causal.app.settings import RunConfig, check_config
 from causal.models import load_model
+from causal.methods import METHODS
 from causal.resolve import resolve
 from causal.zoo import word_tokenizer
 from tests.conftest import VOCAB
 from tests.grammar_fuzz import generate, unsampled_terminals
+
+pytestmark = pytest.mark.slow  # fuzzing
 
 TOY = "zoo:attn-only-2l"
 
@@ -203,7 +206,7 @@ def world(tmp_path_factory):
 def front_end(text: str, folder, model, params=None) -> None:
     """parse + resolve; only a CausalError may come out, and it must render with a location or none."""
     try:
-        resolve(parse_text(text, str(folder / "fuzz.cx"), params), model)
+        resolve(parse_text(text, str(folder / "fuzz.cx"), params), model, METHODS)
         event("resolved")
     except CausalError as exc:
         event("syntax error" if "syntax error" in exc.message else "other error")
@@ -218,7 +221,7 @@ def test_seed_files_are_valid(world):
     folder, models = world
     for kind, seeds in SEEDS.items():
         for text in seeds:
-            resolve(parse_text(text, str(folder / "fuzz.cx")), models[kind])
+            resolve(parse_text(text, str(folder / "fuzz.cx")), models[kind], METHODS)
 
 
 EXAMPLES = int(os.environ.get("CAUSAL_FUZZ_EXAMPLES", 300))  # raise it for a longer hunt; CI keeps 300
@@ -296,7 +299,7 @@ def test_files_generated_from_the_grammar_fail_only_with_a_causal_error(world):
             break
         text = generate(rng)
         try:
-            resolve(parse_text(text, str(folder / "fuzz.cx")), models["toy"])
+            resolve(parse_text(text, str(folder / "fuzz.cx")), models["toy"], METHODS)
             outcomes["resolved"] += 1
         except CausalError as exc:
             outcomes["syntax" if "syntax error" in exc.message else "semantic"] += 1
@@ -312,7 +315,7 @@ def test_saved_fuzz_cases(world, case):
     """Files that once crashed (found by scripts/fuzz.py, or by hand): now a CausalError or a valid file."""
     folder, models = world
     with pytest.raises(CausalError) as info:  # each saved case is a bad file
-        resolve(parse_text(case.read_text(encoding="utf-8"), str(folder / case.name)), models["toy"])
+        resolve(parse_text(case.read_text(encoding="utf-8"), str(folder / case.name)), models["toy"], METHODS)
     assert str(info.value).startswith(f"{folder / case.name}:")
 
 

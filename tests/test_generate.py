@@ -14,7 +14,7 @@ import torch
 
 import causal
 from causal.errors import CausalError
-from causal.hydra_app import summary
+from causal.app.hydra_app import summary
 from causal.results.plot import plot_all
 from tests.conftest import ids_of, make_rows
 from tests.handhooks import capture, run_with_edits
@@ -133,6 +133,7 @@ def _cases(model, tok, rows, example):
 @pytest.mark.parametrize("case", ["steer every position", "steer, prompt only", "steer the last prompt token",
                                   "zero one head", "patch the prompt",
                                   "patch the last prompt token"])
+@pytest.mark.slow
 def test_generation_under_an_intervention_equals_a_hand_written_hook_loop(case, tiny_models, write_experiment):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = tiny_models["gpt2"]

@@ -70,14 +70,14 @@ _LOADED: dict = {}
 
 @pytest.fixture(autouse=True)
 def _load_each_model_once(monkeypatch):
-    """`causal.prepare`/`run` load through causal.api.load_model; reuse what an earlier test loaded."""
+    """`causal.prepare`/`run` load through causal.app.api.load_model; reuse what an earlier test loaded."""
     def load(ref, device="auto", dtype="float32", span=None, **kwargs):
         key = (str(ref), device, dtype, *kwargs.items())
         if key not in _LOADED:
             _LOADED[key] = load_model(ref, device, dtype, span, **kwargs)
         return _LOADED[key]
 
-    monkeypatch.setattr("causal.api.load_model", load)
+    monkeypatch.setattr("causal.app.api.load_model", load)
 
 
 def run_error(path: Path, no_forward: list, **changes) -> CausalError:
@@ -350,8 +350,8 @@ def test_command_line_overrides_reach_the_file_params(tmp_path, monkeypatch):
         seen.append(run_config)
         raise CausalError("stop here")
 
-    monkeypatch.setattr("causal.hydra_app.run_keeping_checkpoints", fake_run)
-    from causal.cli import main
+    monkeypatch.setattr("causal.app.hydra_app.run_keeping_checkpoints", fake_run)
+    from causal.app.cli import main
     try:
         main(["run", str(path), f"hydra.run.dir={tmp_path / 'out'}", "n=2"])
     except SystemExit:  # Hydra exits when it rejects an override

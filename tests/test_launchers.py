@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 import causal
-from causal.cli import main
-from causal.launchers import PLUGINS
+from causal.app.cli import main
+from causal.app.launchers import PLUGINS
+
+pytestmark = pytest.mark.slow  # Hydra launchers in subprocesses
 
 LAUNCHERS = Path(causal.__file__).parent / "conf" / "hydra" / "launcher"
 TARGETS = {"basic": "BasicLauncher", "joblib": "JoblibLauncher", "submitit_local": "LocalLauncher",
@@ -126,7 +128,7 @@ def test_the_run_log_holds_what_the_run_printed(write_experiment, tmp_path, caps
 def test_the_run_log_holds_warnings_and_errors(write_experiment, tmp_path, monkeypatch):
     import logging
 
-    from causal import hydra_app
+    from causal.app import hydra_app
     real = hydra_app.run_keeping_checkpoints
 
     def warned(path, config):

@@ -12,6 +12,8 @@ import pytest
 
 import causal
 
+pytestmark = pytest.mark.slow  # every figure drawn
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 

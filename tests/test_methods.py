@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import causal
-from causal.engine.stats import derangement, standard_noise
+from causal.methods.statistics import derangement, standard_noise
 from causal.resolve.sweeps import rome_window
 from tests.conftest import ids_of, logprob_last, make_rows
 from tests.handhooks import capture, gradients, run_with_edits

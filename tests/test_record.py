@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import causal
 from causal import CausalError, RunConfig
-from causal.api import plan_run, prepare
-from causal.check import describe
+from causal.app.api import plan_run, prepare
+from causal.app.check import describe
 from causal.methods.record import head_scores
 from causal.zoo import zoo_path
 from tests.conftest import ids_of, make_rows

@@ -11,6 +11,8 @@ import causal
 from causal import CausalError
 from causal.zoo import zoo_path
 
+pytestmark = pytest.mark.slow  # training
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = 'model "zoo:hiereq-gpt2"\ndata hiereq(n={n}, seed=0)\nmetric accuracy(negated) at -1\n'
 
@@ -34,7 +36,7 @@ def test_saved_parameters_steer_another_experiment_as_trained(tmp_path):
     equal a plain HF forward with h + R (W h + b - Rᵀ h) applied by hand at the last position (1e-5)."""
     from safetensors.torch import load_file
 
-    from causal.cli import main
+    from causal.app.cli import main
     from causal.results import load
     out = tmp_path / "out"
     trained_file = write(tmp_path, "reft resid_post[layer=1, pos=-1] on base predicting negated by "

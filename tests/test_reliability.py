@@ -24,11 +24,13 @@ from causal.engine.execute import Executor
 from causal.engine.forward import Runner
 from tests.conftest import make_rows
 
+pytestmark = pytest.mark.slow  # subprocesses killed and resumed
+
 SWEEP = "metric logprob(io)\npatch resid_pre[layer=*, pos=*] from corrupt into clean\nablate z[layer=*, head=*] with mean"
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "causal.cli", "run", *args]
+    return [sys.executable, "-m", "causal.app.cli", "run", *args]
 
 
 def test_sigkill_then_same_command_resumes_to_the_uninterrupted_result(write_experiment, tmp_path):
@@ -66,7 +68,7 @@ def test_changed_experiment_does_not_reuse_old_chunks(write_experiment, tmp_path
     checkpoints = tmp_path / "ck"
     config = RunConfig(device="cpu", progress=False, batch_size=4, checkpoints=str(checkpoints))
     causal.prepare(path, config)
-    from causal.api import checkpoint_store
+    from causal.app.api import checkpoint_store
     experiment = causal.prepare(path, config)
     plan = compile_plan(experiment, 4)
     old = checkpoint_store(experiment, config, plan)

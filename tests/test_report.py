@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 import causal
-from causal.cli import main
+from causal.app.cli import main
 from causal.results import report
 from causal.results.report import page_data, write_report
 from causal.results.summary import bootstrap_ci, effect, mean, standard_error
+
+pytestmark = pytest.mark.slow  # headless Chromium
 
 CHROMIUM = "/usr/bin/chromium"
 BODY = ("metric logprob(io)\nmetric logit_diff(io, s)\n"

@@ -168,6 +168,7 @@ def _heatmaps(fig) -> list:
             and m.get_array() is not None and m.get_array().ndim >= 1 and m.get_array().size > 3]
 
 
+@pytest.mark.slow
 def test_plot_returns_figures_for_a_notebook_without_touching_its_backend(write_experiment, cpu_config):
     import subprocess
     import sys
@@ -247,7 +248,7 @@ def test_position_labels_name_a_token_only_where_every_example_has_it(write_expe
 
 
 def test_run_summary_names_every_metric(write_experiment, cpu_config, tmp_path):
-    from causal.hydra_app import summary
+    from causal.app.hydra_app import summary
     ds = causal.run(write_experiment("metric logprob(io)\nmetric prob(io)\nablate z[layer=*, head=*] with zero"),
                     cpu_config)
     lines = summary(ds, tmp_path / "results.nc", []).splitlines()[1:]

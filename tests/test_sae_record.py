@@ -80,7 +80,7 @@ def test_frequency_and_max_activating_tokens_equal_hand_counts(write_experiment,
 
 
 def test_batched_unbatched_and_resumed_recordings_are_bit_identical(write_experiment, by_hand, tmp_path):
-    from causal.api import run_keeping_checkpoints
+    from causal.app.api import run_keeping_checkpoints
     rows, _ = by_hand
     path = write_experiment(BODY, rows)
     one = causal.run(path, config(batch_size=1))

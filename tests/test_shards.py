@@ -11,10 +11,10 @@ import xarray as xr
 
 import causal
 from causal import RunConfig
-from causal.cli import main
+from causal.app.cli import main
 from causal.engine.plan import bytes_per_example, compile_plan
 from causal.errors import CausalError
-from causal.shards import Shard
+from causal.results.shards import Shard
 from conftest import make_rows
 
 N = 8
@@ -77,7 +77,7 @@ def test_merged_shards_are_the_unsharded_dataset_bit_for_bit(sharded):
 
 def test_each_shard_computes_statistics_over_every_example_and_each_baseline_once(sharded, monkeypatch):
     from causal.engine.execute import Executor
-    from causal.engine.stats import PositionMean
+    from causal.methods.statistics import PositionMean
     path, config = sharded
     means: list[dict] = []
     base_runs: list[tuple] = []
@@ -107,6 +107,7 @@ def test_each_shard_computes_statistics_over_every_example_and_each_baseline_onc
         assert covered == list(range(N))
 
 
+@pytest.mark.slow
 def test_a_shard_sweep_through_hydra_loads_as_the_unsharded_run(sharded, tmp_path, capsys):
     path, config = sharded
     whole = causal.run(path, config)
@@ -120,6 +121,7 @@ def test_a_shard_sweep_through_hydra_loads_as_the_unsharded_run(sharded, tmp_pat
         causal.load(sweep)
 
 
+@pytest.mark.slow
 def test_a_missing_or_doubled_shard_is_refused_by_name(sharded):
     path, config = sharded
     parts = [causal.run(path, shard_config(config, i, 3)) for i in range(3)]
@@ -132,6 +134,7 @@ def test_a_missing_or_doubled_shard_is_refused_by_name(sharded):
         causal.merge_runs([causal.run(path, other), *parts])
 
 
+@pytest.mark.slow
 def test_shards_of_a_seed_sweep_merge_per_seed(sharded):
     path, config = sharded
     runs = [causal.run(path, replace(config, seed=seed, shard=f"{i}/2", overrides=[f"seed={seed}", f"shard={i}/2"]))
@@ -147,13 +150,13 @@ def test_each_shard_resumes_from_its_own_checkpoints(sharded, tmp_path, monkeypa
     from causal.engine.execute import Executor
     path, config = sharded
     config = replace(config, checkpoints=str(tmp_path / "ck"))
-    first, store = causal.api.run_keeping_checkpoints(path, shard_config(config, 1, 2))
-    other, other_store = causal.api.run_keeping_checkpoints(path, shard_config(config, 0, 2))
+    first, store = causal.app.api.run_keeping_checkpoints(path, shard_config(config, 1, 2))
+    other, other_store = causal.app.api.run_keeping_checkpoints(path, shard_config(config, 0, 2))
     assert store.folder != other_store.folder  # each shard's checkpoints are its own
     jobs: list = []
     real = Executor.run_job
     monkeypatch.setattr(Executor, "run_job", lambda self, job, caches: jobs.append(job) or real(self, job, caches))
-    again, _ = causal.api.run_keeping_checkpoints(path, shard_config(config, 1, 2))
+    again, _ = causal.app.api.run_keeping_checkpoints(path, shard_config(config, 1, 2))
     assert jobs == []  # every job of shard 1 came back from its checkpoints
     xr.testing.assert_identical(again.drop_attrs(deep=False), first.drop_attrs(deep=False))
 
@@ -189,7 +192,7 @@ def test_check_shows_a_shards_jobs_and_memory_per_device(sharded, capsys):
     out = capsys.readouterr().out
     shard_line = next(line for line in out.splitlines() if line.startswith("shard"))
     assert "1/4: examples 2..3 (2 of 8) in 1 chunk(s)" in shard_line
-    plan = causal.api.plan_run(causal.prepare(path, config), shard_config(config, 1, 4))
+    plan = causal.app.api.plan_run(causal.prepare(path, config), shard_config(config, 1, 4))
     assert f"{len(plan.jobs)} jobs" in shard_line and len(plan.jobs) > 0
     assert "statistics and base runs over all 8 examples" in shard_line
     assert "memory   per device (weights + cached activations of the largest chunk): cpu " in out

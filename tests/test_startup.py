@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import causal
-from causal.cli import package_version
+from causal.app.cli import package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "transformers", "xarray", "seaborn"}
-PROBE = ("import sys, causal.cli\n"
-         "code = causal.cli.main(sys.argv[1:])\n"
+PROBE = ("import sys, causal.app.cli\n"
+         "code = causal.app.cli.main(sys.argv[1:])\n"
          f"print('imported:', sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(HEAVY)!r})))\n"
          "sys.exit(code)\n")
 SYNTAX_ERROR = 'experiment test\nmodel "zoo:attn-only-2l"\ndata "data.jsonl"\nmetric logprob(io)\n' \
@@ -44,6 +44,7 @@ def command(*args: str, cwd: Path) -> tuple[int, str, str]:
     (["check", "--help"], "usage: causal check"),
     (["plot", "--help"], "usage: causal plot [-h] RUN_DIR"),
 ], ids=["help", "h", "run-help", "run-h", "check-help", "plot-help"])
+@pytest.mark.slow
 def test_help_without_torch(tmp_path, args, shown):
     code, out, err = command(*args, cwd=tmp_path)
     assert (code, err) == (0, "") and shown in out
@@ -83,6 +84,7 @@ def test_misspelt_metric_without_torch(tmp_path, subcommand):
     ("n=abc", "error: parameter 'n' must be an int (its default is 3), got 'abc'"),
     ("seed=0,1", "error: bad setting on the command line: seed=0,1 is a sweep"),
 ], ids=["type", "unknown-key", "param-type", "sweep-without-m"])
+@pytest.mark.slow
 def test_bad_setting_without_torch(tmp_path, setting, message):
     path = tmp_path / "exp.cx"
     path.write_text(SYNTAX_ERROR.replace("wiht", "with").replace("metric", "param n = 3\nmetric"))
@@ -116,8 +118,8 @@ def test_import_causal_is_lazy():
 def test_every_public_name_resolves():
     assert causal.__all__ == ["CausalError", "RunConfig", "load", "merge_runs", "plot", "prepare", "prepare_text",
                               "run", "run_prepared", "run_text", "save"]
-    from causal.api import prepare, run
-    from causal.settings import RunConfig
+    from causal.app.api import prepare, run
+    from causal.app.settings import RunConfig
     assert causal.run is run and causal.prepare is prepare and causal.RunConfig is RunConfig
     assert all(callable(getattr(causal, name)) for name in causal.__all__)
     assert set(causal.__all__) <= set(dir(causal))

@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 import causal
-from causal.cli import main
+from causal.app.cli import main
 from causal.results import merge_runs
 from causal.results.summary import bootstrap_ci, effect, mean, normalized_effect, standard_error
 
@@ -67,6 +67,7 @@ def test_merge_of_identical_runs_is_refused():
         merge_runs([with_overrides(toy_dataset(), "seed=1")] * 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_multirun_directory_loads_as_one_dataset(write_experiment, tmp_path, launcher):
     path = write_experiment("metric logprob(io)\nablate mlp_out[layer=*] with zero")

@@ -9,7 +9,7 @@ import pytest
 import causal
 from benchmarks.work_guard import MARGIN, guard, sweeps
 from causal.engine.execute import Executor
-from causal.engine.forward import Resume
+from causal.values import Resume
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@
 - prompts: `Prompts` (tokenized columns with text and character offsets), single-token
   answers, and `find_span` for named positions.
 
-The built-in generators (induction, ioi, counterfact) live in causal.tasks.
+The built-in generators (induction, ioi, counterfact, hiereq) live in causal.tasks, a layer above: they
+register themselves when causal.tasks is imported, as the resolver does before it serves a `data` line.
 """
 from causal.data.examples import Examples, read_csv, read_json, read_jsonl, read_records, read_table
 from causal.data.load import GENERATORS, load_examples, register_generator
 from causal.data.params import Count, Range, Seed
 from causal.data.prompts import Prompts, answer_ids, find_span, find_spans, tokenize_column
-
-import causal.tasks  # noqa: E402,F401  (registers the built-in generators; imports causal.data itself)
 
 __all__ = ["Count", "Examples", "GENERATORS", "Prompts", "Range", "Seed", "answer_ids", "find_span", "find_spans",
            "load_examples", "read_csv", "read_json", "read_jsonl", "read_records", "read_table",

@@ -7,7 +7,6 @@ Chunks are safetensors files (no pickle) written atomically.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,14 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from causal.errors import CausalError
-from causal.folders import held
+from causal.locks import held
 
 SAME_RUN_ADVICE = ("the same experiment with the same settings is running now; wait for it (a re-run then finds its "
                    "results), or give this run checkpoints=<another folder> or resume=false")
-
-
-def fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 class ChunkStore:

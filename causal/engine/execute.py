@@ -12,16 +12,17 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from causal.engine.caches import Caches
 from causal.engine.checkpoint import ChunkStore
-from causal.engine.forward import Output, Resume, Runner
+from causal.engine.forward import Runner
 from causal.engine.health import NonFiniteWatch
-from causal.engine.plan import Chunk, Job, Plan, Stream
+from causal.engine.plan import Packer, RowStarts, row_starts
 from causal.engine.stats import run_statistics
-from causal.engine.writes import Caches, Masks, as_hook
 from causal.errors import CausalError
+from causal.methods.edits import Masks, as_hook
 from causal.metrics import chosen_slots, metric_values, read_slots
 from causal.models.adapter import BLOCK_INPUT
-from causal.resolve.experiment import Experiment
+from causal.values import Chunk, Experiment, Job, Output, Plan, Resume, Stream
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,20 @@ class Executor:
                                                      read=last),
                          f"{len(examples)} '{column}' prompts for statistics")
 
+    def run_points(self, method, points: torch.Tensor) -> torch.Tensor:
+        """Exact values of some points of a method's sweep, (points, examples, metrics), NaN at the others: their
+        rows planned and packed as jobs are, each from layer 0 (attribution's check of its top sites)."""
+        experiment = self.experiment
+        index = experiment.interventions.index(method)
+        out = torch.full((len(method.sweep.points), experiment.n_examples, len(experiment.metrics)), float("nan"))
+        packer = Packer(experiment, self.plan.batch_size, "auto", experiment.model.device.type)
+        for chunk_index, chunk in enumerate(self.plan.chunks):
+            caches = self.base_runs(chunk_index, chunk, set(), need=True)
+            rows = _only_points(row_starts(experiment, method, chunk.examples), points)
+            for job in packer.pack(index, rows):
+                out[job.points, job.examples] = self.run_job(job, caches).float().cpu()
+        return out
+
     # jobs
     def run_job(self, job: Job, caches: Caches) -> torch.Tensor:
         self.caches = caches
@@ -284,7 +299,7 @@ class Executor:
                                self.references_for(job.examples), mask)
         watch.check(values, torch.ones(len(job.examples), dtype=torch.bool), [m.name for m in experiment.metrics],
                     lambda row: f"example {int(job.examples[row])} while running '{method.statement}' at "
-                                f"{describe_point(method, int(job.points[row]))}")
+                                f"{method.sweep.describe(int(job.points[row]))}")
         return values
 
     def resume(self, stream: str, job: Job, caches: Caches, layer: int, pos: int) -> Resume:
@@ -312,16 +327,14 @@ class Executor:
                               f"(now {self.plan.batch_size})") from None
 
 
+def _only_points(rows: RowStarts, chosen: torch.Tensor) -> RowStarts:
+    keep = torch.isin(rows.points, chosen)
+    zeros = torch.zeros(int(keep.sum()), dtype=torch.long)
+    return RowStarts(rows.examples[keep], rows.points[keep], rows.samples[keep], zeros, zeros)
+
+
 def _chunk_key(method_index: int, chunk_index: int) -> str:
     return f"method-{method_index:03d}-{chunk_index:04d}"
-
-
-def describe_point(method, point: int) -> str:
-    sweep = method.sweep
-    if not sweep.dims:
-        return "every site"
-    index = torch.unravel_index(torch.tensor(point), sweep.shape)
-    return " ".join(f"{d}={sweep.coords[d][int(i)]}" for d, i in zip(sweep.dims, index))
 
 
 class BatchBackoff:

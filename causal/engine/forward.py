@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -22,25 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from causal.models import LoadedModel
 from causal.models.adapter import ActivationFn
-
-
-@dataclass
-class Resume:
-    """Where a forward starts and what it starts from (rows of the base run's cache)."""
-
-    layer: int = 0
-    pos: int = 0
-    hidden: torch.Tensor | None = None  # (rows, seq - pos, d): input of block `layer` at positions >= pos
-    # per layer: the base run's keys/values, at positions < pos or (rows the job owns, a fresh copy) at every
-    # position, where the forward then writes its own in place
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
-@dataclass
-class Output:
-    logits: torch.Tensor | None  # (rows, k, vocab) at the read positions
-    hidden: torch.Tensor | None  # (rows, seq, d) final hidden states (encoders)
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer, when recorded
+from causal.values import Output, Resume
 
 
 class _Replay(nn.Module):
@@ -249,17 +230,3 @@ def _temporary_hook(module: nn.Module, fn, pre: bool = False) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-@contextmanager
-def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Gradients are wanted for activations only: parameters stay out of the graph."""
-    states = [(p, p.requires_grad) for p in model.parameters() if p.requires_grad]
-    for p, _ in states:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, state in states:
-            if not p.is_inference():  # accelerate's offload may have swapped in weights read under inference mode
-                p.requires_grad_(state)

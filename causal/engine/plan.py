@@ -14,69 +14,14 @@ when the extra work costs less than the overhead of another forward pass (`pack`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from causal.resolve.experiment import Experiment, Target, absolute_positions
+from causal.methods.edits import target_first_position
+from causal.values import Chunk, Experiment, Job, Plan, Stream
 
-CacheKey = tuple[str, int | None]  # (site, layer)
 PACKING = ("auto", "sites", "exact")
-
-
-@dataclass
-class Stream:
-    """A way to run the model on the examples: a prompt column, possibly with noised embeddings.
-
-    Stream row r is example r // samples, noise sample r % samples.
-    """
-
-    name: str
-    column: str
-    samples: int = 1
-    owner: object | None = None  # the method that added it; every forward on it carries its stream_writes
-
-
-@dataclass
-class Job:
-    """One forward pass: rows of one intervention that start at the same layer and position."""
-
-    intervention: int
-    examples: torch.Tensor  # (rows,)
-    points: torch.Tensor  # (rows,) index into the sweep's points
-    samples: torch.Tensor  # (rows,) noise sample (0 for streams without noise)
-    start_layer: int
-    start_pos: int
-
-
-@dataclass
-class Chunk:
-    """Examples whose base runs are held in memory together, and the jobs that read them."""
-
-    examples: torch.Tensor
-    jobs: list[Job] = field(default_factory=list)
-    in_shard: bool = True  # False: another shard's examples; only its base runs (baselines) run here
-
-
-@dataclass
-class Plan:
-    batch_size: int
-    optimize: bool
-    streams: dict[str, Stream]
-    records: dict[str, set[CacheKey]]  # stream -> activations its base run must keep
-    resume_layers: dict[str, set[int]]  # stream -> layers whose input later jobs start from
-    kv_streams: set[str]  # streams whose keys/values later jobs reuse
-    chunks: list[Chunk]
-    shard: object | None = None  # causal.shards.Shard: the part of the examples this run computes
-    cache_bytes: float | None = None  # what a chunk's base runs may keep; methods with their own loops heed it too
-
-    @property
-    def jobs(self) -> list[Job]:
-        return [job for chunk in self.chunks for job in chunk.jobs]
-
-    @property
-    def rows(self) -> int:
-        return sum(len(job.examples) for job in self.jobs)
 
 
 def make_streams(experiment: Experiment) -> dict[str, Stream]:
@@ -91,7 +36,7 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
     """`optimize=False` is the reference path: every row runs the whole model and all logits.
 
     `cache_bytes` bounds what the base runs of one chunk of examples keep in memory. `shard`
-    (causal.shards.Shard): jobs only for its examples; chunks end at every shard's boundary, so each
+    (causal.results.shards.Shard): jobs only for its examples; chunks end at every shard's boundary, so each
     chunk of a shard is the chunk an unsharded run with those boundaries has.
     """
     streams = make_streams(experiment)
@@ -193,28 +138,6 @@ def first_read_position(experiment: Experiment, column: str) -> torch.Tensor:
         return torch.zeros(experiment.n_examples, dtype=torch.long)
     union = torch.stack(masks).any(0)
     return union.float().argmax(1)  # first True
-
-
-def target_first_position(experiment: Experiment, target: Target, examples: torch.Tensor,
-                          lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first position the target writes, whether the example has that position) per example."""
-    has = within_prompt(experiment, target, lengths)
-    if target.pos is None:
-        return torch.zeros_like(lengths), has
-    if isinstance(target.pos, str):
-        return experiment.positions.first(target.pos)[examples], has
-    absolute = absolute_positions(lengths, target.pos)
-    return absolute.clamp(min=0), has & (absolute >= 0) & (absolute < lengths)
-
-
-def within_prompt(experiment: Experiment, target: Target, lengths: torch.Tensor) -> torch.Tensor:
-    """Whether each prompt has the positions the target's prompt-sized dims (key_pos) select."""
-    ok = torch.ones_like(lengths, dtype=torch.bool)
-    dims = experiment.model.adapter.site_info(target.site).extra_dims
-    for (_, size), indices in zip(dims, target.extra):
-        if size is None and indices is not None:
-            ok &= max(indices) < lengths
-    return ok
 
 
 class Packer:

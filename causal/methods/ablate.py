@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from causal.engine.stats import PositionMean, derangement
-from causal.engine.writes import ZERO, Write, grouped
 from causal.errors import did_you_mean
 from causal.methods.base import Method, method
+from causal.methods.edits import ZERO, Write, grouped
+from causal.methods.statistics import PositionMean, derangement
 from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
 
 ABLATIONS = ("zero", "mean", "resample")

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from causal.data.prompts import answer_ids
-from causal.engine.execute import describe_point
 from causal.methods.base import Method, Variable, method
 from causal.methods.rotations import Subspace
 from causal.methods.subspace import VECTOR_ROLES
-from causal.resolve.experiment import Sweep
+from causal.values import Sweep
 
 TRAINERS = ("das", "lowrank", "boundless")
 DEFAULTS = {"k": 1, "epochs": 20, "lr": 0.01, "batch": 64, "patience": 3, "heldout": 0.2, "dev": 0.1, "seed": 0}
@@ -141,7 +140,7 @@ class Align(Method):
 
     def unreached(self, state: AlignState) -> list[str]:
         """Candidates no training step's loss reached, described by their site coordinates and k."""
-        return [f"{describe_point(self, p)} k={self.training.ks[j]}" for i, (p, j) in enumerate(self.candidates)
+        return [f"{self.sweep.describe(p)} k={self.training.ks[j]}" for i, (p, j) in enumerate(self.candidates)
                 if i not in state.reached]
 
     def variables(self, effects, state: AlignState) -> list[Variable]:

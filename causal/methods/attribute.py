@@ -15,12 +15,11 @@ from typing import Iterator
 
 import torch
 
-from causal.engine.forward import frozen_parameters
-from causal.engine.plan import Packer, RowStarts, row_starts, target_first_position
 from causal.methods.base import Method, Variable, method, source_writes
+from causal.methods.edits import target_first_position
 from causal.metrics import metric_values, read_slots
 from causal.models.adapter import KEY, MODULE, PATTERN, QUERY
-from causal.models.load import widest_float
+from causal.models.load import frozen_parameters, widest_float
 
 NOT_ATTRIBUTABLE = (PATTERN, MODULE)  # a pattern is not patched on its own; a module's output has no known layout
 SCALE_TOLERANCE = 1e-3  # max |log-pattern residual| for the dot-product-softmax model of attention
@@ -199,14 +198,7 @@ class Attribute(Method):
         base = run.baselines[self.base]
         effect = (state.estimates - base[None]).nanmean(1)[..., 0]  # (points,) first metric
         chosen = effect.abs().argsort(descending=True)[:top]
-        index = run.experiment.interventions.index(self)
-        packer = Packer(run.experiment, run.plan.batch_size, "auto", run.experiment.model.device.type)
-        for chunk_index, chunk in enumerate(run.plan.chunks):
-            caches = run.base_runs(chunk_index, chunk, set(), need=True)
-            rows = _only_points(row_starts(run.experiment, self, chunk.examples), chosen)
-            for job in packer.pack(index, rows):
-                values = run.run_job(job, caches)
-                state.exact[job.points, job.examples] = values.float().cpu()
+        state.exact = run.run_points(self, chosen)
         exact = (state.exact[chosen] - base[None]).nanmean(1)[..., 0]
         if len(chosen) > 1:
             state.correlation = [float(torch.corrcoef(torch.stack([effect[chosen], exact]))[0, 1])]
@@ -237,12 +229,6 @@ def fit_scale(pattern: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> float 
     scale = float((dx * dy).sum()) / denominator
     residual = float((dy - scale * dx).abs().max())
     return scale if residual < SCALE_TOLERANCE * max(1.0, float(dy.abs().max())) else None
-
-
-def _only_points(rows: RowStarts, chosen: torch.Tensor) -> RowStarts:
-    keep = torch.isin(rows.points, chosen)
-    zeros = torch.zeros(int(keep.sum()), dtype=torch.long)
-    return RowStarts(rows.examples[keep], rows.points[keep], rows.samples[keep], zeros, zeros)
 
 
 def _keep_with_grad(kept: dict, key):

@@ -19,20 +19,46 @@ The engine calls these through the protocol only; it never asks what kind of met
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
 
-from causal.engine.plan import CacheKey, Chunk, Job, Plan, Stream
-from causal.engine.writes import Write, grouped
-from causal.resolve.experiment import Sweep, Target
+from causal.methods.edits import Write, grouped
+from causal.values import CacheKey, Chunk, Job, Plan, Stream, Sweep, Target
 
 if TYPE_CHECKING:
-    from causal.engine.execute import Executor as Run
-    from causal.engine.stats import Accumulator
     from causal.lang import ast
-    from causal.resolve.experiment import Experiment
+    from causal.methods.statistics import Accumulator
     from causal.resolve.resolver import Resolution
+    from causal.values import Experiment
+
+
+class Run(Protocol):
+    """What a method may use of the run executing it (the engine's Executor provides it; tests/test_methods.py
+    checks that it provides exactly this). Methods never import the engine: it sits above them."""
+
+    experiment: "Experiment"
+    plan: Plan
+    masks: Any  # causal.methods.edits.Masks over the experiment's prompts
+    caches: Any  # the current chunk's base runs: get(stream, key, examples, samples)
+    states: dict[str, Any]  # statement name -> its state (new_state), for statements that apply another's writes
+    baselines: dict[str, torch.Tensor]  # stream -> (examples, metrics)
+    store: Any  # the run's checkpoint store, or None
+    runner: Any  # causal.engine.forward.Runner: forward(ids, mask, hooks, resume, read, grad, record_kv)
+
+    def forward(self, method: "Method", job: Job, hooks: dict, start_layer: int | None = None,
+                start_pos: int | None = None, recorders: dict | None = None) -> torch.Tensor: ...
+
+    def hooks(self, writes: dict) -> dict: ...
+
+    def guarded(self, compute: Callable, what: str): ...
+
+    def references_for(self, examples: torch.Tensor) -> dict[int, torch.Tensor]: ...
+
+    def run_points(self, method: "Method", points: torch.Tensor) -> torch.Tensor: ...
+
+    def saved_tensors(self, key: str, done: set[str]) -> dict[str, torch.Tensor] | None: ...
+
 
 METHODS: dict[str, type["Method"]] = {}  # statement keyword -> its method
 

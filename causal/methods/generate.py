@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from causal.engine.forward import Resume
-from causal.engine.plan import Job
-from causal.engine.writes import Write
 from causal.errors import Span, did_you_mean
 from causal.methods.base import Method, Variable, method
+from causal.methods.edits import Write
 from causal.models.adapter import PATTERN
-from causal.resolve.experiment import Sweep
+from causal.values import Job, Resume, Sweep
 
 NOTHING_SWEPT = Sweep((), {}, [()])
 

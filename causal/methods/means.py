@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from causal.engine.stats import MaskedMean
 from causal.errors import CausalError, Span
 from causal.lang import ast
+from causal.methods.statistics import MaskedMean
 from causal.resolve.positions import position_masks
 
 

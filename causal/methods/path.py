@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from causal.engine.writes import Write, as_hook, grouped
 from causal.errors import did_you_mean
 from causal.methods.base import Method, method
+from causal.methods.edits import Write, as_hook, grouped
 from causal.models.adapter import HEAD_OUTPUT
-from causal.resolve.experiment import Target
+from causal.values import Target
 
 PATH_SENDERS = ("z", "attn_out", "mlp_out")
 PATH_RECEIVERS = ("q", "k", "v")

@@ -6,7 +6,7 @@ batch of examples records every chosen layer at once (a hook per layer gathers t
 the activation passes). `under LABEL` records what the model computes while a one-point patch, ablate
 or steer statement's writes are applied. Recordings larger than the `record_memory_gb` setting are
 refused unless `record_store` names a folder: they are then written per chunk of examples into a
-netCDF file there (causal.engine.recordings), which `causal.load` opens lazily. On an SAE's features
+netCDF file there (causal.methods.record_store), which `causal.load` opens lazily. On an SAE's features
 (`sae(...)`), `top K` keeps each token's K largest features instead of all, and every recording of
 features summarises them: how often each fires and its max-activating tokens (causal.methods.features).
 """
@@ -19,15 +19,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from causal.engine.plan import Job
-from causal.engine.recordings import RecordingStore
 from causal.errors import CausalError, Span
 from causal.files import readable_size
 from causal.lang import ast
 from causal.methods.base import Method, Variable, method
 from causal.methods.features import FeatureSummary, top_features
+from causal.methods.record_store import RecordingStore
 from causal.models.adapter import EMBEDDING, FEATURE, MODULE, PATTERN, RESIDUAL
-from causal.resolve.experiment import Sweep, Target, absolute_positions
+from causal.values import Job, Sweep, Target, absolute_positions
 
 ELEMENT_BYTES = 4  # recordings are kept as float32
 FEATURE_SUMMARIES = ("frequency", "max_activation", "max_example", "max_pos", "max_text")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from causal.engine.writes import Write, grouped
 from causal.methods.base import Method, method
+from causal.methods.edits import Write, grouped
 from causal.methods.means import MeanTerm, linear_terms, mean_statistics, mean_term
 from causal.methods.rotations import loreft_edit
 from causal.methods.subspace import FixedBasis, MeansBasis, loreft_parameters, within_basis

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from causal.engine.plan import Stream
-from causal.engine.stats import standard_noise
-from causal.engine.writes import Write, grouped
 from causal.errors import did_you_mean
 from causal.limits import MAX_SAMPLES
 from causal.methods.base import Method, method
-from causal.resolve.experiment import Target
+from causal.methods.edits import Write, grouped
+from causal.methods.statistics import standard_noise
 from causal.resolve.positions import position_masks
+from causal.values import Stream, Target
 
 DEFAULT_NOISE = {"samples": 10, "seed": None}
 SEVERABLE = {"mlp": "mlp_out", "attn": "attn_out"}

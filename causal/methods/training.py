@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from causal.engine.forward import Resume, frozen_parameters
 from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE
 from causal.models.adapter import BLOCK_INPUT
+from causal.models.load import frozen_parameters
+from causal.values import Resume
 
 EPOCH_KEY = "align-{name}-epochs"  # one checkpoint per statement, rewritten each epoch
 log = logging.getLogger(__name__)

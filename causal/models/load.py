@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import torch
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from causal.errors import CausalError, Span, did_you_mean
@@ -360,3 +369,17 @@ def _revision(target: str, model: torch.nn.Module) -> str:
     for path in weights:
         digest.update(path.read_bytes())
     return "sha256:" + digest.hexdigest()[:16]
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Gradients are wanted for activations only: parameters stay out of the graph."""
+    states = [(p, p.requires_grad) for p in model.parameters() if p.requires_grad]
+    for p, _ in states:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, state in states:
+            if not p.is_inference():  # accelerate's offload may have swapped in weights read under inference mode
+                p.requires_grad_(state)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from causal.errors import CausalError, did_you_mean
 from causal.lang import ast
-from causal.metrics import METRICS, MetricKind
+from causal.metrics import METRICS
+from causal.values import MetricKind
 
 
 def metric_kind(node: ast.MetricDecl) -> MetricKind:

@@ -12,9 +12,9 @@ import torch
 
 from causal.data import Examples, Prompts, find_span
 from causal.errors import CausalError, Span, did_you_mean
-from causal.resolve.experiment import NamedPositions, absolute_positions
 from causal.lang import ast
 from causal.resolve.sweeps import expand
+from causal.values import NamedPositions, absolute_positions
 
 
 def resolve_positions(defs: tuple[ast.PositionDef, ...], anchor: str | None, prompts: Prompts | None,

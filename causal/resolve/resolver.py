@@ -6,20 +6,21 @@ run never fails half-way for a reason the file already showed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
+from causal import tasks  # noqa: F401  (the built-in data generators: each registers itself on import)
 from causal.data import Examples, Prompts, answer_ids, load_examples, tokenize_column
 from causal.errors import CausalError, Span, did_you_mean, source_lines
-from causal.resolve.names import metric_kind
-from causal.resolve.experiment import Experiment, Metric, NamedPositions, Sweep
 from causal.lang import ast
-from causal.methods import METHODS
-from causal.metrics import EMBEDDING, LOGITS, METRICS, MetricKind
+from causal.metrics import METRICS
 from causal.models import LoadedModel
 from causal.models.sae import check_against, load_sae
+from causal.resolve.names import metric_kind
 from causal.resolve.positions import check_anchor_alignment, position_masks, resolve_positions
 from causal.resolve.sweeps import SweepBuilder
+from causal.values import EMBEDDING, LOGITS, Experiment, Metric, MetricKind, NamedPositions, Sweep
 
 NEXT_TOKEN = "next"
 RESERVED = {"layer", "pos", "head", "kv_head", "neuron", "key_pos", "feature", "example", "metric"}  # result dims: not variable names
@@ -28,8 +29,10 @@ RESERVED = {"layer", "pos", "head", "kv_head", "neuron", "key_pos", "feature", "
 class Resolution:
     """What every method's resolution shares: columns, prompts, positions, sweeps, names and errors."""
 
-    def __init__(self, file: ast.ExperimentFile, model: LoadedModel, examples: Examples, seed: int):
+    def __init__(self, file: ast.ExperimentFile, model: LoadedModel, examples: Examples, seed: int,
+                 methods: Mapping[str, type] | None = None):
         self.file, self.model, self.examples, self.seed = file, model, examples, seed
+        self.methods = methods or {}  # statement keyword -> the method class that resolves it (causal.methods)
         self.taken: set[str] = set(examples.columns)  # variable names in use: data columns, earlier statements
         self.adapter = model.adapter
         self.prompts: dict[str, Prompts] = {}
@@ -147,7 +150,7 @@ class Resolution:
 
     # interventions: each statement keyword's method module resolves its own clauses
     def intervention(self, node: ast.Statement):
-        method = METHODS.get(node.kind)
+        method = self.methods.get(node.kind)
         if method is None:  # a grammar rule without its method module
             raise self.error(f"no method module resolves {node.kind!r} statements", node.span)
         return method.resolve(node, self)
@@ -274,9 +277,11 @@ def unique_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def resolve(file: ast.ExperimentFile, model: LoadedModel, seed: int = 0) -> Experiment:
+def resolve(file: ast.ExperimentFile, model: LoadedModel, methods: Mapping[str, type], seed: int = 0) -> Experiment:
+    """`methods`: statement keyword -> method class (causal.methods.METHODS): handed in, as resolution sits
+    below the methods in the layers (docs/architecture.md) and must not import them."""
     examples = load_examples(file.data, Path(file.path).resolve().parent, model.tokenizer)
-    resolver = Resolution(file, model, examples, seed)
+    resolver = Resolution(file, model, examples, seed, methods)
     resolver.resolve_named_positions()
     resolver.attach_saes()
     interventions = [resolver.intervention(node) for node in file.interventions]

@@ -11,11 +11,11 @@ import itertools
 from dataclasses import dataclass
 
 from causal.errors import CausalError, Span, did_you_mean
-from causal.limits import MAX_INDICES
-from causal.resolve.experiment import NamedPositions, Position, Sweep, Target
 from causal.lang import ast
+from causal.limits import MAX_INDICES
 from causal.models import ModelAdapter
 from causal.models.adapter import KV_ROLES
+from causal.values import NamedPositions, Position, Sweep, Target
 
 
 @dataclass

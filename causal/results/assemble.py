@@ -18,8 +18,8 @@ import xarray as xr
 
 from causal.engine.execute import RawResults
 from causal.errors import CausalError
-from causal.resolve.experiment import Experiment
 from causal.results.io import package_versions
+from causal.values import Experiment
 
 
 def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Dataset:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from causal import shards
 from causal.errors import CausalError
+from causal.results import shards
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,9 @@ def load(path: str | Path, verify: bool = True) -> xr.Dataset:
     A multirun directory (sub-directories each holding a run) comes back as one Dataset
     with each swept parameter as a new dimension; see `merge_runs`. `verify`: check each
     variable's checksum (this reads every value once; pass False to open a large file lazily).
-    A recording kept in a store (`record_store`) is opened lazily from its file (causal.engine.recordings).
+    A recording kept in a store (`record_store`) is opened lazily from its file (causal.methods.record_store).
     """
-    from causal.engine.recordings import attach
+    from causal.methods.record_store import attach
     path = Path(path)
     if path.is_file():
         return attach(_open(path, verify))

@@ -1,12 +1,12 @@
 """`causal run -m`'s sweeper, here because Hydra instantiates plugins only from the hydra_plugins package.
 
-Hydra's basic sweeper, which also keeps every job's outcome (causal.launchers reports the failed ones).
+Hydra's basic sweeper, which also keeps every job's outcome (causal.app.launchers reports the failed ones).
 """
 from typing import Any, List
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-from causal import launchers
+from causal.app import launchers
 
 
 class CausalSweeper(BasicSweeper):

@@ -5,7 +5,7 @@ Runs go through Hydra so every run gets its own directory under outputs/ with th
 config, and sweeps (`-m`) use Hydra's launchers; Hydra's own flags (`--cfg job`, `--info`,
 `--config-dir`, ...) pass through. Before Hydra starts or a model loads, the experiment file is
 parsed and every `key=value` checked, so mistakes are reported at once. The run settings are
-declared in causal/settings.py; this module only reads them. Torch, transformers and xarray are
+declared in causal/app/settings.py; this module only reads them. Torch, transformers and xarray are
 imported inside the commands that run an experiment, never for `--help`, `--version` or an
 error found before the run.
 """
@@ -20,8 +20,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from causal.folders import check_folder, claim_new_folder, hydra_quoted, safe_name
-from causal.settings import command_line_settings, settings_help
+from causal.app.folders import check_folder, claim_new_folder, hydra_quoted, safe_name
+from causal.app.settings import command_line_settings, settings_help
 
 COMMANDS = {
     "run": "run one experiment (or, with -m, a Hydra sweep), each run in its own folder under outputs/",
@@ -34,7 +34,7 @@ _NEEDS_NO_FILE = ("cfg", "info", "hydra_help", "shell_completion", "experimental
 
 
 def run_settings() -> list[str]:
-    """The run settings' names (causal/settings.py): any other `key=value` is an experiment parameter."""
+    """The run settings' names (causal/app/settings.py): any other `key=value` is an experiment parameter."""
     return [f.name for f in command_line_settings() if f.name not in ("file", "params")]
 
 
@@ -57,8 +57,8 @@ USAGE = usage()
 
 
 def main(argv: list[str] | None = None) -> int:
+    from causal.app.internal import EXIT_STATUS, InternalError, boundary
     from causal.errors import CausalError
-    from causal.internal import EXIT_STATUS, InternalError, boundary
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-sc"], ["--shell-completion"]):  # Hydra's completion script calls `causal -sc query=...`
         argv = ["run", *argv]
@@ -232,7 +232,7 @@ def _run(parser: _Parser, args: argparse.Namespace) -> int:
     report = any(getattr(args, d) not in (None, False) for d in _NEEDS_NO_FILE)
     path, given = file_and_overrides(parser, tokens, optional=report)
     overrides = check_command_line(path, given, multirun=args.multirun)
-    from causal.launchers import check_launcher
+    from causal.app.launchers import check_launcher
     check_launcher(given)  # a plugin's launcher without the plugin: name the package, before Hydra fails raw
     named = [f"file={hydra_quoted(str(path))}", f"hydra.job.name={safe_name(path.stem)}"] if path else []
     if not report:  # a run: Hydra creates the run folder first, so check it can
@@ -254,16 +254,16 @@ def run_folder(given: list[str], path: Path, *, multirun: bool) -> list[str]:
 
 
 def _launch(hydra_argv: list[str]) -> int:
-    from causal.hydra_app import launch
+    from causal.app.hydra_app import launch
     return launch(hydra_argv)
 
 
 def _check(parser: _Parser, args: argparse.Namespace) -> int:
     path, given = file_and_overrides(parser, [t for t in (args.file, *args.overrides) if t is not None])
     overrides = check_command_line(path, given)
-    from causal.api import plan_run, prepare
-    from causal.check import describe
-    from causal.hydra_app import compose_config
+    from causal.app.api import plan_run, prepare
+    from causal.app.check import describe
+    from causal.app.hydra_app import compose_config
     config = compose_config(path, [o for o in overrides if not o.startswith("hydra")])
     experiment = prepare(path, config)
     print(describe(experiment, plan_run(experiment, config)))
@@ -321,9 +321,9 @@ def file_and_overrides(parser: _Parser, args: list[str], optional: bool = False)
 def check_command_line(path: Path | None, arguments: list[str], *, multirun: bool = False) -> list[str]:
     """Parse the file (syntax errors), then check each `key=value` against it and the run settings,
     as Hydra and the run would, but before either starts. Returns the arguments as Hydra overrides."""
+    from causal.app.settings import check_value, default_of, show, text_problem
     from causal.errors import CausalError, did_you_mean
     from causal.lang.parser import parse_file
-    from causal.settings import check_value, default_of, show, text_problem
     parsed = _parse_overrides(arguments)
     file = parse_file(path) if path is not None else None  # a syntax error stops here, in a fraction of a second
     if file is not None:
@@ -375,7 +375,7 @@ def _range_problem(key: str, value) -> str | None:
     """A setting's range (settings.config_problem), checked on this one value before Hydra starts."""
     import dataclasses
 
-    from causal.settings import RunConfig, config_problem
+    from causal.app.settings import RunConfig, config_problem
     if key not in {f.name for f in dataclasses.fields(RunConfig)} or isinstance(value, (dict, list)):
         return None
     try:
@@ -389,9 +389,10 @@ def _setting(name: str):
 
 
 def _parse_overrides(arguments: list[str]) -> list:
-    from causal.errors import CausalError
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+
+    from causal.errors import CausalError
     parser = OverridesParser.create()
     parsed = []
     for argument in arguments:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from causal.engine.checkpoint import fingerprint
 from causal.errors import CausalError
+from causal.files import fingerprint
 
 log = logging.getLogger(__name__)
 STORE_KIND = "recording_store"  # the marker variable's kind in a run's Dataset

@@ -10,10 +10,9 @@ import math
 
 import torch
 
-from causal.engine.plan import Packer, Plan, bytes_per_example
+from causal.engine.plan import Packer, bytes_per_example
 from causal.files import readable_size
-from causal.resolve.experiment import Experiment
-
+from causal.values import Experiment, Plan
 
 # Rough sustained rates for the estimate: a few CPU cores, one data-centre GPU. The figure is there to
 # tell a minute from a day, not to plan a cluster.

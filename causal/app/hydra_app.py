@@ -1,6 +1,6 @@
 """The Hydra task: one experiment run into the Hydra run directory (results.nc + plots/).
 
-The config is causal/conf/run.yaml over the structured config `RunSettings` (causal/settings.py),
+The config is causal/conf/run.yaml over the structured config `RunSettings` (causal/app/settings.py),
 so Hydra checks the settings' types. Torch and the rest of the pipeline are imported when a run
 starts, not when this module is.
 """
@@ -15,19 +15,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from causal import launchers
-from causal.folders import LOCK, check_folder, held, hydra_quoted
-from causal.internal import EXIT_STATUS, InternalError, boundary
-from causal.launchers import JobOutcome
-from causal.runlog import copied_to_log
-from causal.settings import RunConfig, from_command_line, register
+from causal.app import launchers
+from causal.app.folders import check_folder, hydra_quoted
+from causal.app.internal import EXIT_STATUS, InternalError, boundary
+from causal.app.launchers import JobOutcome
+from causal.app.runlog import copied_to_log
+from causal.app.settings import RunConfig, from_command_line, register
+from causal.locks import LOCK, held
 
 register()  # also done by importing causal.conf; here too, so the task never runs without its schemas
 launchers.register()
 _exit_code = 0
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="run")
+@hydra.main(version_base="1.3", config_path="pkg://causal.conf", config_name="run")
 def _task(cfg: DictConfig) -> JobOutcome:
     """One run; its outcome for a sweep's report (errors are printed here, never raised to Hydra, so a
     sweep runs every job)."""
@@ -102,7 +103,7 @@ def _from_start(path: str) -> Path:
 # The pipeline, imported when a run starts (each a module attribute, so tests can replace it).
 
 def run_keeping_checkpoints(path, config: RunConfig):
-    from causal.api import run_keeping_checkpoints as run
+    from causal.app.api import run_keeping_checkpoints as run
     return run(path, config)
 
 

@@ -13,8 +13,7 @@ from typing import Callable
 
 import torch
 
-from causal.engine.plan import CacheKey, Job
-from causal.resolve.experiment import Experiment, Target, absolute_positions
+from causal.values import CacheKey, Experiment, Job, Target, absolute_positions
 
 ZERO = None  # a Write value of None writes zeros
 
@@ -54,26 +53,6 @@ def as_hook(writes: list[Write]):
 def _at_positions(value: torch.Tensor, start: int, length: int) -> torch.Tensor:
     """A write's value for the positions the forward computes (one value for all positions stays as it is)."""
     return value if value.shape[1] == 1 else value[:, start:start + length]
-
-
-class Caches:
-    """Activations recorded by the base runs of one chunk of examples, indexed by stream row."""
-
-    def __init__(self, first_example: int, samples: dict[str, int]):
-        self.first, self.samples = first_example, samples
-        self.tensors: dict[tuple[str, CacheKey], torch.Tensor] = {}
-        self.resume: dict[tuple[str, int], torch.Tensor] = {}  # (stream, layer) -> input of that block
-        self.keys_values: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.prefix_buffers: dict[tuple, torch.Tensor] = {}  # reused by every job's prefix keys/values (execute)
-
-    def rows(self, stream: str, examples: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
-        k = self.samples[stream]
-        local = (examples - self.first) * k
-        return local + samples if samples is not None and k > 1 else local
-
-    def get(self, stream: str, key: CacheKey, examples: torch.Tensor, samples: torch.Tensor | None = None):
-        tensor = self.tensors[(stream, key)]
-        return tensor[self.rows(stream, examples, samples).to(tensor.device)]
 
 
 class Masks:
@@ -130,6 +109,28 @@ class Masks:
         return where
 
 
+def target_first_position(experiment: Experiment, target: Target, examples: torch.Tensor,
+                          lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first position the target writes, whether the example has that position) per example."""
+    has = within_prompt(experiment, target, lengths)
+    if target.pos is None:
+        return torch.zeros_like(lengths), has
+    if isinstance(target.pos, str):
+        return experiment.positions.first(target.pos)[examples], has
+    absolute = absolute_positions(lengths, target.pos)
+    return absolute.clamp(min=0), has & (absolute >= 0) & (absolute < lengths)
+
+
+def within_prompt(experiment: Experiment, target: Target, lengths: torch.Tensor) -> torch.Tensor:
+    """Whether each prompt has the positions the target's prompt-sized dims (key_pos) select."""
+    ok = torch.ones_like(lengths, dtype=torch.bool)
+    dims = experiment.model.adapter.site_info(target.site).extra_dims
+    for (_, size), indices in zip(dims, target.extra):
+        if size is None and indices is not None:
+            ok &= max(indices) < lengths
+    return ok
+
+
 def grouped(writes: list[tuple[CacheKey, Write]]) -> dict[CacheKey, list[Write]]:
     """(key, write) pairs -> writes per key, in order."""
     out: defaultdict = defaultdict(list)
@@ -138,4 +139,4 @@ def grouped(writes: list[tuple[CacheKey, Write]]) -> dict[CacheKey, list[Write]]
     return dict(out)
 
 
-__all__ = ["Caches", "Masks", "Write", "as_hook", "grouped"]
+__all__ = ["Masks", "Write", "as_hook", "grouped", "target_first_position", "within_prompt"]

@@ -9,22 +9,22 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from causal.results.assemble import assemble
-from causal.engine.checkpoint import ChunkStore, fingerprint
-from causal.engine.plan import PACKING, Plan, compile_plan
-from causal.errors import COMMAND_LINE, CausalError, Span, argument_span, reported_against
-from causal.internal import guarded
+from causal.app.internal import guarded
+from causal.app.settings import RunConfig, check_config  # the run settings, declared once there
+from causal.engine.checkpoint import ChunkStore
 from causal.engine.execute import execute
-from causal.resolve.experiment import Experiment
+from causal.engine.plan import PACKING, compile_plan
+from causal.errors import COMMAND_LINE, CausalError, Span, argument_span, reported_against
+from causal.files import fingerprint
 from causal.lang import ast
 from causal.lang.parser import parse_file, parse_text
+from causal.methods import METHODS
 from causal.models import LoadedModel, load_model, wrap_model
 from causal.resolve import resolve
+from causal.results import shards
+from causal.results.assemble import assemble
 from causal.results.io import package_versions
-
-
-from causal import shards
-from causal.settings import RunConfig, check_config  # the run settings, declared once there
+from causal.values import Experiment, Plan
 
 
 @guarded
@@ -64,7 +64,7 @@ def _load_and_resolve(file: ast.ExperimentFile, config: RunConfig, model, tokeni
     else:
         loaded = _given_model(model, tokenizer, config)
         file = replace(file, model=ast.ModelDecl(loaded.ref, file.model.span if file.model else file.span))
-    return resolve(file, loaded, config.seed)
+    return resolve(file, loaded, METHODS, config.seed)
 
 
 def _setting_span(config: RunConfig, key: str, argument: str) -> Span | None:

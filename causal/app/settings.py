@@ -176,7 +176,7 @@ def config_problem(config: "RunConfig") -> str | None:
     memory = config.record_memory_gb
     if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not math.isfinite(memory) or memory < 0:
         return f"setting record_memory_gb={memory!r} must be a finite number of GB, 0 or more"
-    from causal.shards import problem as shard_problem
+    from causal.results.shards import problem as shard_problem
     if shard_problem(config.shard):
         return shard_problem(config.shard)
     for name in ("model", "checkpoints", "device", "dtype", "pack", "record_store", "device_map", "offload_folder"):
