@@ -28,6 +28,7 @@ import causal
 from causal.app import api, cli
 from causal.app.check import describe
 from causal.data.load import GENERATORS
+from causal import tasks  # noqa: F401  (the built-in generators register themselves)
 from causal.errors import CausalError
 from causal.app.hydra_app import summary
 from causal.lang.parser import DECLARATIONS, intervention_keywords, parse_file, parse_text
@@ -389,6 +390,7 @@ def test_not_checked_blocks_are_few_and_say_why():
 def test_every_generator_argument_is_documented():
     """docs/language.md's generator table names every argument of every `data NAME(...)` generator."""
     text = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")
+    assert {"induction", "ioi", "counterfact", "hiereq"} <= set(GENERATORS)
     for name, generator in GENERATORS.items():
         row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
         assert row, f"generator {name!r} has no row in docs/language.md"

@@ -11,6 +11,7 @@ from pathlib import Path
 import causal
 
 PACKAGE = Path(causal.__file__).parent
+DOC = PACKAGE.parent / "docs" / "architecture.md"
 
 LAYERS = [  # lowest first; a module may import its own layer's modules and any lower layer's
     ("foundation", ("causal.errors", "causal.limits", "causal.files", "causal.locks", "causal.zoo")),
@@ -101,3 +102,24 @@ def test_the_graph_sees_imports_inside_functions_and_type_checking(tmp_path):
                       "def f():\n    from causal.app import cli\n    import causal.results.io\n")
     assert imports_of(source, "causal.values") == {"causal.engine.plan", "causal.app.cli", "causal.results.io"}
     assert layer_of("causal.app.cli") > layer_of("causal.values")
+
+
+def test_architecture_doc_names_every_package_and_only_real_ones():
+    """docs/architecture.md gives each package (and each top-level module) a paragraph, **`name/`** or
+    **`name.py`**, and names nothing that does not exist."""
+    import re
+    named = set(re.findall(r"\*\*`([a-z_]+(?:/|\.py))`\*\*", DOC.read_text(encoding="utf-8")))
+    packages = {f"{p.name}/" for p in PACKAGE.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    modules = {p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert packages | modules <= named, f"not in docs/architecture.md: {sorted(packages | modules - named)}"
+    assert named <= packages | modules, f"named but missing: {sorted(named - packages - modules)}"
+
+
+def test_the_layer_table_in_the_doc_is_the_one_checked_here():
+    text = DOC.read_text(encoding="utf-8")
+    for name, prefixes in LAYERS:
+        row = next((line for line in text.splitlines() if line.startswith(f"| {name} |")), None)
+        assert row, f"layer {name!r} has no row in docs/architecture.md"
+        for prefix in prefixes:
+            short = prefix.removeprefix("causal.") if prefix != "causal" else "causal"
+            assert f"`{short}`" in row, f"{prefix} not in the {name!r} row"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from causal.errors import did_you_mean
 from causal.methods.base import Method, method
-from causal.methods.edits import ZERO, Write, grouped
+from causal.methods.edits import Edit, Replace, grouped, in_span
 from causal.methods.statistics import PositionMean, derangement
 from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
 
@@ -107,15 +107,14 @@ class Ablate(Method):
 
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
-        writes = [(key, self.write(key, where, job, run, state)) for (key, _), where in masks.items()]
-        if self.basis:
-            for key, write in writes:
-                write.basis = self.basis.of(key, state)
-        return grouped(writes)
+        edits = [(key, self.write(key, where, job, run, state)) for (key, _), where in masks.items()]
+        if self.basis:  # within a subspace: only its span is ablated
+            edits = [(key, in_span(edit, self.basis.of(key, state))) for key, edit in edits]
+        return grouped(edits)
 
-    def write(self, key, where, job, run, state) -> Write:
+    def write(self, key, where, job, run, state) -> Edit:
         if self.how == "zero":
-            return Write(where, ZERO)
+            return Replace(where)
         if self.how == "mean":
-            return Write(where, state["means"][key][None])
-        return Write(where, run.caches.get(self.reference, key, state["donors"][job.examples]))
+            return Replace(where, state["means"][key][None])
+        return Replace(where, run.caches.get(self.reference, key, state["donors"][job.examples]))

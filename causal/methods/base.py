@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
 
-from causal.methods.edits import Write, grouped
+from causal.methods.edits import Edit, Replace, grouped
 from causal.values import CacheKey, Chunk, Job, Plan, Stream, Sweep, Target
 
 if TYPE_CHECKING:
@@ -164,13 +164,13 @@ class Method:
         """(rows, metrics) values of one batched job."""
         return run.forward(self, job, run.hooks(self.writes(job, run, state)))
 
-    def writes(self, job: Job, run: "Run", state: Any) -> dict[CacheKey, list[Write]]:
+    def writes(self, job: Job, run: "Run", state: Any) -> dict[CacheKey, list[Edit]]:
         """What its rows change inside the forward pass."""
         raise NotImplementedError
 
     def stream_writes(self, stream: Stream, examples: torch.Tensor, samples: torch.Tensor,
-                      state: Any) -> dict[CacheKey, list[Write]]:
-        """Writes every forward on a stream it added carries (noise on a noised run)."""
+                      state: Any) -> dict[CacheKey, list[Edit]]:
+        """Edits every forward on a stream it added carries (noise on a noised run)."""
         return {}
 
     @property
@@ -226,7 +226,7 @@ class Method:
         return f"{rows} rows in {passes} forward passes"
 
 
-def source_writes(method: Method, source: str, job: Job, run: "Run") -> dict[CacheKey, list[Write]]:
+def source_writes(method: Method, source: str, job: Job, run: "Run") -> dict[CacheKey, list[Edit]]:
     """Every target of each row takes the `source` run's activation there (patching's write)."""
     masks = run.masks.of_points(method, job)
-    return grouped([(key, Write(where, run.caches.get(source, key, job.examples))) for (key, _), where in masks.items()])
+    return grouped([(key, Replace(where, run.caches.get(source, key, job.examples))) for (key, _), where in masks.items()])

@@ -1,58 +1,107 @@
-"""Masked writes per (site, layer): the one way any method changes a forward pass.
+"""Edits per (site, layer): the one way any method changes a forward pass.
 
-A write replaces (or adds to) a site's activation where its mask is set; the mask
-covers absolute positions, so a forward that starts part-way (engine.forward) slices it.
-Rows of one pass may belong to different sweep points: masks are per row (`Masks`), values
-are gathered per row from the cached base runs (`Caches`). What to write is the method's.
+An edit changes a site's activation where its mask is set: replaced by a value (zeros without one),
+moved by a vector, moved only within a basis' span, or mapped by a function of the activation (a
+trained intervention). Each kind is a class with one `apply`; the hook that runs them (`as_hook`) is a
+plain loop, so a new kind is a class here and no engine file changes. The mask covers absolute
+positions, so a forward that starts part-way (engine.forward) slices it. Rows of one pass may belong to
+different sweep points: masks are per row (`Masks`), values are gathered per row from the cached base
+runs. What to edit is the method's.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from causal.values import CacheKey, Experiment, Job, Target, absolute_positions
 
-ZERO = None  # a Write value of None writes zeros
+
+@dataclass
+class Edit:
+    """Where (rows, width, *extra dims) bool over absolute positions, and the value it writes or moves by
+    ((rows or 1, width or 1, *trailing dims); None where the kind needs none)."""
+
+    where: torch.Tensor
+    value: torch.Tensor | None = None
+
+    def apply(self, act: torch.Tensor, start: int) -> torch.Tensor:
+        """The activation of positions start.. with this edit made."""
+        raise NotImplementedError
+
+    def mask(self, act: torch.Tensor, start: int) -> torch.Tensor:
+        where = self.where[:, start:start + act.shape[1]].to(act.device)
+        return where.reshape(*where.shape, *([1] * (act.dim() - where.dim())))
+
+    def value_at(self, act: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The value at the positions the forward computes (one value for every position stays as it is)."""
+        if self.value is None:
+            return None
+        value = self.value if self.value.shape[1] == 1 else self.value[:, start:start + act.shape[1]]
+        return value.to(act.device, act.dtype)
+
+    def moved_to(self, where: torch.Tensor, value: torch.Tensor | None) -> "Edit":
+        """The same edit over other positions (generation widens a prompt's edit to the new tokens)."""
+        return replace(self, where=where, value=value)
 
 
 @dataclass
-class Write:
-    where: torch.Tensor  # (rows, width, *extra dims) bool
-    value: torch.Tensor | None  # None: zero; else (rows or 1, width or 1, *trailing dims)
-    add: bool = False
-    basis: torch.Tensor | None = None  # (d, k) orthonormal: only the span moves, h + B Bᵀ (value - h), or + B Bᵀ value
-    edit: Callable[[torch.Tensor], torch.Tensor] | None = None  # a function of the activation itself (a LoReFT)
+class Replace(Edit):
+    """The activation becomes the value (another run's, a mean, a donor's), or zero without one."""
+
+    def apply(self, act, start):
+        where = self.mask(act, start)
+        value = self.value_at(act, start)
+        return act.masked_fill(where, 0.0) if value is None else torch.where(where, value, act)
 
 
-def as_hook(writes: list[Write]):
-    """The adapter hook applying `writes` in order to an activation that starts at position `start`."""
+@dataclass
+class Add(Edit):
+    """The value is added (a steering vector, tracing's noise)."""
+
+    def apply(self, act, start):
+        return act + self.mask(act, start) * self.value_at(act, start)
+
+
+@dataclass
+class InSpan(Edit):
+    """Only the span of an orthonormal basis B (d, k) moves: h + B Bᵀ (value - h) (zero without a value),
+    or h + B Bᵀ value when it adds."""
+
+    basis: torch.Tensor | None = None
+    adds: bool = False
+
+    def apply(self, act, start):
+        value = self.value_at(act, start)
+        basis = self.basis.to(act.device, act.dtype)
+        moved = value if self.adds else (-act if value is None else value - act)
+        return act + self.mask(act, start) * ((moved @ basis) @ basis.T)
+
+
+@dataclass
+class Mapped(Edit):
+    """The activation becomes a function of itself (a trained edit: a LoReFT)."""
+
+    function: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def apply(self, act, start):
+        return torch.where(self.mask(act, start), self.function(act), act)
+
+
+def in_span(edit: Replace | Add, basis: torch.Tensor) -> InSpan:
+    """A replacement or an addition confined to the span of `basis` (`within basis(...)`)."""
+    return InSpan(edit.where, edit.value, basis, adds=isinstance(edit, Add))
+
+
+def as_hook(edits: list[Edit]):
+    """The adapter hook making `edits` in order on an activation that starts at position `start`."""
     def apply(act: torch.Tensor, start: int) -> torch.Tensor:
-        length = act.shape[1]
-        for write in writes:
-            where = write.where[:, start:start + length].to(act.device)
-            where = where.reshape(*where.shape, *([1] * (act.dim() - where.dim())))
-            if write.edit is not None:
-                act = torch.where(where, write.edit(act), act)
-                continue
-            value = None if write.value is None else _at_positions(write.value, start, length).to(act.device, act.dtype)
-            if write.basis is not None:  # only the span moves: to the value (zero without one), or by it (add)
-                basis = write.basis.to(act.device, act.dtype)
-                moved = value if write.add else (-act if value is None else value - act)
-                act = act + where * ((moved @ basis) @ basis.T)
-            elif value is None:
-                act = act.masked_fill(where, 0.0)
-            else:
-                act = act + where * value if write.add else torch.where(where, value, act)
+        for edit in edits:
+            act = edit.apply(act, start)
         return act
     return apply
-
-
-def _at_positions(value: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """A write's value for the positions the forward computes (one value for all positions stays as it is)."""
-    return value if value.shape[1] == 1 else value[:, start:start + length]
 
 
 class Masks:
@@ -131,12 +180,12 @@ def within_prompt(experiment: Experiment, target: Target, lengths: torch.Tensor)
     return ok
 
 
-def grouped(writes: list[tuple[CacheKey, Write]]) -> dict[CacheKey, list[Write]]:
-    """(key, write) pairs -> writes per key, in order."""
+def grouped(edits: list[tuple[CacheKey, Edit]]) -> dict[CacheKey, list[Edit]]:
+    """(key, edit) pairs -> edits per key, in order."""
     out: defaultdict = defaultdict(list)
-    for key, write in writes:
-        out[key].append(write)
+    for key, edit in edits:
+        out[key].append(edit)
     return dict(out)
 
 
-__all__ = ["Masks", "Write", "as_hook", "grouped", "target_first_position", "within_prompt"]
+__all__ = ["Add", "Edit", "InSpan", "Mapped", "Masks", "Replace", "as_hook", "grouped", "in_span", "target_first_position", "within_prompt"]

@@ -17,7 +17,7 @@ import torch
 
 from causal.errors import Span, did_you_mean
 from causal.methods.base import Method, Variable, method
-from causal.methods.edits import Write
+from causal.methods.edits import Edit
 from causal.models.adapter import PATTERN
 from causal.values import Job, Resume, Sweep
 
@@ -240,7 +240,7 @@ def new_position_masks(run, other: Method, job: Job, length: int) -> dict:
     return masks
 
 
-def widened(write: Write, length: int, n: int, new: torch.Tensor | None, other: Method) -> Write:
+def widened(write: Edit, length: int, n: int, new: torch.Tensor | None, other: Method) -> Edit:
     """A write over the prompt's `length` positions and the `n` generated ones after it (`new` where it writes)."""
     rows, extra = write.where.shape[0], write.where.shape[2:]
     later = torch.zeros((rows, n, *extra), dtype=torch.bool) if new is None else new[:, None].expand(rows, n, *extra)
@@ -250,7 +250,7 @@ def widened(write: Write, length: int, n: int, new: torch.Tensor | None, other: 
         if later.any():
             raise AssertionError(f"`{other.statement}` has no value at generated positions")  # refused in link
         value = torch.cat([value[:, :length], value.new_zeros((value.shape[0], n, *value.shape[2:]))], 1)
-    return Write(where, value, write.add)
+    return write.moved_to(where, value)
 
 
 def generate_tokens(runner, ids: torch.Tensor, hooks: dict, n: int, decoding: Decoding,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from causal.methods.base import Method, method, source_writes
+from causal.methods.edits import in_span
 from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
 
 
@@ -39,9 +40,7 @@ class Patch(Method):
             self.basis.check(self.site_keys, state)
 
     def writes(self, job, run, state):
-        writes = source_writes(self, self.source, job, run)
-        if self.basis:
-            for key, group in writes.items():
-                for write in group:
-                    write.basis = self.basis.of(key, state)
-        return writes
+        edits = source_writes(self, self.source, job, run)
+        if self.basis:  # within a subspace: only its span takes the source's value
+            return {key: [in_span(edit, self.basis.of(key, state)) for edit in group] for key, group in edits.items()}
+        return edits

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from causal.errors import did_you_mean
 from causal.methods.base import Method, method
-from causal.methods.edits import Write, as_hook, grouped
+from causal.methods.edits import Replace, as_hook, grouped
 from causal.models.adapter import HEAD_OUTPUT
 from causal.values import Target
 
@@ -83,7 +83,7 @@ class PathPatch(Method):
         recorded: dict = {}
         recorders = {key: _keeper(recorded, key) for key in receivers}
         run.forward(self, job, hooks, start_pos=0, recorders=recorders)
-        second = {key: as_hook([Write(where, recorded[key])]) for key, where in receivers.items()}
+        second = {key: as_hook([Replace(where, recorded[key])]) for key, where in receivers.items()}
         return run.forward(self, job, second, start_layer=self.first_receiver_layer, start_pos=0)
 
     def phase_a(self, job, run):
@@ -99,9 +99,9 @@ class PathPatch(Method):
             if role == "freeze":  # the senders themselves are not frozen
                 senders = masks.get((key, "main"))
                 keep = where & ~senders if senders is not None else where
-                freezes.append((key, Write(keep, run.caches.get(self.base, key, job.examples))))
+                freezes.append((key, Replace(keep, run.caches.get(self.base, key, job.examples))))
             else:
-                sends.append((key, Write(where, run.caches.get(self.source, key, job.examples))))
+                sends.append((key, Replace(where, run.caches.get(self.source, key, job.examples))))
         return grouped(freezes + sends)  # per key, freezing first: the senders' values win
 
     def receiver_masks(self, job, run):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from causal.methods.base import Method, method
-from causal.methods.edits import Write, grouped
+from causal.methods.edits import Add, Mapped, grouped, in_span
 from causal.methods.means import MeanTerm, linear_terms, mean_statistics, mean_term
 from causal.methods.rotations import loreft_edit
 from causal.methods.subspace import FixedBasis, MeansBasis, loreft_parameters, within_basis
@@ -61,10 +61,11 @@ class Steer(Method):
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
         if self.loreft is not None:
-            return grouped([(key, Write(where, None, edit=self.loreft_edit)) for (key, _), where in masks.items()])
-        return grouped([(key, Write(where, self.vector(key, state), add=True,
-                                    basis=self.basis.of(key, state) if self.basis else None))
-                        for (key, _), where in masks.items()])
+            return grouped([(key, Mapped(where, function=self.loreft_edit)) for (key, _), where in masks.items()])
+        edits = [(key, Add(where, self.vector(key, state))) for (key, _), where in masks.items()]
+        if self.basis:  # only the vector's part in the span is added
+            edits = [(key, in_span(edit, self.basis.of(key, state))) for key, edit in edits]
+        return grouped(edits)
 
     def loreft_edit(self, h: torch.Tensor) -> torch.Tensor:
         basis, weight, bias = (t.to(h.device, h.dtype) for t in self.loreft)

@@ -14,7 +14,7 @@ import torch
 from causal.errors import did_you_mean
 from causal.limits import MAX_SAMPLES
 from causal.methods.base import Method, method
-from causal.methods.edits import Write, grouped
+from causal.methods.edits import Add, Replace, grouped
 from causal.methods.statistics import standard_noise
 from causal.resolve.positions import position_masks
 from causal.values import Stream, Target
@@ -124,10 +124,10 @@ class Trace(Method):
     def stream_writes(self, stream, examples, samples, state):
         return {(self.embedding, None): [self.noise_write(examples, samples, state)]}
 
-    def noise_write(self, examples: torch.Tensor, samples: torch.Tensor, state) -> Write:
+    def noise_write(self, examples: torch.Tensor, samples: torch.Tensor, state) -> Add:
         where = self.noise.positions[examples]
         value = torch.stack([self.noise_of(int(e), state)[int(s)] for e, s in zip(examples, samples)])
-        return Write(where, value, add=True)
+        return Add(where, value)
 
     def noise_of(self, example: int, state) -> torch.Tensor:
         """(samples, width, d) Gaussian noise for one example, at the trace's scale."""
@@ -146,9 +146,9 @@ class Trace(Method):
         writes = [((self.embedding, None), self.noise_write(job.examples, job.samples, state))]
         for (key, role), where in masks.items():
             if role == "sever":  # frozen at the noised run's own value
-                writes.append((key, Write(where, run.caches.get(self.noised_name, key, job.examples, job.samples))))
+                writes.append((key, Replace(where, run.caches.get(self.noised_name, key, job.examples, job.samples))))
             else:
-                writes.append((key, Write(where, run.caches.get(self.base, key, job.examples))))
+                writes.append((key, Replace(where, run.caches.get(self.base, key, job.examples))))
         return grouped(writes)
 
 
