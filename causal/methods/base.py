@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 
 class Run(Protocol):
-    """What a method may use of the run executing it (the engine's Executor provides it; tests/test_methods.py
-    checks that it provides exactly this). Methods never import the engine: it sits above them."""
+    """What a method may use of the run executing it: the engine's Executor provides every member
+    (tests/test_edits.py checks it). Methods never import the engine: it sits above them. This is today's
+    wide surface, written down; narrowing it is issue 33's item 2."""
 
     experiment: "Experiment"
     plan: Plan
