@@ -2,15 +2,11 @@
 that needs no engine change, and generation's widening keeping an edit's kind."""
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
 from dataclasses import dataclass
 
 import torch
 
-from causal.engine.execute import Executor
-from causal.methods.base import Run
+from causal.methods.base import hooks as methods_hooks
 from causal.methods.edits import Add, Edit, InSpan, Mapped, Replace, as_hook, in_span
 from causal.methods.generate import widened
 
@@ -77,7 +73,7 @@ def test_the_hook_is_a_plain_loop_and_a_new_kind_needs_no_engine_change():
 
     act, value, where = _act(0), _act(1), _where()
     edits = [Replace(where, value), Scale(where, factor=3.0)]
-    hooks = Executor.hooks(None, {("resid_pre", 0): edits})  # what the engine hooks in for a job's edits
+    hooks = methods_hooks({("resid_pre", 0): edits})  # what a job's forward hooks in for its edits
     assert torch.allclose(hooks[("resid_pre", 0)](act, 0), _by_hand(act, where, 3 * value))
     assert torch.equal(as_hook([])(act, 0), act)
 
@@ -92,23 +88,3 @@ def test_widening_to_generated_tokens_keeps_the_kind_and_its_fields():
     assert wide.where.shape == (ROWS, WIDTH + 2) and not wide.where[:, WIDTH:].any()
     mapped = widened(Mapped(where, function=torch.neg), WIDTH, 2, None, None)
     assert isinstance(mapped, Mapped) and mapped.function is torch.neg
-
-
-def test_the_executor_provides_every_member_of_the_run_protocol():
-    """Methods see the run through methods.base.Run; the engine's Executor must provide all of it."""
-    members = set(Run.__annotations__) | {name for name, _ in inspect.getmembers(Run, inspect.isfunction)
-                                          if not name.startswith("_")}
-    methods = {name for name, _ in inspect.getmembers(Executor, inspect.isfunction)}
-    assert members <= methods | _attributes_set_on_self(Executor), sorted(members - methods - _attributes_set_on_self(Executor))
-
-
-def _attributes_set_on_self(cls) -> set[str]:
-    """Names assigned as self.NAME anywhere in the class (plain and tuple assignments)."""
-    found = set()
-    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(cls)))):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for target in targets:
-            for item in (target.elts if isinstance(target, ast.Tuple) else [target]):
-                if isinstance(item, ast.Attribute) and isinstance(item.value, ast.Name) and item.value.id == "self":
-                    found.add(item.attr)
-    return found

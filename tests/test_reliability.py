@@ -254,12 +254,12 @@ def test_attribution_resumes_from_its_checkpointed_chunks(write_experiment, tmp_
 
     kill = [True]
 
-    def dies_after_two(self, executor, chunk, caches, state):
+    def dies_after_two(self, run, chunk, state):
         if kill and len(computed) == 2:
             kill.clear()
             raise Killed
         computed.append(int(chunk.examples[0]))
-        return real_chunk(self, executor, chunk, caches, state)
+        return real_chunk(self, run, chunk, state)
 
     monkeypatch.setattr(Attribute, "chunk_pass", dies_after_two)
     with pytest.raises(Killed):

@@ -287,7 +287,8 @@ def _report(parser: _Parser, args: argparse.Namespace) -> int:
     from causal.results import load
     from causal.results.report import write_report
     dataset = load(args.run_dir)
-    if not any(v.attrs.get("kind") == "intervention" for v in dataset.data_vars.values()):
+    from causal.methods.kinds import kind_of
+    if not any(kind_of(v.attrs).effect for v in dataset.data_vars.values()):
         raise CausalError(f"nothing to report in {str(args.run_dir)!r}: it has no intervention variables")
     folder = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent  # RUN_DIR may name results.nc
     print(write_report(dataset, args.output or folder / "report.html"))

@@ -142,15 +142,17 @@ def compose_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 def summary(dataset, results: Path, plots: list[Path]) -> str:
+    from causal.methods.kinds import kind_of
     from causal.results.bases import trained_statements
     from causal.results.summary import effect
     lines = [f"results: {results}"]
     if plots:
         lines.append(f"plots:   {plots[0].parent}/ ({len(plots)} file(s))")
     for name, variable in dataset.data_vars.items():
-        if variable.attrs.get("kind") == "generation" and variable.dtype.kind in "UO":  # texts, not token ids
+        kind = kind_of(variable.attrs)
+        if kind.text and variable.dtype.kind in "UO":  # texts, not token ids
             lines.append(_generated(name, variable))
-        if variable.attrs.get("kind") != "intervention":
+        if not kind.effect:
             continue
         means = effect(dataset, name).mean("example")
         metrics = list(means["metric"].values) if "metric" in means.dims else [variable.attrs.get("metric")]

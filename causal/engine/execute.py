@@ -14,11 +14,13 @@ from tqdm.auto import tqdm
 
 from causal.engine.caches import Caches
 from causal.engine.checkpoint import ChunkStore
+from causal.engine.context import RunContext
 from causal.engine.forward import Runner
 from causal.engine.health import NonFiniteWatch
 from causal.engine.plan import Packer, RowStarts, row_starts
 from causal.engine.stats import run_statistics
 from causal.errors import CausalError
+from causal.methods.base import JobMethod, SelfDriven
 from causal.methods.edits import Masks, as_hook
 from causal.metrics import chosen_slots, metric_values, read_slots
 from causal.models.adapter import BLOCK_INPUT
@@ -57,7 +59,7 @@ def execute(experiment: Experiment, plan: Plan, progress: bool | None = None, st
 
 
 class Executor:
-    """Runs a plan. Methods see it as `run`: forward passes, hooks, masks, caches and baselines."""
+    """Runs a plan. Methods never see it: they get its `context` (causal.engine.context.RunContext)."""
 
     def __init__(self, experiment: Experiment, plan: Plan, progress: bool | None, store: ChunkStore | None):
         self.experiment, self.plan, self.store = experiment, plan, store
@@ -69,7 +71,8 @@ class Executor:
         self.sums = {m.name: _Sums((len(m.sweep.points), n, metrics)) for m in experiment.interventions}
         self.states = {m.name: m.new_state(experiment) for m in experiment.interventions}
         self.backoff = BatchBackoff(plan.batch_size)
-        self.caches: Caches | None = None
+        self.caches: Caches | None = None  # the current chunk's base runs
+        self.context = RunContext(self)
 
     def prepare_statistics(self) -> None:
         """Every method's statistics passes (means, noise scales), before any job."""
@@ -85,7 +88,8 @@ class Executor:
         if done:
             log.warning("resuming: %d of %d batches already done (%s)", sum(k.startswith("job-") for k in done),
                         len(self.plan.jobs), self.store.folder)
-        per_chunk = [(i, m) for i, m in enumerate(self.experiment.interventions) if m.works_per_chunk]
+        per_chunk = [(i, m) for i, m in enumerate(self.experiment.interventions)
+                     if isinstance(m, SelfDriven) and m.per_chunk]
         own = sum(chunk.in_shard for chunk in self.plan.chunks)  # another shard's chunks: baselines only
         bar = tqdm(total=len(self.plan.jobs) + len(per_chunk) * own, unit="batch",
                    desc=f"{self.experiment.name}", disable=None if self.progress is None else not self.progress)
@@ -107,12 +111,14 @@ class Executor:
             for k, job in zip(indices, chunk.jobs):  # in job order, resumed or not: the sums add up alike
                 self.collect(job, values[k])
             for index, method in to_do:
-                saved = method.chunk_pass(self, chunk, caches, self.states[method.name])
+                self.caches = caches
+                saved = method.chunk_pass(self.context, chunk, self.states[method.name])
                 if self.store and saved is not None:
                     self.store.save_tensors(_chunk_key(index, chunk_index), saved)
                 bar.update(1)
         for method in self.experiment.interventions:
-            method.finish(self, self.states[method.name])
+            if isinstance(method, SelfDriven):
+                method.finish(self.context, self.states[method.name])
         bar.close()
         variables = [v for m in self.experiment.interventions
                      for v in m.variables(self.sums[m.name].mean(), self.states[m.name])]
@@ -257,31 +263,31 @@ class Executor:
                                                      read=last),
                          f"{len(examples)} '{column}' prompts for statistics")
 
-    def run_points(self, method, points: torch.Tensor) -> torch.Tensor:
-        """Exact values of some points of a method's sweep, (points, examples, metrics), NaN at the others: their
-        rows planned and packed as jobs are, each from layer 0 (attribution's check of its top sites)."""
+    def run_points(self, method: JobMethod, points: torch.Tensor) -> torch.Tensor:
+        """Exact values of some points of a job method's sweep, (points, examples, metrics), NaN at the others:
+        their rows planned and packed as jobs are, each from layer 0 (attribution's check of its top sites). The
+        method need not be one of the file's statements; it gets a fresh state, so it must need no statistics."""
         experiment = self.experiment
-        index = experiment.interventions.index(method)
+        state = method.new_state(experiment)
+        if method.statistics(experiment, state):
+            raise CausalError(f"'{method.statement}': exact values of a method with statistics passes")
         out = torch.full((len(method.sweep.points), experiment.n_examples, len(experiment.metrics)), float("nan"))
         packer = Packer(experiment, self.plan.batch_size, "auto", experiment.model.device.type)
         for chunk_index, chunk in enumerate(self.plan.chunks):
             caches = self.base_runs(chunk_index, chunk, set(), need=True)
             rows = _only_points(row_starts(experiment, method, chunk.examples), points)
-            for job in packer.pack(index, rows):
-                out[job.points, job.examples] = self.run_job(job, caches).float().cpu()
+            self.caches = caches
+            for job in packer.pack(-1, rows):
+                out[job.points, job.examples] = method.run_job(job, self.context, state).float().cpu()
         return out
 
     # jobs
     def run_job(self, job: Job, caches: Caches) -> torch.Tensor:
         self.caches = caches
         method = self.experiment.interventions[job.intervention]
-        return method.run_job(job, self, self.states[method.name])
+        return method.run_job(job, self.context, self.states[method.name])
 
-    def hooks(self, writes: dict) -> dict:
-        """(site, layer) -> list of writes  ->  (site, layer) -> adapter hook."""
-        return {key: as_hook(ws) for key, ws in writes.items()}
-
-    def forward(self, method, job: Job, hooks: dict, start_layer: int | None = None, start_pos: int | None = None,
+    def forward_job(self, method: JobMethod, job: Job, hooks: dict, start_layer: int | None = None, start_pos: int | None = None,
                 recorders: dict | None = None) -> torch.Tensor:
         """(rows, metrics): one forward of a job's rows with `hooks`, resumed from the base run's cache."""
         experiment, caches = self.experiment, self.caches

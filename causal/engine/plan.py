@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from causal.methods.base import JobMethod
 from causal.methods.edits import target_first_position
 from causal.values import Chunk, Experiment, Job, Plan, Stream
 
@@ -55,8 +56,8 @@ def compile_plan(experiment: Experiment, batch_size: int, pack: str = "auto", de
             plan.chunks.append(Chunk(torch.arange(start, min(start + size, high)), in_shard=start in own))
     packer = Packer(experiment, batch_size, pack, device_type)
     for index, method in enumerate(experiment.interventions):
-        if not method.plans_jobs:
-            continue  # its work is its own per chunk (attribution's gradient runs)
+        if not isinstance(method, JobMethod):
+            continue  # it makes its own passes (attribution's gradient runs)
         for chunk in (c for c in plan.chunks if c.in_shard):
             rows = row_starts(experiment, method, chunk.examples)
             if not optimize:

@@ -448,7 +448,7 @@ class _ToAst(Transformer):
             return Tree(data, children, meta)
         if data.endswith("_stmt"):
             clauses = tuple(c if isinstance(c, ast.Clause) else self._unnamed(c, meta) for c in children)
-            return ("intervention", ast.Statement(data.removesuffix("_stmt"), clauses, self._s(meta)), self._s(meta))
+            return ("statement", ast.Statement(data.removesuffix("_stmt"), clauses, self._s(meta)), self._s(meta))
         return self._clause(str(data), children, meta)
 
     def _clause(self, name: str, children: list, meta) -> ast.Clause:
@@ -478,7 +478,7 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
     for kind, node, span in statements:
         if kind == "metric":
             metrics.append(node)
-        elif kind == "intervention":
+        elif kind == "statement":  # a method statement (patch, ablate, ...)
             interventions.append(node)
         elif kind == "param":
             params.append(node)
@@ -505,7 +505,7 @@ def _assemble(statements: list, text: str, path: str, model_given: bool) -> ast.
     if not interventions:
         *others, last = intervention_keywords()
         raise CausalError(f"the experiment has no intervention ({', '.join(others)} or {last})",
-                          start, hint=f"add a line such as: {_EXAMPLES['intervention']}")
+                          start, hint=f"add a line such as: {_EXAMPLES['statement']}")
     return ast.ExperimentFile(
         path=path, text=text,
         name=singles["experiment"][0] if "experiment" in singles else None,
@@ -533,5 +533,5 @@ _EXAMPLES = {
     "model": 'model "zoo:attn-only-2l"',
     "data": 'data "prompts.jsonl"',
     "metric": "metric logit_diff(answer, wrong) at -1",
-    "intervention": "patch resid_pre[layer=*, pos=*] from corrupt into clean",
+    "statement": "patch resid_pre[layer=*, pos=*] from corrupt into clean",
 }

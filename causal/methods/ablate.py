@@ -7,20 +7,30 @@ ablates only the span of B: h' = h + B Bᵀ (value - h), e.g. the projection ont
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from causal.errors import did_you_mean
-from causal.methods.base import Method, method
+from causal.methods.base import JobMethod, method
 from causal.methods.edits import Edit, Replace, grouped, in_span
 from causal.methods.statistics import PositionMean, derangement
-from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
+from causal.methods.subspace import BasisState, FixedBasis, MeansBasis, within_basis
 
 ABLATIONS = ("zero", "mean", "resample")
 
 
+@dataclass
+class AblateState(BasisState):
+    """Per-position means (mean), each example's donor (resample)."""
+
+    means: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    donors: torch.Tensor | None = None
+
+
 @method("ablate")
 @dataclass
-class Ablate(Method):
+class Ablate(JobMethod):
     how: str  # zero | mean | resample
     reference: str
     basis: FixedBasis | MeansBasis | None = None  # from `within basis(...)`
@@ -84,6 +94,9 @@ class Ablate(Method):
     def writes_past_prompt(self) -> bool:  # zeros exist everywhere; means and donors at the prompt's positions
         return self.how == "zero"
 
+    def new_state(self, experiment) -> AblateState:
+        return AblateState()
+
     def records(self, n_layers):
         return {self.reference: self.site_keys} if self.how == "resample" else {}
 
@@ -97,13 +110,12 @@ class Ablate(Method):
 
     def ablation_statistics(self, experiment, state):
         if self.how == "resample":
-            state["donors"] = derangement(experiment.n_examples, experiment.seed,
-                                          groups=experiment.prompts[self.reference].lengths)
+            state.donors = derangement(experiment.n_examples, experiment.seed,
+                                        groups=experiment.prompts[self.reference].lengths)
         if self.how != "mean":
             return []
-        means = state.setdefault("means", {})
         prompts = experiment.prompts[self.reference]
-        return [PositionMean(prompts, self.reference, key, means) for key in self.site_keys]
+        return [PositionMean(prompts, self.reference, key, state.means) for key in self.site_keys]
 
     def writes(self, job, run, state):
         masks = run.masks.of_points(self, job)
@@ -116,5 +128,5 @@ class Ablate(Method):
         if self.how == "zero":
             return Replace(where)
         if self.how == "mean":
-            return Replace(where, state["means"][key][None])
-        return Replace(where, run.caches.get(self.reference, key, state["donors"][job.examples]))
+            return Replace(where, state.means[key][None])
+        return Replace(where, run.cached(self.reference, key, state.donors[job.examples]))

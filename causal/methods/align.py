@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from causal.data.prompts import answer_ids
-from causal.methods.base import Method, Variable, method
+from causal.methods.base import SelfDriven, Variable, method
+from causal.methods.kinds import ResultKind, result_kind
 from causal.methods.rotations import Subspace
 from causal.methods.subspace import VECTOR_ROLES
 from causal.values import Sweep
@@ -66,9 +67,12 @@ class AlignState:
     reached: set = field(default_factory=set)  # candidates the loss's gradient has reached (nonzero) so far
 
 
+ALIGNMENT = result_kind(ResultKind("alignment", score=("_iia", "held-out IIA")))
+
+
 @method("align")
 @dataclass
-class Align(Method):
+class Align(SelfDriven):
     source: str
     labels: torch.Tensor  # (examples,) the counterfactual answer's token id
     column: str
@@ -76,8 +80,7 @@ class Align(Method):
     width: int
     split: Split
 
-    plans_jobs = False  # training is its own loop over epochs (finish), not patched jobs
-    reuses_prefix = False
+    per_chunk = False  # training is its own loop over epochs, in finish
 
     @classmethod
     def resolve(cls, node, resolution):
@@ -166,7 +169,7 @@ class Align(Method):
         ]
 
     def attrs(self) -> dict:
-        return {**super().attrs(), "kind": "alignment"}
+        return {**super().attrs(), "kind": ALIGNMENT.kind}
 
 
 def one_width(resolution, node, sweep: Sweep, keyword: str) -> int:

@@ -15,9 +15,10 @@ from typing import Iterator
 
 import torch
 
-from causal.methods.base import Method, Variable, method, source_writes
+from causal.methods.base import SelfDriven, Variable, method
 from causal.methods.edits import target_first_position
-from causal.metrics import metric_values, read_slots
+from causal.methods.patch import Patch
+from causal.metrics import read_slots
 from causal.models.adapter import KEY, MODULE, PATTERN, QUERY
 from causal.models.load import frozen_parameters, widest_float
 
@@ -38,17 +39,13 @@ class AttributionState:
 
 @method("attribute")
 @dataclass
-class Attribute(Method):
+class Attribute(SelfDriven):
     source: str
     verify_top: int | None
     exact_name: str | None  # the variable of exactly patched top sites
     query: str  # the model's query, key and pattern sites (AtP*'s exact attention fix)
     key: str
     pattern: str
-
-    plans_jobs = False  # gradient runs per chunk of examples, not patched jobs
-    works_per_chunk = True
-    reuses_prefix = False
 
     @classmethod
     def resolve(cls, node, resolution):
@@ -73,9 +70,6 @@ class Attribute(Method):
         shape = (len(self.sweep.points), experiment.n_examples, len(experiment.metrics))
         return AttributionState(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
 
-    def writes(self, job, run, state):  # the exact verification of its top sites: a plain patch
-        return source_writes(self, self.source, job, run)
-
     def describe_runs(self, plan, index):
         return "gradients: one backward per batch of examples"
 
@@ -86,11 +80,11 @@ class Attribute(Method):
         return None
 
     # estimates
-    def chunk_pass(self, run, chunk, caches, state):
+    def chunk_pass(self, run, chunk, state):
         examples = chunk.examples
-        for start in range(0, len(examples), run.plan.batch_size):
-            batch = examples[start:start + run.plan.batch_size]
-            state.estimates[:, batch] = self.estimate(run, batch, caches, state)
+        for start in range(0, len(examples), run.batch_size):
+            batch = examples[start:start + run.batch_size]
+            state.estimates[:, batch] = self.estimate(run, batch, state)
         return {"estimates": state.estimates[:, chunk.examples].contiguous(),
                 "qk_fix_layers": torch.tensor(sorted(state.qk_fix_layers), dtype=torch.long),
                 "qk_fallback_layers": torch.tensor(sorted(state.qk_fallback_layers), dtype=torch.long)}
@@ -100,7 +94,7 @@ class Attribute(Method):
         state.qk_fix_layers.update(saved["qk_fix_layers"].tolist())
         state.qk_fallback_layers.update(saved["qk_fallback_layers"].tolist())
 
-    def estimate(self, run, examples: torch.Tensor, caches, state) -> torch.Tensor:
+    def estimate(self, run, examples: torch.Tensor, state) -> torch.Tensor:
         experiment = run.experiment
         prompts = experiment.prompts[self.base]
         keys = self.site_keys
@@ -111,15 +105,16 @@ class Attribute(Method):
         slots = read_slots(experiment, self.base, examples)
         mask = prompts.attention_mask[examples]
         with frozen_parameters(experiment.model.model), _input_requires_grad(experiment.model.model):
-            output = run.runner.forward(prompts.ids[examples], mask, hooks, read=slots[0], grad=True)
-            values = metric_values(experiment, output, self.base, examples, slots, run.references_for(examples), mask)
+            output = run.forward(prompts.ids[examples], mask, hooks, read=slots[0], grad=True,
+                                 what=f"{len(examples)} '{self.base}' prompts with gradients for '{self.statement}'")
+            values = run.metric_values(output, self.base, examples, slots, mask)
             grads = []
             live = [k for k in sorted(watched, key=str) if kept[k].requires_grad]  # a constant site has no gradient
             for m in range(values.shape[1]):
                 got = torch.autograd.grad(values[:, m].sum(), [kept[k] for k in live],
                                           retain_graph=m < values.shape[1] - 1, allow_unused=True) if live else ()
                 grads.append({k: None for k in watched} | dict(zip(live, got)))
-        sources = {key: caches.get(self.source, key, examples).to(kept[key].device, kept[key].dtype) for key in keys}
+        sources = {key: run.cached(self.source, key, examples).to(kept[key].device, kept[key].dtype) for key in keys}
         scales: dict[int, float | None] = {}  # per q/k layer, shared by q, k and every metric
         per_metric = [{key: self.contribution(run, key, kept, grad, sources[key], scales, state) for key in keys}
                       for grad in grads]
@@ -195,10 +190,11 @@ class Attribute(Method):
         top = self.verify_top
         if not top:
             return
-        base = run.baselines[self.base]
+        base = run.baseline(self.base)
         effect = (state.estimates - base[None]).nanmean(1)[..., 0]  # (points,) first metric
         chosen = effect.abs().argsort(descending=True)[:top]
-        state.exact = run.run_points(self, chosen)
+        exact_patch = Patch(self.name, self.statement, self.base, self.sweep, self.source)
+        state.exact = run.run_points(exact_patch, chosen)
         exact = (state.exact[chosen] - base[None]).nanmean(1)[..., 0]
         if len(chosen) > 1:
             state.correlation = [float(torch.corrcoef(torch.stack([effect[chosen], exact]))[0, 1])]

@@ -1,30 +1,29 @@
-"""The method protocol: all the engine knows about an intervention statement.
+"""The method protocol: all the engine knows about a statement.
 
-A method is one module under causal/methods/ with one `Method` subclass, registered
-under its statement keyword (`@method("patch")`). For its kind the module owns:
+A method is one module under causal/methods/ with one class, registered under its statement keyword
+(`@method("patch")`), of one of two shapes:
 
-- resolution: `resolve(statement, resolution)` checks the statement's clauses against the
-  model and data (through the shared `Resolution` helpers) and returns the resolved method;
-- needs: the streams it adds (`streams`), the activations of base runs its writes read
-  (`records`), statistics over whole columns (`statistics`, run before any job);
-- planning: how its rows start (`samples`, `reuses_prefix`, `start_layer`), what else later
-  passes resume from (`resume_layers`), the forwards a job makes (`passes`), or no jobs at
-  all (`plans_jobs = False`, with `chunk_pass`/`finish` doing its own work);
-- execution: the writes it applies inside a forward (`writes`, `stream_writes`), or a
-  job of its own shape (`run_job`);
-- results: how its numbers become Dataset variables (`variables`).
+- `JobMethod`: planned. The engine makes its (point, example) rows, packs them into jobs and runs each
+  as a forward with the method's `writes` (edits, causal.methods.edits), resumed from the base run at
+  the first layer and position it changes (`start_layer`, `passes`); patch, ablate, steer, trace, path.
+- `SelfDriven`: its own passes, `chunk_pass` per chunk of examples (checkpointed) and `finish` after
+  every chunk; attribute, record, lens, generate, align, reft.
 
-The engine calls these through the protocol only; it never asks what kind of method it runs.
+Both resolve (`resolve`, `link`, `check_run`), say what they need (`streams`, `records`,
+`statistics`), keep their state in a dataclass of their own (`new_state`) and report `variables`
+of the result kinds they register (causal.methods.kinds). Whatever runs gets a `Context`, the only
+part of the engine a method can reach. The engine asks a method's shape, never which method it is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from causal.methods.edits import Edit, Replace, grouped
-from causal.values import CacheKey, Chunk, Job, Plan, Stream, Sweep, Target
+from causal.methods.edits import Edit, Masks, Replace, as_hook, grouped
+from causal.methods.kinds import ResultKind, result_kind
+from causal.values import CacheKey, Chunk, Job, Output, Plan, Resume, Stream, Sweep, Target
 
 if TYPE_CHECKING:
     from causal.lang import ast
@@ -33,34 +32,60 @@ if TYPE_CHECKING:
     from causal.values import Experiment
 
 
-class Run(Protocol):
-    """What a method may use of the run executing it: the engine's Executor provides every member
-    (tests/test_edits.py checks it). Methods never import the engine: it sits above them. This is today's
-    wide surface, written down; narrowing it is issue 33's item 2."""
+class Context(Protocol):
+    """All a method may use of the run executing it. The engine hands each call a context with exactly these
+    members (tests/test_context.py checks the surface): no executor, runner, checkpoint store or cache object
+    is reachable from a method, so the engine can change how it runs without a method noticing."""
 
-    experiment: "Experiment"
-    plan: Plan
-    masks: Any  # causal.methods.edits.Masks over the experiment's prompts
-    caches: Any  # the current chunk's base runs: get(stream, key, examples, samples)
-    states: dict[str, Any]  # statement name -> its state (new_state), for statements that apply another's writes
-    baselines: dict[str, torch.Tensor]  # stream -> (examples, metrics)
-    store: Any  # the run's checkpoint store, or None
-    runner: Any  # causal.engine.forward.Runner: forward(ids, mask, hooks, resume, read, grad, record_kv)
+    experiment: "Experiment"  # model, prompts, metrics, the other statements
+    masks: Masks  # which (row, position) each target of a row selects
+    batch_size: int  # rows per forward
+    cache_bytes: int | None  # the run's memory budget for kept activations, None for unbounded
+    optimize: bool  # False on the reference path: every forward from layer 0, logits at every position
 
-    def forward(self, method: "Method", job: Job, hooks: dict, start_layer: int | None = None,
-                start_pos: int | None = None, recorders: dict | None = None) -> torch.Tensor: ...
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, hooks: dict, resume: Resume | None = None,
+                read: torch.Tensor | None = None, record_kv: bool = False, grad: bool = False,
+                what: str = "") -> Output:
+        """One forward of the unmodified model with `hooks` ((site, layer) -> fn(act, start)); `what` names the
+        rows when memory runs out."""
 
-    def hooks(self, writes: dict) -> dict: ...
+    def forward_job(self, method: "JobMethod", job: Job, hooks: dict, start_layer: int | None = None,
+                    start_pos: int | None = None, recorders: dict | None = None) -> torch.Tensor:
+        """(rows, metrics): a job's rows with `hooks`, resumed from their base run's cache where the plan allows."""
 
-    def guarded(self, compute: Callable, what: str): ...
+    def metric_values(self, output: Output, column: str, examples: torch.Tensor, slots, mask: torch.Tensor
+                      ) -> torch.Tensor:
+        """(rows, metrics) of an output, against the references (kl, similarity) the base runs gave."""
 
-    def references_for(self, examples: torch.Tensor) -> dict[int, torch.Tensor]: ...
+    def cached(self, stream: str, key: CacheKey, examples: torch.Tensor,
+               samples: torch.Tensor | None = None) -> torch.Tensor:
+        """A base run's activation at (site, layer) for these rows of the current chunk (`records` asks for it)."""
 
-    def run_points(self, method: "Method", points: torch.Tensor) -> torch.Tensor: ...
+    def baseline(self, stream: str) -> torch.Tensor:
+        """(examples, metrics) of a stream's unpatched run; NaN for chunks not yet run."""
 
-    def saved_tensors(self, key: str, done: set[str]) -> dict[str, torch.Tensor] | None: ...
+    def state(self, name: str) -> Any:
+        """Another statement's state (its `new_state`), for applying its writes (`generate ... under s1`)."""
+
+    def saved(self, key: str) -> dict[str, torch.Tensor] | None:
+        """What `save(key, ...)` kept in an earlier, interrupted run; None if nothing (or no checkpoints)."""
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Checkpoint tensors under `key` (a no-op when the run keeps no checkpoints)."""
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether `save` keeps anything: the run has a checkpoint folder."""
+
+    def run_points(self, method: "JobMethod", points: torch.Tensor) -> torch.Tensor:
+        """(points, examples, metrics) exact values of some points of a job method's sweep, NaN at the others."""
 
 
+CONTEXT_MEMBERS = frozenset(Context.__annotations__) | {
+    name for name, member in vars(Context).items() if not name.startswith("_") and (callable(member) or isinstance(member, property))}
+
+
+EFFECT = result_kind(ResultKind("intervention", effect=True))  # what Method.attrs gives: a metric under its writes
 METHODS: dict[str, type["Method"]] = {}  # statement keyword -> its method
 
 
@@ -97,8 +122,16 @@ class Variable:
 
 
 @dataclass
+class NoState:
+    """The state of a method that keeps none: its writes depend on the statement and the base runs alone."""
+
+
+@dataclass
 class Method:
-    """A resolved intervention statement: its name, text, the prompts it runs on, and its sweep."""
+    """A resolved statement: its name, text, the prompts it runs on, and its sweep. Every method is one of two
+    shapes: a `JobMethod`, whose rows the engine plans, packs and runs (it says what a forward changes), or a
+    `SelfDriven` one, which makes its own passes per chunk of examples and after them (gradients, generation,
+    recordings, training). The engine asks which shape a method has, never which method it is."""
 
     name: str
     statement: str
@@ -106,15 +139,22 @@ class Method:
     sweep: Sweep
 
     keyword: ClassVar[str] = "intervention"
-    samples: ClassVar[int] = 1  # rows per (point, example); noise samples for tracing
-    reuses_prefix: ClassVar[bool] = True  # rows may start at their first edited position (causal models)
-    plans_jobs: ClassVar[bool] = True  # False: no patched jobs; the work is chunk_pass/finish
-    works_per_chunk: ClassVar[bool] = False  # True: chunk_pass runs once per chunk of examples
 
     # --- resolution ---------------------------------------------------------------------------
     @classmethod
     def resolve(cls, node: "ast.Statement", resolution: "Resolution") -> "Method":
         raise NotImplementedError
+
+    def link(self, interventions: list["Method"], resolution: "Resolution") -> None:
+        """Once every statement is resolved: check and keep the others it names (`generate ... under s1`)."""
+
+    def check_run(self, experiment: "Experiment", config) -> None:
+        """Checks that need the other statements or the run's settings (causal.RunConfig), before any compute;
+        `causal check` makes them too (a recording's memory bound, the statement it records under)."""
+
+    def shard_problem(self) -> str | None:
+        """Why a shard (a part of the examples) cannot compute its numbers, or None: they need only its examples."""
+        return None
 
     # --- what it needs ------------------------------------------------------------------------
     @property
@@ -132,12 +172,12 @@ class Method:
         return []
 
     def records(self, n_layers: int) -> dict[str, set[CacheKey]]:
-        """Stream -> activations its writes read from that stream's base run."""
+        """Stream -> activations of that stream's base run it reads (`Context.cached`)."""
         return {}
 
     def new_state(self, experiment: "Experiment") -> Any:
-        """Per-run state (statistics, estimates); handed back to every call below."""
-        return {}
+        """Its per-run state, a dataclass of its own (statistics, estimates); handed back to every call below."""
+        return NoState()
 
     def statistics(self, experiment: "Experiment", state: Any) -> list["Accumulator"]:
         """Passes over whole prompt columns it needs before any job (means, noise scales)."""
@@ -147,10 +187,40 @@ class Method:
         """What its statistics passes gave, checked before any job (a difference of means with no direction):
         refused here, the base runs and jobs are not computed for nothing."""
 
-    # --- planning -----------------------------------------------------------------------------
+    # --- results ------------------------------------------------------------------------------
+    def variables(self, effects: torch.Tensor, state: Any) -> list[Variable]:
+        """Its Dataset variables; `effects` is the mean of its jobs' values per (point, example) (NaN without jobs)."""
+        return [Variable(self.name, effects, self.sweep, self.attrs())]
+
+    @property
+    def method_label(self) -> str:
+        return self.keyword
+
+    @property
+    def source_label(self) -> str:
+        return getattr(self, "source", "")
+
+    def attrs(self) -> dict:
+        sites = sorted({t.site for point in self.sweep.points for t in point})
+        return {"kind": EFFECT.kind, "method": self.method_label, "site": ",".join(sites), "prompts": self.stream,
+                "source": self.source_label, "statement": self.statement}
+
+    def describe_runs(self, plan: Plan, index: int) -> str:
+        """For `causal check`: the work the plan gives it."""
+        raise NotImplementedError
+
+
+@dataclass
+class JobMethod(Method):
+    """A method of planned jobs: each (point, example) row is one forward with the method's writes, resumed
+    from the base run's cache at its first changed layer and position; the engine batches rows of every point."""
+
+    samples: ClassVar[int] = 1  # rows per (point, example); noise samples for tracing
+    reuses_prefix: ClassVar[bool] = True  # rows may start at their first edited position (causal models)
+
     def start_layer(self, point: tuple[Target, ...]) -> int:
         """The first layer a row of this point changes: its forward starts there."""
-        return min((layer or 0) for target in point for layer in target.layers) if point else 0
+        return first_layer(point)
 
     def resume_layers(self, optimize: bool) -> set[int]:
         """Layers later passes of its jobs start from, besides each job's own start."""
@@ -160,12 +230,11 @@ class Method:
         """(start layer, start position) of each forward a job makes."""
         return [(job.start_layer, job.start_pos)]
 
-    # --- execution ----------------------------------------------------------------------------
-    def run_job(self, job: Job, run: "Run", state: Any) -> torch.Tensor:
+    def run_job(self, job: Job, run: Context, state: Any) -> torch.Tensor:
         """(rows, metrics) values of one batched job."""
-        return run.forward(self, job, run.hooks(self.writes(job, run, state)))
+        return run.forward_job(self, job, hooks(self.writes(job, run, state)))
 
-    def writes(self, job: Job, run: "Run", state: Any) -> dict[CacheKey, list[Edit]]:
+    def writes(self, job: Job, run: Context, state: Any) -> dict[CacheKey, list[Edit]]:
         """What its rows change inside the forward pass."""
         raise NotImplementedError
 
@@ -180,54 +249,49 @@ class Method:
         zeros do; another run's activations or per-position means do not."""
         return False
 
-    def link(self, interventions: list["Method"], resolution: "Resolution") -> None:
-        """Once every statement is resolved: check and keep the others it names (`generate ... under s1`)."""
-
-    def chunk_pass(self, run: "Run", chunk: Chunk, caches, state: Any) -> dict[str, torch.Tensor] | None:
-        """Work of its own per chunk of examples; what it returns is checkpointed."""
-        return None
-
-    def restore_chunk(self, chunk: Chunk, saved: dict[str, torch.Tensor], state: Any) -> None:
-        """Take back a chunk's checkpointed `chunk_pass` result."""
-
-    def finish(self, run: "Run", state: Any) -> None:
-        """After every chunk (attribution's exact verification)."""
-
-    def check_run(self, experiment: "Experiment", config) -> None:
-        """Checks that need the other statements or the run's settings (causal.RunConfig), before any compute;
-        `causal check` makes them too (a recording's memory bound, the statement it records under)."""
-
-    def shard_problem(self) -> str | None:
-        """Why a shard (a part of the examples) cannot compute its numbers, or None: they need only its examples."""
-        return None
-
-    # --- results ------------------------------------------------------------------------------
-    def variables(self, effects: torch.Tensor, state: Any) -> list[Variable]:
-        """Its Dataset variables, from the mean of its jobs' values per (point, example)."""
-        return [Variable(self.name, effects, self.sweep, self.attrs())]
-
     @property
-    def method_label(self) -> str:
-        return self.keyword
-
-    @property
-    def source_label(self) -> str:
-        return getattr(self, "source", "")
-
-    def attrs(self) -> dict:
-        sites = sorted({t.site for point in self.sweep.points for t in point})
-        return {"kind": "intervention", "method": self.method_label, "site": ",".join(sites), "prompts": self.stream,
-                "source": self.source_label, "statement": self.statement}
+    def is_plain_writes(self) -> bool:
+        """One forward on its own prompts with its writes and nothing else: what another statement can apply
+        (`generate ... under`, `record ... under`)."""
+        return (self.samples == 1 and not self.streams() and self.stream == self.base
+                and type(self).run_job is JobMethod.run_job)
 
     def describe_runs(self, plan: Plan, index: int) -> str:
-        """For `causal check`: the rows and forward passes the plan gives it."""
         jobs = [job for job in plan.jobs if job.intervention == index]
         rows = sum(len(job.examples) for job in jobs)
         passes = sum(len(self.passes(job, plan.optimize)) for job in jobs)
         return f"{rows} rows in {passes} forward passes"
 
 
-def source_writes(method: Method, source: str, job: Job, run: "Run") -> dict[CacheKey, list[Edit]]:
+@dataclass
+class SelfDriven(Method):
+    """A method that makes its own passes: per chunk of examples (`chunk_pass`, checkpointed), then once after
+    every chunk (`finish`). The engine plans no jobs for it; its base runs and statistics are made as for any."""
+
+    per_chunk: ClassVar[bool] = True  # False: all its work is in finish (training)
+
+    def chunk_pass(self, run: Context, chunk: Chunk, state: Any) -> dict[str, torch.Tensor] | None:
+        """Its work on one chunk of examples; what it returns is checkpointed and given back to `restore_chunk`."""
+        return None
+
+    def restore_chunk(self, chunk: Chunk, saved: dict[str, torch.Tensor], state: Any) -> None:
+        """Take back a chunk's checkpointed `chunk_pass` result."""
+
+    def finish(self, run: Context, state: Any) -> None:
+        """After every chunk (attribution's exact verification, training)."""
+
+
+def first_layer(point: tuple[Target, ...]) -> int:
+    """The first layer a point's targets change (0 for the embeddings, or no target)."""
+    return min((layer or 0) for target in point for layer in target.layers) if point else 0
+
+
+def hooks(writes: dict[CacheKey, list[Edit]]) -> dict:
+    """(site, layer) -> edits  ->  (site, layer) -> the forward hook that applies them."""
+    return {key: as_hook(edits) for key, edits in writes.items()}
+
+
+def source_writes(method: Method, source: str, job: Job, run: Context) -> dict[CacheKey, list[Edit]]:
     """Every target of each row takes the `source` run's activation there (patching's write)."""
     masks = run.masks.of_points(method, job)
-    return grouped([(key, Replace(where, run.caches.get(source, key, job.examples))) for (key, _), where in masks.items()])
+    return grouped([(key, Replace(where, run.cached(source, key, job.examples))) for (key, _), where in masks.items()])

@@ -1,7 +1,7 @@
 """generate N [on BASE] [under NAME, ...] [prompt only] [sample [temperature T] seed S] [as NAME]: text.
 
 N new tokens per example, greedy or sampled, with the KV cache: once with no intervention, and once
-per point of each statement named after `under`. Those statements' own writes (`Method.writes`, as
+per point of each statement named after `under`. Those statements' own writes (`JobMethod.writes`, as
 the engine's hooks) act in every forward of the generation: at the prompt's positions as their
 selectors say and, where a site's selector leaves out `pos` (every position), at each generated
 position too, unless `prompt only`. A statement whose writes have no value past the prompt (a patch's
@@ -11,17 +11,20 @@ alone (trace, path, attribute).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from causal.errors import Span, did_you_mean
-from causal.methods.base import Method, Variable, method
+from causal.methods.base import JobMethod, SelfDriven, Variable, hooks, method
 from causal.methods.edits import Edit
+from causal.methods.kinds import ResultKind, result_kind
 from causal.models.adapter import PATTERN
 from causal.values import Job, Resume, Sweep
 
 NOTHING_SWEPT = Sweep((), {}, [()])
+GENERATION = result_kind(ResultKind("generation", text=True))  # texts, and their token ids beside them
 
 
 @dataclass(frozen=True)
@@ -43,22 +46,26 @@ class Under:
     span: Span
     text_name: str
     tokens_name: str
-    method: Method | None = None
+    method: JobMethod | None = None
     index: int = -1  # its place among the experiment's interventions (its jobs' `intervention`)
+
+
+@dataclass
+class GenerateState:
+    """Token ids generated so far, per variable: (points, examples, new tokens), -1 where not yet generated."""
+
+    tokenizer: Any
+    tokens: dict[str, torch.Tensor]
 
 
 @method("generate")
 @dataclass
-class Generate(Method):
+class Generate(SelfDriven):
     new_tokens: int
     decoding: Decoding
     prompt_only: bool
     tokens_name: str
     under: list[Under] = field(default_factory=list)
-
-    plans_jobs = False  # generation loops of its own per chunk of examples, not patched jobs
-    works_per_chunk = True
-    reuses_prefix = False
 
     @classmethod
     def resolve(cls, node, resolution):
@@ -107,10 +114,9 @@ class Generate(Method):
             under.method = interventions[under.index]
             self.check_usable(under.method, resolution, under.span)
 
-    def check_usable(self, other: Method, resolution, span: Span) -> None:
+    def check_usable(self, other, resolution, span: Span) -> None:
         """Its forward must be writes alone, on these prompts, with values wherever generation asks for them."""
-        if (not other.plans_jobs or other.samples != 1 or other.streams()
-                or type(other).run_job is not Method.run_job):
+        if not isinstance(other, JobMethod) or not other.is_plain_writes:
             raise resolution.error(f"`{other.statement}` is not one set of writes in a forward pass, so it cannot act "
                                    "during generation; generate under patch, ablate or steer statements", span)
         if other.base != self.base:
@@ -127,7 +133,7 @@ class Generate(Method):
                 "positions only", span, hint="add 'prompt only' to the generate statement, or select pos=...")
 
     def attrs(self) -> dict:
-        return {"kind": "generation", "method": "generate", "statement": self.statement, "prompts": self.base,
+        return {"kind": GENERATION.kind, "method": self.keyword, "statement": self.statement, "prompts": self.base,
                 "decoding": str(self.decoding), "new_tokens": self.new_tokens}
 
     def describe_runs(self, plan, index):
@@ -137,17 +143,13 @@ class Generate(Method):
                 f"per batch of up to {plan.batch_size} rows, with the KV cache")
 
     # --- execution ----------------------------------------------------------------------------
-    def new_state(self, experiment) -> dict:
+    def new_state(self, experiment) -> GenerateState:
         n = experiment.n_examples
-        state = {"tokenizer": experiment.model.tokenizer,
-                 self.tokens_name: torch.full((1, n, self.new_tokens), -1, dtype=torch.long)}
-        for under in self.under:
-            state[under.tokens_name] = torch.full((len(under.method.sweep.points), n, self.new_tokens), -1,
-                                                  dtype=torch.long)
-        return state
+        points = {self.tokens_name: 1, **{u.tokens_name: len(u.method.sweep.points) for u in self.under}}
+        return GenerateState(experiment.model.tokenizer, {
+            name: torch.full((count, n, self.new_tokens), -1, dtype=torch.long) for name, count in points.items()})
 
-    def chunk_pass(self, run, chunk, caches, state):
-        run.caches = caches  # the statements' writes read the chunk's base runs (a patch's source) from here
+    def chunk_pass(self, run, chunk, state):
         prompts = run.experiment.prompts[self.base]
         lengths = prompts.lengths[chunk.examples]
         for length in lengths.unique().tolist():  # rows of one prompt length: no padding inside a generation
@@ -156,47 +158,44 @@ class Generate(Method):
             for under in self.under:
                 points = torch.arange(len(under.method.sweep.points)).repeat_interleave(len(examples))
                 self.run_rows(run, state, under, examples.repeat(len(under.method.sweep.points)), points, length)
-        return {key: state[key][:, chunk.examples].contiguous() for key in self.token_keys()}
+        return {key: tokens[:, chunk.examples].contiguous() for key, tokens in state.tokens.items()}
 
     def restore_chunk(self, chunk, saved, state):
-        for key in self.token_keys():
-            state[key][:, chunk.examples] = saved[key]
-
-    def token_keys(self) -> list[str]:
-        return [self.tokens_name, *(u.tokens_name for u in self.under)]
+        for key, tokens in state.tokens.items():
+            tokens[:, chunk.examples] = saved[key]
 
     def run_rows(self, run, state, under: Under | None, examples, points, length: int) -> None:
         """Generate for (point, example) rows whose prompts are `length` tokens long, in batches."""
         ids = run.experiment.prompts[self.base].ids
-        size = run.plan.batch_size
+        size = run.batch_size
         for start in range(0, len(examples), size):
             rows, at = examples[start:start + size], points[start:start + size]
-            hooks = {} if under is None else self.hooks(run, under, rows, at, length)
-            new = generate_tokens(run.runner, ids[rows, :length], hooks, self.new_tokens, self.decoding, rows)
+            edits = {} if under is None else self.hooks(run, under, rows, at, length)
+            new = generate_tokens(run, ids[rows, :length], edits, self.new_tokens, self.decoding, rows)
             key = self.tokens_name if under is None else under.tokens_name
-            state[key][at, rows] = new.cpu()
+            state.tokens[key][at, rows] = new.cpu()
 
     def hooks(self, run, under: Under, examples, points, length: int) -> dict:
         """The statement's own writes for these rows, widened from the prompt to the generated positions."""
         other = under.method
         job = Job(under.index, examples, points, torch.zeros_like(examples), 0, 0)
-        writes = other.writes(job, run, run.states[other.name])
+        writes = other.writes(job, run, run.state(other.name))
         new = {} if self.prompt_only else new_position_masks(run, other, job, length)
-        return run.hooks({key: [widened(w, length, self.new_tokens, new.get(key), other) for w in ws]
+        return hooks({key: [widened(w, length, self.new_tokens, new.get(key), other) for w in ws]
                           for key, ws in writes.items()})
 
     # --- results ------------------------------------------------------------------------------
     def variables(self, effects, state):
-        tokenizer = state["tokenizer"]
-        out = self.pair(self.name, self.tokens_name, state[self.tokens_name], NOTHING_SWEPT, tokenizer,
+        tokenizer = state.tokenizer
+        out = self.pair(self.name, self.tokens_name, state.tokens[self.tokens_name], NOTHING_SWEPT, tokenizer,
                         {"under": "", "under_statement": ""})
         for under in self.under:
-            out += self.pair(under.text_name, under.tokens_name, state[under.tokens_name], under.method.sweep,
+            out += self.pair(under.text_name, under.tokens_name, state.tokens[under.tokens_name], under.method.sweep,
                              tokenizer, {"under": under.label, "under_statement": under.method.statement,
                                          "writes_new_tokens": int(self.writes_new_tokens(under.method))})
         return out
 
-    def writes_new_tokens(self, other: Method) -> bool:
+    def writes_new_tokens(self, other: JobMethod) -> bool:
         return not self.prompt_only and any(t.pos is None for point in other.sweep.points for t in point)
 
     def pair(self, text_name, tokens_name, ids: torch.Tensor, sweep, tokenizer, extra: dict) -> list[Variable]:
@@ -222,7 +221,7 @@ def check_context(resolution, longest: int, n: int, span: Span) -> None:
                                hint=f"generate at most {max(context - longest, 0)} tokens, or use shorter prompts")
 
 
-def new_position_masks(run, other: Method, job: Job, length: int) -> dict:
+def new_position_masks(run, other: JobMethod, job: Job, length: int) -> dict:
     """(site, layer) -> (rows, *extra) bool: where each row writes at a generated position, i.e. what its
     point's targets without pos (every position) write at the prompt's last one."""
     masks: dict = {}
@@ -240,7 +239,7 @@ def new_position_masks(run, other: Method, job: Job, length: int) -> dict:
     return masks
 
 
-def widened(write: Edit, length: int, n: int, new: torch.Tensor | None, other: Method) -> Edit:
+def widened(write: Edit, length: int, n: int, new: torch.Tensor | None, other: JobMethod) -> Edit:
     """A write over the prompt's `length` positions and the `n` generated ones after it (`new` where it writes)."""
     rows, extra = write.where.shape[0], write.where.shape[2:]
     later = torch.zeros((rows, n, *extra), dtype=torch.bool) if new is None else new[:, None].expand(rows, n, *extra)
@@ -253,7 +252,7 @@ def widened(write: Edit, length: int, n: int, new: torch.Tensor | None, other: M
     return write.moved_to(where, value)
 
 
-def generate_tokens(runner, ids: torch.Tensor, hooks: dict, n: int, decoding: Decoding,
+def generate_tokens(run, ids: torch.Tensor, hooks: dict, n: int, decoding: Decoding,
                     examples: torch.Tensor) -> torch.Tensor:
     """(rows, n) new token ids: the prompt in one forward, then one position per forward from the KV cache.
 
@@ -272,7 +271,8 @@ def generate_tokens(runner, ids: torch.Tensor, hooks: dict, n: int, decoding: De
         read = torch.full((rows, 1), position)
         if step:
             resume = Resume(pos=position, keys_values=keys_values)
-        output = runner.forward(sequence, torch.ones_like(sequence), hooks, resume=resume, read=read, record_kv=True)
+        output = run.forward(sequence, torch.ones_like(sequence), hooks, resume=resume, read=read, record_kv=True,
+                             what=f"{rows} rows generating")
         keys_values = output.keys_values
         token = choose(output.logits[:, -1], decoding, generators)
         out.append(token)

@@ -17,7 +17,8 @@ import torch
 
 from causal.data import answer_ids
 from causal.errors import CausalError, Span
-from causal.methods.base import Method, Variable, method
+from causal.methods.base import SelfDriven, Variable, method
+from causal.methods.kinds import ResultKind, result_kind
 from causal.methods.record import Selection, check_under, forward_keeping, selection_for, under_clause
 from causal.models.adapter import RESIDUAL
 
@@ -33,9 +34,12 @@ class LensState:
     top_logprob: torch.Tensor  # (points, examples, k)
 
 
+LENS = result_kind(ResultKind("logit_lens", figure="lens_grid"))
+
+
 @method("lens")
 @dataclass
-class Lens(Method):
+class Lens(SelfDriven):
     selection: Selection
     under: str | None
     span: Span
@@ -44,10 +48,6 @@ class Lens(Method):
     answers: torch.Tensor  # (examples, width, answers) token id per position, -1 where none (next past the end)
     tokenizer: Any = field(repr=False)
     under_index: int | None = None
-
-    plans_jobs = False
-    works_per_chunk = True
-    reuses_prefix = False
 
     @classmethod
     def resolve(cls, node, resolution):
@@ -111,10 +111,10 @@ class Lens(Method):
         return LensState(torch.full((*shape, len(self.answer_names)), nan), torch.full((*shape, len(self.answer_names)), nan),
                          torch.full((*shape, self.top), -1, dtype=torch.long), torch.full((*shape, self.top), nan))
 
-    def chunk_pass(self, run, chunk, caches, state):
-        for start in range(0, len(chunk.examples), run.plan.batch_size):
-            batch = chunk.examples[start:start + run.plan.batch_size]
-            kept = forward_keeping(self, run, batch, caches, self.selection)
+    def chunk_pass(self, run, chunk, state):
+        for start in range(0, len(chunk.examples), run.batch_size):
+            batch = chunk.examples[start:start + run.batch_size]
+            kept = forward_keeping(self, run, batch, self.selection)
             hidden = torch.stack([kept[layer] for layer in self.selection.layers]).flatten(0, 1)  # (points, rows, d)
             self.read(run, hidden, batch, state)
         picked = {k: getattr(state, k)[:, chunk.examples].contiguous() for k in ("logprob", "rank", "top_ids",
@@ -150,7 +150,7 @@ class Lens(Method):
             getattr(state, key)[:, chunk.examples] = values
 
     def variables(self, effects, state):
-        attrs = {**self.attrs(), "kind": "logit_lens", "under": self.under or "", "top": self.top}
+        attrs = {**self.attrs(), "kind": LENS.kind, "under": self.under or "", "top": self.top}
         answers = {"answer": list(self.answer_names)}
         ranks = {"top": list(range(self.top))}
         words = self.words(state.top_ids)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from causal.methods.base import Method, method, source_writes
+from causal.methods.base import JobMethod, method, source_writes
 from causal.methods.edits import in_span
-from causal.methods.subspace import FixedBasis, MeansBasis, within_basis
+from causal.methods.subspace import BasisState, FixedBasis, MeansBasis, within_basis
 
 
 @method("patch")
 @dataclass
-class Patch(Method):
+class Patch(JobMethod):
     source: str
     basis: FixedBasis | MeansBasis | None = None  # from `within basis(...)`
 
@@ -28,6 +28,9 @@ class Patch(Method):
         basis = within_basis(resolution, node, sweep)
         return cls(resolution.name_for(node, node.sites[0].name), resolution.statement(node.span), base, sweep, source,
                    basis)
+
+    def new_state(self, experiment) -> BasisState:
+        return BasisState()
 
     def records(self, n_layers):
         return {self.source: self.site_keys}

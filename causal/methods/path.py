@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from causal.errors import did_you_mean
-from causal.methods.base import Method, method
+from causal.methods.base import JobMethod, hooks, method
 from causal.methods.edits import Replace, as_hook, grouped
 from causal.models.adapter import HEAD_OUTPUT
 from causal.values import Target
@@ -22,7 +22,7 @@ FREEZABLE = {"mlp": "mlp_out"}
 
 @method("path")
 @dataclass
-class PathPatch(Method):
+class PathPatch(JobMethod):
     source: str
     receivers: tuple[Target, ...] | None  # None: the logits, through the residual stream
     frozen: tuple[str, ...]  # sites frozen at base values: every head's output, and what `freezing` names
@@ -76,15 +76,15 @@ class PathPatch(Method):
     # execution
     def run_job(self, job, run, state):
         """Phase A: senders patched, the rest frozen, receiver inputs recorded; phase B: only those patched."""
-        hooks = run.hooks(self.phase_a(job, run))
+        first = hooks(self.phase_a(job, run))
         if self.receivers is None:
-            return run.forward(self, job, hooks, start_pos=0)
+            return run.forward_job(self, job, first, start_pos=0)
         receivers = self.receiver_masks(job, run)
         recorded: dict = {}
         recorders = {key: _keeper(recorded, key) for key in receivers}
-        run.forward(self, job, hooks, start_pos=0, recorders=recorders)
+        run.forward_job(self, job, first, start_pos=0, recorders=recorders)
         second = {key: as_hook([Replace(where, recorded[key])]) for key, where in receivers.items()}
-        return run.forward(self, job, second, start_layer=self.first_receiver_layer, start_pos=0)
+        return run.forward_job(self, job, second, start_layer=self.first_receiver_layer, start_pos=0)
 
     def phase_a(self, job, run):
         """Senders take the source run's values; every other head (and what `freezing` names) keeps its base value."""
@@ -99,9 +99,9 @@ class PathPatch(Method):
             if role == "freeze":  # the senders themselves are not frozen
                 senders = masks.get((key, "main"))
                 keep = where & ~senders if senders is not None else where
-                freezes.append((key, Replace(keep, run.caches.get(self.base, key, job.examples))))
+                freezes.append((key, Replace(keep, run.cached(self.base, key, job.examples))))
             else:
-                sends.append((key, Replace(where, run.caches.get(self.source, key, job.examples))))
+                sends.append((key, Replace(where, run.cached(self.source, key, job.examples))))
         return grouped(freezes + sends)  # per key, freezing first: the senders' values win
 
     def receiver_masks(self, job, run):

@@ -22,15 +22,18 @@ import torch
 from causal.errors import CausalError, Span
 from causal.files import readable_size
 from causal.lang import ast
-from causal.methods.base import Method, Variable, method
+from causal.methods.base import JobMethod, SelfDriven, Variable, hooks, method
 from causal.methods.features import FeatureSummary, top_features
-from causal.methods.record_store import RecordingStore
+from causal.methods.kinds import ResultKind, result_kind
+from causal.methods.record_store import RECORDING, STORE_KIND, RecordingStore
 from causal.models.adapter import EMBEDDING, FEATURE, MODULE, PATTERN, RESIDUAL
 from causal.values import Job, Sweep, Target, absolute_positions
 
 ELEMENT_BYTES = 4  # recordings are kept as float32
 FEATURE_SUMMARIES = ("frequency", "max_activation", "max_example", "max_pos", "max_text")
 HEAD_SCORES = ("previous_token", "induction", "bos")
+SCORED_HEADS = result_kind(ResultKind("head_scores", figure="head_score_grid"))
+FEATURES = result_kind(ResultKind("feature_recording", figure="feature_activations"))  # an SAE recording's summaries
 
 
 @dataclass
@@ -155,23 +158,21 @@ def check_under(method, experiment) -> None:
     if len(other.sweep.points) != 1:
         why = (f"it sweeps {len(other.sweep.points)} points; {method.keyword} under a statement that makes one "
                "change (give every swept dim one value)")
-    elif not other.plans_jobs or other.samples != 1 or type(other).run_job is not Method.run_job \
-            or other.stream != other.base:
+    elif not isinstance(other, JobMethod) or not other.is_plain_writes:
         why = "its forwards are not one plain pass with writes (record under a patch, ablate or steer statement)"
     if why:
         raise CausalError(f"'{method.statement}' under {other.name!r}: {why}", method.span)
     method.under_index = experiment.interventions.index(other)
 
 
-def under_hooks(method, run, examples: torch.Tensor, caches, recorders: dict) -> dict:
+def under_hooks(method, run, examples: torch.Tensor, recorders: dict) -> dict:
     """The `under` statement's writes for these examples, each followed by the recorder at the same site."""
     writes: dict = {}
     if method.under is not None:
         other = run.experiment.interventions[method.under_index]
-        run.caches = caches
         zeros = torch.zeros(len(examples), dtype=torch.long)
         job = Job(method.under_index, examples, zeros, zeros, 0, 0)
-        writes = run.hooks(other.writes(job, run, run.states[other.name]))
+        writes = hooks(other.writes(job, run, run.state(other.name)))
 
     def chained(write, record):
         def apply(act, start):
@@ -183,14 +184,14 @@ def under_hooks(method, run, examples: torch.Tensor, caches, recorders: dict) ->
     return {key: chained(writes.get(key), recorders.get(key)) for key in set(writes) | set(recorders)}
 
 
-def forward_keeping(method, run, examples: torch.Tensor, caches, selection: Selection) -> dict:
+def forward_keeping(method, run, examples: torch.Tensor, selection: Selection) -> dict:
     """One forward of the examples (under the statement `under` names, if any): layer -> gathered values."""
     kept: dict = {}
     prompts = run.experiment.prompts[method.base]
-    hooks = under_hooks(method, run, examples, caches, selection.hooks(examples, kept.__setitem__))
+    edits = under_hooks(method, run, examples, selection.hooks(examples, kept.__setitem__))
     last = (prompts.lengths[examples] - 1)[:, None]  # no logits are read: unembed one position
-    run.guarded(lambda: run.runner.forward(prompts.ids[examples], prompts.attention_mask[examples], hooks, read=last),
-                f"{len(examples)} '{method.base}' prompts while recording '{method.statement}'")
+    run.forward(prompts.ids[examples], prompts.attention_mask[examples], edits, read=last,
+                what=f"{len(examples)} '{method.base}' prompts while recording '{method.statement}'")
     return kept
 
 
@@ -208,7 +209,7 @@ class RecordState:
 
 @method("record")
 @dataclass
-class Record(Method):
+class Record(SelfDriven):
     selection: Selection
     under: str | None
     span: Span
@@ -219,10 +220,6 @@ class Record(Method):
     features: list[int] | None = None  # the SAE features kept, on an SAE site
     top: int | None = None  # `top K`: each token's K largest features, not all
     tokenizer: object = field(default=None, repr=False)
-
-    plans_jobs = False  # one forward per batch of examples of its own, per chunk
-    works_per_chunk = True
-    reuses_prefix = False
 
     @classmethod
     def resolve(cls, node, resolution):
@@ -324,16 +321,16 @@ class Record(Method):
             state.top_ids, state.top_activation = torch.full(shape, -1), torch.full(shape, float("nan"))
         return state
 
-    def chunk_pass(self, run, chunk, caches, state):
+    def chunk_pass(self, run, chunk, state):
         examples = chunk.examples
         if self.store_folder:
             state.store = state.store or RecordingStore.open(self, run.experiment)
         summary = FeatureSummary.empty(len(self.features)) if self.features is not None else None
-        for start in range(0, len(examples), run.plan.batch_size):
-            batch = examples[start:start + run.plan.batch_size]
+        for start in range(0, len(examples), run.batch_size):
+            batch = examples[start:start + run.batch_size]
             if state.store and state.store.done(batch) and not self.scores_name and summary is None:
                 continue  # written by an earlier run that stopped later
-            kept = forward_keeping(self, run, batch, caches, self.selection)
+            kept = forward_keeping(self, run, batch, self.selection)
             values = torch.stack([kept[layer] for layer in self.selection.layers])  # (L, P, *swept, rows, *rest)
             values = values.flatten(0, 1 + len(self.selection.swept_extra))  # points row-major over the sweep
             if summary is not None:
@@ -391,7 +388,7 @@ class Record(Method):
 
     # results
     def variables(self, effects, state):
-        attrs = {**self.attrs(), "kind": "recording", "under": self.under or "",
+        attrs = {**self.attrs(), "kind": RECORDING.kind, "under": self.under or "",
                  "long_name": f"{self.selection.site} activations on the {self.base} prompts"
                               + (f" under {self.under}" if self.under else ""), "units": "1"}
         dims, coords = self.trailing_labels(state)
@@ -399,7 +396,7 @@ class Record(Method):
         if self.store_folder:
             store = state.store
             out.append(Variable(self.name, store.recorded()[None], Sweep((), {}, [()]), {
-                **attrs, "kind": "recording_store", "store": str(store.path), "store_dims": [*self.sweep.dims, "example", *dims],
+                **attrs, "kind": STORE_KIND, "store": str(store.path), "store_dims": [*self.sweep.dims, "example", *dims],
                 "long_name": f"examples recorded into {store.path} (causal.load opens the recording there lazily)"},
                 dims=("example",)))
         elif not self.top:
@@ -411,7 +408,7 @@ class Record(Method):
             sweep = Sweep(("layer",), {"layer": layers}, [(Target(self.selection.site, (layer,), None),)
                                                          for layer in layers])
             out.append(Variable(self.scores_name, state.scores, sweep, {
-                **self.attrs(), "kind": "head_scores", "recording": self.name,
+                **self.attrs(), "kind": SCORED_HEADS.kind, "recording": self.name,
                 "long_name": "per-head attention scores: previous_token (to position i-1), induction (to the token "
                              "after an earlier copy of the current token), bos (to position 0)", "units": "1"},
                 dims=("example", "head", "score"),
@@ -420,7 +417,7 @@ class Record(Method):
 
     def feature_variables(self, state, attrs: dict) -> list[Variable]:
         """`top K` per token (over positions, example, top), and the per-feature summaries (feature, rank)."""
-        attrs = {**attrs, "kind": "feature_recording", "recording": self.name}
+        attrs = {**attrs, "kind": FEATURES.kind, "recording": self.name}
         out = []
         if self.top:
             positions = self.sweep.coords["pos"]

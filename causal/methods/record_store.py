@@ -17,9 +17,11 @@ import xarray as xr
 
 from causal.errors import CausalError
 from causal.files import fingerprint
+from causal.methods.kinds import ResultKind, result_kind
 
 log = logging.getLogger(__name__)
-STORE_KIND = "recording_store"  # the marker variable's kind in a run's Dataset
+STORE_KIND = result_kind(ResultKind("recording_store")).kind  # a store's marker in results.nc; `attach` replaces it
+RECORDING = result_kind(ResultKind("recording", figure="patterns"))  # drawn where it is attention patterns
 
 
 class RecordingStore:
@@ -139,7 +141,7 @@ def attach(dataset: xr.Dataset) -> xr.Dataset:
         if not bool(stored["recorded"].values.all()):
             missing = int((stored["recorded"].values == 0).sum())
             log.warning("recording %s: %d examples were not written to %s (NaN there)", name, missing, path)
-        attrs = {**marker.attrs, "kind": "recording", "store": str(path)}
+        attrs = {**marker.attrs, "kind": RECORDING.kind, "store": str(path)}
         dataset = dataset.drop_vars(name)
         dataset[name] = recording.drop_vars([c for c in recording.coords if c not in recording.dims])
         dataset[name].attrs = attrs

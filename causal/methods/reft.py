@@ -17,9 +17,13 @@ import torch
 
 from causal.methods.align import Align, AlignState
 from causal.methods.base import Variable, method
+from causal.methods.kinds import ResultKind, result_kind
 from causal.methods.rotations import Loreft
 
 TRAINERS = ("loreft",)
+
+
+REFT = result_kind(ResultKind("reft", score=("_accuracy", "held-out accuracy")))
 
 
 @method("reft")
@@ -67,7 +71,7 @@ class Reft(Align):
         ]
 
     def attrs(self) -> dict:
-        return {**super().attrs(), "kind": "reft"}
+        return {**super().attrs(), "kind": REFT.kind}
 
 
 __all__ = ["Reft"]

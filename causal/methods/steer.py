@@ -11,21 +11,28 @@ On SAE feature sites a number may stand alone or be added: `steer sae(...)[featu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from causal.methods.base import Method, method
+from causal.methods.base import JobMethod, method
 from causal.methods.edits import Add, Mapped, grouped, in_span
 from causal.methods.means import MeanTerm, linear_terms, mean_statistics, mean_term
 from causal.methods.rotations import loreft_edit
-from causal.methods.subspace import FixedBasis, MeansBasis, loreft_parameters, within_basis
+from causal.methods.subspace import BasisState, FixedBasis, MeansBasis, loreft_parameters, within_basis
 from causal.models.adapter import FEATURE
+
+
+@dataclass
+class SteerState(BasisState):
+    """The mean activations its vector combines, per site."""
+
+    vectors: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 @method("steer")
 @dataclass
-class Steer(Method):
+class Steer(JobMethod):
     terms: tuple[MeanTerm, ...]
     constant: float = 0.0  # added as it is: feature sites only (a number of feature activation)
     loreft: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # R, W, b a `reft` run saved
@@ -48,9 +55,12 @@ class Steer(Method):
         terms = tuple(mean_term(resolution, coef, mean) for coef, mean in means)
         return cls(name, statement, base, sweep, terms, constant, basis=basis)
 
+    def new_state(self, experiment) -> SteerState:
+        return SteerState()
+
     def statistics(self, experiment, state):
         basis = self.basis.statistics(self.site_keys, state) if self.basis else []
-        return mean_statistics(self.terms, self.site_keys, state.setdefault("vectors", {})) + basis
+        return mean_statistics(self.terms, self.site_keys, state.vectors) + basis
 
     def check_statistics(self, state):
         if self.basis:
@@ -73,5 +83,5 @@ class Steer(Method):
 
     def vector(self, key, state) -> torch.Tensor:
         """(1, 1, *trailing dims): the means' combination plus the constant, broadcast over rows and positions."""
-        vector = state["vectors"].get(key, 0) + self.constant if self.terms else torch.tensor(self.constant)
+        vector = state.vectors.get(key, 0) + self.constant if self.terms else torch.tensor(self.constant)
         return vector.reshape(1, 1, *vector.shape) if vector.dim() else vector.reshape(1, 1, 1)

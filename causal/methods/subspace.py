@@ -10,7 +10,7 @@ steering vectors are written), computed by the run's statistics pass and normali
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,13 @@ from causal.models.adapter import EMBEDDING, HEAD_OUTPUT, KEY, QUERY, RESIDUAL, 
 VECTOR_ROLES = (RESIDUAL, EMBEDDING, HEAD_OUTPUT, QUERY, KEY, VALUE)  # sites whose last dim is one vector
 TENSOR = "basis"
 LOREFT_TENSORS = ("basis", "weight", "bias")
+
+
+@dataclass
+class BasisState:
+    """A method's state where `within basis(mean(a) - mean(b))` may apply: the differences' vectors per site."""
+
+    basis_vectors: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,10 +55,10 @@ class MeansBasis:
     span: Span  # of `basis(...)`, where a difference with no direction is reported
 
     def statistics(self, keys, state) -> list:
-        return mean_statistics(self.terms, keys, state.setdefault("basis_vectors", {}))
+        return mean_statistics(self.terms, keys, state.basis_vectors)
 
     def of(self, key, state) -> torch.Tensor:
-        vector = state["basis_vectors"][key].flatten().double()
+        vector = state.basis_vectors[key].flatten().double()
         norm = vector.norm()
         if not torch.isfinite(norm) or norm < 1e-12:
             raise CausalError(f"basis(...): the difference of means at {key} is zero, so it has no direction; "

@@ -7,13 +7,13 @@ freezes the named sub-layer at its noised value at the restored token, in every 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from causal.errors import did_you_mean
 from causal.limits import MAX_SAMPLES
-from causal.methods.base import Method, method
+from causal.methods.base import JobMethod, method
 from causal.methods.edits import Add, Replace, grouped
 from causal.methods.statistics import standard_noise
 from causal.resolve.positions import position_masks
@@ -34,9 +34,17 @@ class NoiseSpec:
     positions: torch.Tensor  # (examples, width) bool
 
 
+@dataclass
+class TraceState:
+    """The noise std (known after the statistics pass when relative) and each example's drawn noise."""
+
+    scale: float | None = None
+    noise: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 @method("trace")
 @dataclass
-class Trace(Method):
+class Trace(JobMethod):
     noise: NoiseSpec
     severing: tuple[str, ...]  # sites frozen at their noised values at the restored token (mlp_out, attn_out)
     noised_name: str  # the noised run's stream and baseline variable
@@ -113,10 +121,13 @@ class Trace(Method):
         return {self.base: self.site_keys,
                 self.noised_name: {(site, layer) for site in self.severing for layer in range(n_layers)}}
 
+    def new_state(self, experiment) -> TraceState:
+        return TraceState()
+
     def statistics(self, experiment, state):
-        state["noise"] = {}
+        state.noise = {}
         if not self.noise.relative:
-            state["scale"] = self.noise.scale
+            state.scale = self.noise.scale
             return []
         return [_NoiseScale(self, experiment.prompts, state)]
 
@@ -131,10 +142,10 @@ class Trace(Method):
 
     def noise_of(self, example: int, state) -> torch.Tensor:
         """(samples, width, d) Gaussian noise for one example, at the trace's scale."""
-        if example not in state["noise"]:
+        if example not in state.noise:
             shape = (self.noise.samples, self.noise.positions.shape[1], self.noise_width)
-            state["noise"][example] = standard_noise(self.noise.seed, example, shape) * state["scale"]
-        return state["noise"][example]
+            state.noise[example] = standard_noise(self.noise.seed, example, shape) * state.scale
+        return state.noise[example]
 
     def writes(self, job, run, state):
         n_layers = run.experiment.model.adapter.n_layers
@@ -146,16 +157,16 @@ class Trace(Method):
         writes = [((self.embedding, None), self.noise_write(job.examples, job.samples, state))]
         for (key, role), where in masks.items():
             if role == "sever":  # frozen at the noised run's own value
-                writes.append((key, Replace(where, run.caches.get(self.noised_name, key, job.examples, job.samples))))
+                writes.append((key, Replace(where, run.cached(self.noised_name, key, job.examples, job.samples))))
             else:
-                writes.append((key, Replace(where, run.caches.get(self.base, key, job.examples))))
+                writes.append((key, Replace(where, run.cached(self.base, key, job.examples))))
         return grouped(writes)
 
 
 class _NoiseScale:
     """ROME: noise std = scale x the std of the embeddings of the noised (subject) tokens."""
 
-    def __init__(self, trace: Trace, prompts, state: dict):
+    def __init__(self, trace: Trace, prompts, state: TraceState):
         self.trace, self.state = trace, state
         self.column, self.key = trace.base, (trace.embedding, None)
         self.values: list[torch.Tensor] = []
@@ -164,4 +175,4 @@ class _NoiseScale:
         self.values.append(act[self.trace.noise.positions[examples].to(act.device)].flatten().cpu())
 
     def finish(self) -> None:
-        self.state["scale"] = self.trace.noise.scale * float(torch.cat(self.values).std())
+        self.state.scale = self.trace.noise.scale * float(torch.cat(self.values).std())

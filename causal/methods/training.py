@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from causal.methods.base import first_layer
 from causal.methods.rotations import BOUNDLESS_END_TEMPERATURE, BOUNDLESS_START_TEMPERATURE
 from causal.models.adapter import BLOCK_INPUT
 from causal.models.load import frozen_parameters
@@ -111,7 +112,7 @@ def _epoch(align, run, state, optimiser, temperatures: list[float], progress: Pr
 
 def _checkpoint(align, run, state, optimiser, progress: Progress) -> None:
     """Everything as named tensors (safetensors, no pickle): weights, Adam's moments, bests, counters, curves."""
-    if run.store is None:
+    if not run.checkpointed:
         return
     n = len(state.subspaces)
     tensors = {"loss": state.loss, "dev": state.dev,
@@ -126,13 +127,13 @@ def _checkpoint(align, run, state, optimiser, progress: Progress) -> None:
             tensors.update({f"best.{i}.{k}": v.cpu() for k, v in progress.best[i].items()})
     for index, moments in optimiser.state_dict()["state"].items():
         tensors.update({f"adam.{index}.{k}": torch.as_tensor(v).cpu() for k, v in moments.items()})
-    run.store.save_tensors(EPOCH_KEY.format(name=align.name), tensors)
+    run.save(EPOCH_KEY.format(name=align.name), tensors)
 
 
 def _resumed(align, run, state, optimiser) -> Progress | None:
     """The last finished epoch's Progress, its weights and Adam's state loaded; None to start afresh."""
     key = EPOCH_KEY.format(name=align.name)
-    saved = run.saved_tensors(key, run.store.completed()) if run.store else None
+    saved = run.saved(key)
     if saved is None:
         return None
     n, device = len(state.subspaces), run.experiment.model.device
@@ -230,8 +231,9 @@ def _forward(align, run, state, candidates: list[int], targets, layer: int, sour
         hooks[key] = _edit_hook(run, align, targets, owners, editors, sources.get(key), batch)
     rows = len(candidates)
     resume = Resume(layer, 0, starts[(BLOCK_INPUT, layer)].repeat(rows, 1, 1)) if layer else None
-    output = run.runner.forward(base.ids[batch].repeat(rows, 1), base.attention_mask[batch].repeat(rows, 1),
-                                hooks, resume=resume, read=(base.lengths[batch] - 1).repeat(rows)[:, None], grad=grad)
+    output = run.forward(base.ids[batch].repeat(rows, 1), base.attention_mask[batch].repeat(rows, 1), hooks,
+                         resume=resume, read=(base.lengths[batch] - 1).repeat(rows)[:, None], grad=grad,
+                         what=f"{rows} candidates x {len(batch)} pairs training '{align.statement}'")
     logits = output.logits[:, 0].float()
     labels = align.labels[batch].to(logits.device).repeat(rows)
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none").view(rows, len(batch)).mean(1)
@@ -241,7 +243,7 @@ def _forward(align, run, state, candidates: list[int], targets, layer: int, sour
 def _rows_per_forward(run, grad: bool) -> int:
     """Rows whose activations (kept for the backward when training) fit in the run's cache budget: a rough
     ACTIVATIONS_PER_LAYER tensors of (seq, d_model) per block and row; unbounded without a budget."""
-    budget = run.plan.cache_bytes
+    budget = run.cache_bytes
     if budget is None:
         return 1 << 30
     experiment = run.experiment
@@ -254,9 +256,9 @@ def _rows_per_forward(run, grad: bool) -> int:
 
 def _start_layer(align, run, point: int) -> int:
     """Where a candidate's rows begin: its site's layer, or 0 for the reference path (optimize=False)."""
-    if not run.plan.optimize or not run.experiment.model.adapter.has_blocks:
+    if not run.optimize or not run.experiment.model.adapter.has_blocks:
         return 0
-    return align.start_layer(align.sweep.points[point])
+    return first_layer(align.sweep.points[point])
 
 
 class Unpatched:
@@ -271,10 +273,10 @@ class Unpatched:
             if align.source else {}
         self.keys.setdefault(align.base, set()).update((BLOCK_INPUT, layer) for layer in layers if layer > 0)
         self.kept: dict[str, dict] | None = None
-        n, batch = run.experiment.n_examples, run.plan.batch_size
+        n, batch = run.experiment.n_examples, run.batch_size
         first = {column: self.computed(column, torch.arange(min(batch, n))) for column in self.keys}
         first_bytes = sum(v.numel() * v.element_size() for kept in first.values() for v in kept.values())
-        if run.plan.cache_bytes is None or first_bytes / min(batch, n) * n <= run.plan.cache_bytes:
+        if run.cache_bytes is None or first_bytes / min(batch, n) * n <= run.cache_bytes:
             self.kept = {column: self._all(column, first[column], batch, n) for column in self.keys if first[column]}
 
     def _all(self, column: str, first: dict, batch: int, n: int) -> dict:
@@ -303,9 +305,8 @@ def _activations(run, prompts, batch: torch.Tensor, keys: set) -> dict:
             kept[key] = act
             return act
         return hook
-    with run.runner.note_block_output():
-        run.runner.forward(prompts.ids[batch], prompts.attention_mask[batch], {key: keep(key) for key in keys},
-                           read=(prompts.lengths[batch] - 1)[:, None])
+    run.forward(prompts.ids[batch], prompts.attention_mask[batch], {key: keep(key) for key in keys},
+                read=(prompts.lengths[batch] - 1)[:, None], what=f"{len(batch)} unpatched rows for training")
     return {key: value.clone() for key, value in kept.items()}  # out of inference mode, usable in a graph
 
 

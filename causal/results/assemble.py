@@ -18,6 +18,7 @@ import xarray as xr
 
 from causal.engine.execute import RawResults
 from causal.errors import CausalError
+from causal.methods.kinds import BASELINE, kind_of
 from causal.results.io import package_versions
 from causal.values import Experiment
 
@@ -31,7 +32,7 @@ def assemble(experiment: Experiment, raw: RawResults, run_info: dict) -> xr.Data
                  for variable in raw.variables]
     for stream, values in baselines.items():
         variables.append(_labelled(values.numpy(), ["example"], {}, names, several, stream,
-                                   {"kind": "baseline", "prompts": stream}))
+                                   {"kind": BASELINE.kind, "prompts": stream}))
     dataset = xr.merge(variables, join="outer", combine_attrs="drop")
     if textual_pos:  # the union of the statements' positions, in the order they are written
         dataset = dataset.reindex(pos=_position_order(experiment))
@@ -62,7 +63,7 @@ def _units(metric) -> str:
 def _described(experiment: Experiment, attrs: dict, several: bool) -> dict:
     """long_name and units, for readers (and tools) that know nothing of causal."""
     metric = "the metrics" if several else attrs["metric"]
-    if attrs.get("kind") == "baseline":
+    if kind_of(attrs).baseline:
         long_name = f"{metric} on the {attrs['prompts']} prompts, no intervention"
     else:
         long_name = f"{metric} under `{attrs.get('statement', '')}`"

@@ -17,12 +17,12 @@ import torch
 import xarray as xr
 
 from causal.files import write_atomically
+from causal.methods.kinds import kind_of
 from causal.methods.subspace import TENSOR
 
 FOLDER = "bases"
 SUFFIX = "_basis"
 BASIS_DIMS = ("component", "direction")
-SCORES = {"align": ("_iia", "held-out IIA"), "reft": ("_accuracy", "held-out accuracy")}  # per method: its score
 EXTRA = ("weight", "bias")  # reft's other parameters, saved beside its basis
 
 
@@ -30,7 +30,7 @@ def trained_statements(dataset: xr.Dataset) -> list[tuple[str, xr.DataArray, str
     """(NAME, its held-out score variable, the score's label) for every align / reft statement in the Dataset."""
     found = []
     for name, variable in dataset.data_vars.items():
-        suffix, label = SCORES.get(variable.attrs.get("method"), (None, None))
+        suffix, label = kind_of(variable.attrs).score or (None, None)
         if suffix and name.endswith(suffix) and name[: -len(suffix)] + SUFFIX in dataset:
             found.append((name[: -len(suffix)], variable, label))
     return found
@@ -74,4 +74,4 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "basis")
 
 
-__all__ = ["SCORES", "save_bases", "trained_statements"]
+__all__ = ["save_bases", "trained_statements"]

@@ -15,22 +15,40 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.figure import Figure
 
+from causal.methods.kinds import kind_of
+
 EXAMPLE = 0  # the example drawn: a lens or a pattern averaged over different prompts has no tokens to show
 MAX_HEADS = 16  # per pattern figure: layers x heads panels beyond this are left to the Dataset
 MAX_FEATURES = 8  # per feature figure: the features most active on the drawn example
 
 
 def inside_figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
+    """Each variable whose kind names a drawing here, drawn where the drawing applies to it."""
     for name, variable in dataset.data_vars.items():
-        kind = variable.attrs.get("kind")
-        if kind == "logit_lens" and "answer" in variable.dims and f"{name}_top" in dataset:
-            yield name, lens_figure(dataset, name)
-        elif kind == "recording" and variable.attrs.get("site") == "pattern" and "key_pos" in variable.dims:
-            yield name, pattern_figure(dataset, name)
-        elif kind == "head_scores":
-            yield name, scores_figure(dataset, name)
-        elif kind == "feature_recording" and name.endswith("_frequency"):
-            yield variable.attrs["recording"], feature_figure(dataset, variable.attrs["recording"])
+        drawing = DRAWINGS.get(kind_of(variable.attrs).figure)
+        if drawing is not None:
+            yield from drawing(dataset, name)
+
+
+def _lens(dataset: xr.Dataset, name: str) -> Iterator[tuple[str, Figure]]:
+    if "answer" in dataset[name].dims and f"{name}_top" in dataset:
+        yield name, lens_figure(dataset, name)
+
+
+def _patterns(dataset: xr.Dataset, name: str) -> Iterator[tuple[str, Figure]]:
+    variable = dataset[name]
+    if variable.attrs.get("site") == "pattern" and "key_pos" in variable.dims:
+        yield name, pattern_figure(dataset, name)
+
+
+def _head_scores(dataset: xr.Dataset, name: str) -> Iterator[tuple[str, Figure]]:
+    yield name, scores_figure(dataset, name)
+
+
+def _features(dataset: xr.Dataset, name: str) -> Iterator[tuple[str, Figure]]:
+    if name.endswith("_frequency"):  # one figure per recording, not one per summary variable
+        recording = dataset[name].attrs["recording"]
+        yield recording, feature_figure(dataset, recording)
 
 
 def tokens(dataset: xr.Dataset, variable: xr.DataArray, positions, example: int = EXAMPLE) -> list[str]:
@@ -137,3 +155,7 @@ def feature_figure(dataset: xr.Dataset, recording: str, features=None, example: 
     ax.set_title(f"{recording}: {statement} (example {example}{silent})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+DRAWINGS = {"lens_grid": _lens, "patterns": _patterns, "head_score_grid": _head_scores,  # ResultKind.figure
+            "feature_activations": _features}

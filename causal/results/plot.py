@@ -27,9 +27,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from causal.errors import CausalError  # noqa: E402
 from causal.files import write_atomically  # noqa: E402
+from causal.methods.kinds import kind_of  # noqa: E402
 from causal.results.inside_plots import inside_figures  # noqa: E402
-from causal.results.trained_plots import trained_figures  # noqa: E402
 from causal.results.summary import effect  # noqa: E402
+from causal.results.trained_plots import trained_figures  # noqa: E402
 
 SITE_DIMS = ("layer", "head", "kv_head", "pos", "neuron", "feature", "key_pos")  # what a statement sweeps: the axes of a panel
 MAX_PANELS = 16
@@ -96,7 +97,7 @@ def _figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
     exact_of = {dataset[n].attrs["estimated_by"]: n for n in dataset.data_vars if "estimated_by" in dataset[n].attrs}
     for item in plotted:
         if "estimated_by" in dataset[item.name].attrs:
-            continue  # drawn with its estimate
+            continue  # drawn with its estimate, and compared with nothing else
         if item.name in exact_of:
             exact = next(p for p in plotted if p.name == exact_of[item.name] and p.metric == item.metric)
             yield item.stem, _attribution_figure(item, exact, dataset)
@@ -104,7 +105,8 @@ def _figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
             scale = _Scale.over([p.change for p in groups[_group_key(dataset, item)]])
             yield item.stem, effect_figure(item.change, dataset, item.title, item.note, scale)
     for (method, _), members in groups.items():
-        if len(members) > 1 and method != "attribute":
+        members = [m for m in members if "estimated_by" not in dataset[m.name].attrs]
+        if len(members) > 1:
             yield f"{method}_compared" + members[0].stem[len(members[0].name):], _comparison(members, dataset)
     yield from inside_figures(dataset)  # logit lens, attention patterns: readouts, not effects
     yield from trained_figures(dataset)  # align / reft: held-out scores and training curves
@@ -112,7 +114,7 @@ def _figures(dataset: xr.Dataset) -> Iterator[tuple[str, Figure]]:
 
 def _plotted(dataset: xr.Dataset) -> Iterator[_Plotted]:
     for name, variable in dataset.data_vars.items():
-        if variable.attrs.get("kind") != "intervention":
+        if not kind_of(variable.attrs).effect:
             continue
         change = effect(dataset, name)
         for dim in [d for d in change.dims if d != "example"]:  # the Dataset's union of positions, etc.

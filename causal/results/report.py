@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from causal.files import write_atomically
+from causal.methods.kinds import kind_of
 from causal.results.bases import trained_statements
 from causal.results.plot import SITE_DIMS
 from causal.results.summary import bootstrap_ci, effect, mean, standard_error
@@ -53,7 +54,7 @@ def page_data(dataset: xr.Dataset) -> dict:
     """What the page shows: the provenance, the experiment text, and one entry per intervention variable."""
     attrs = {k: _text(v) for k, v in dataset.attrs.items() if k != "experiment_text"}
     variables = [_variable(dataset, name) for name, v in dataset.data_vars.items()
-                 if v.attrs.get("kind") == "intervention"]
+                 if kind_of(v.attrs).effect]
     return {"attrs": attrs, "experiment_text": _text(dataset.attrs.get("experiment_text", "")), "swept": _swept(dataset),
             "examples": int(dataset.sizes.get("example", 0)), "level": LEVEL, "variables": variables,
             "trained": trained_tables(dataset)}
